@@ -1,0 +1,56 @@
+"""``python -m edgerank [QUERY DOC ...]``: rerank documents and print the ranking.
+
+With no arguments it reranks a small built-in example with the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from edgerank.api import Reranker
+
+EXAMPLE_QUERY = "how do vaccines train the immune system"
+EXAMPLE_DOCS = [
+    "The stock market closed higher on Friday after strong earnings reports.",
+    "Vaccines expose the immune system to a harmless piece or weakened form of a pathogen, "
+    "so that it learns to produce antibodies and memory cells without causing disease.",
+    "The immune system is a network of cells and proteins that defends the body against infection.",
+    "To train a puppy, reward good behaviour immediately and keep sessions short.",
+    "Booster shots remind the immune system of an antigen so that memory B cells stay ready.",
+    "The history of the printing press begins with Gutenberg in the 15th century.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgerank", description=__doc__)
+    parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")
+    parser.add_argument("documents", nargs="*", help="documents to rank")
+    parser.add_argument("--model", default=None, help="built-in name, path or hf:ORG/NAME")
+    parser.add_argument("--backend", default=None, help="reference or llamacpp")
+    parser.add_argument("--top-k", type=int, default=None)
+    args = parser.parse_args(argv)
+    query = args.query or EXAMPLE_QUERY
+    docs = args.documents or EXAMPLE_DOCS
+    console = Console()
+    with Reranker(model=args.model, backend=args.backend) as reranker:
+        ranking = reranker.rank(query, docs, top_k=args.top_k)
+    s = ranking.stats
+    table = Table(title=f"query: {query!r}", caption=(
+        f"{s.model} on {s.backend}: {s.candidates} candidates, {s.tokens} tokens, "
+        f"{s.wall_s * 1000:.0f} ms, peak RSS {s.peak_rss_mb:.0f} MB"))
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("index", justify="right")
+    table.add_column("document")
+    for pos, r in enumerate(ranking, 1):
+        table.add_row(str(pos), f"{r.score:.4f}", str(r.index), r.document[:100])
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The public surface: ``rank()``, ``Reranker``, ``RankResult`` and per-call ``CallStats``.
+
+Data flow of one call: validate input -> ``tokenization.encode_pairs`` (template and
+truncation from the model spec) -> ``backend.score`` -> sort -> ``Ranking``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgerank.backends import default_backend, load_backend
+from edgerank.memory import PeakRSS
+from edgerank.sources import ModelSource, resolve
+from edgerank.tokenization import encode_pairs
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One ranked document: its position in the input list, its score and its text."""
+
+    index: int
+    score: float
+    document: str
+
+
+@dataclass
+class CallStats:
+    """What one ``rank()`` call did and cost."""
+
+    backend: str
+    model: str
+    candidates: int = 0
+    tokens: int = 0  # tokens scored, all sequences together
+    prefix_tokens: int = 0  # tokens of the shared template+query prefix, per candidate
+    truncated: list[int] = field(default_factory=list)  # indices of truncated documents
+    wall_s: float = 0.0
+    encode_s: float = 0.0
+    score_s: float = 0.0
+    peak_rss_mb: float = 0.0  # process peak during the call
+    rss_delta_mb: float = 0.0  # peak above the RSS at the start of the call
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures
+
+
+class Ranking(list):
+    """The ranked results (a ``list[RankResult]``, best first) plus the call's ``stats``."""
+
+    def __init__(self, results: Sequence[RankResult], stats: CallStats) -> None:
+        super().__init__(results)
+        self.stats = stats
+
+
+def _validate(query: Any, documents: Any, top_k: Any) -> None:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, not {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty: there is nothing to rank against")
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise TypeError("documents must be a list of str (got a single "
+                        f"{type(documents).__name__})")
+    for i, d in enumerate(documents):
+        if not isinstance(d, str):
+            raise TypeError(f"documents[{i}] is a {type(d).__name__}, not a str")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))):
+        raise TypeError(f"top_k must be an int or None, not {type(top_k).__name__}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive (got {top_k}); use None for all documents")
+
+
+class Reranker:
+    """A loaded reranker: load once, rank many times.
+
+    ``Reranker(model=None, backend=None, family=None, instruction=None, max_length=None,
+    **backend_options)``. ``model`` is a built-in name, a path (HF folder, ``.gguf`` file,
+    edgerank artifact) or ``hf:ORG/NAME``; ``None`` is the default built-in.
+
+    Calls are serialised by a lock: a ``Reranker`` is safe to share between threads, one
+    call runs at a time (each call already uses every core).
+    """
+
+    def __init__(self, model: str | Path | None = None, backend: str | None = None,
+                 family: str | None = None, instruction: str | None = None,
+                 max_length: int | None = None, **backend_options: Any) -> None:
+        self.source: ModelSource = resolve(model, family=family)
+        self.backend_name = backend or default_backend(self.source)
+        self.instruction = instruction
+        self.max_length = max_length
+        self._backend = load_backend(self.backend_name, self.source, **backend_options)
+        self._lock = threading.Lock()
+        self.last_stats: CallStats | None = None
+
+    @property
+    def spec(self):
+        return self.source.spec
+
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
+             instruction: str | None = None) -> Ranking:
+        """Rank ``documents`` for ``query``, best first; at most ``top_k`` results.
+
+        ``top_k=None`` or a ``top_k`` above the number of documents returns them all. An
+        empty list returns an empty ranking. Equal scores keep input order.
+        """
+        _validate(query, documents, top_k)
+        stats = CallStats(backend=self.backend_name, model=self.source.name, candidates=len(documents))
+        if self._backend is None:
+            raise RuntimeError("this Reranker is closed")
+        if not documents:
+            self.last_stats = stats
+            return Ranking([], stats)
+        with self._lock, PeakRSS() as mem:
+            t0 = time.perf_counter()
+            batch = encode_pairs(self.spec, self._backend.tokenizer, query, documents,
+                                 instruction or self.instruction, self.max_length)
+            t1 = time.perf_counter()
+            scores = np.asarray(self._backend.score(batch), dtype=np.float64)
+            t2 = time.perf_counter()
+        if scores.shape != (len(documents),) or not np.all(np.isfinite(scores)):
+            raise RuntimeError(f"backend {self.backend_name!r} returned invalid scores {scores!r}")
+        order = np.argsort(-scores, kind="stable")[: top_k or len(documents)]
+        stats.tokens, stats.prefix_tokens, stats.truncated = batch.n_tokens, batch.prefix_len, batch.truncated
+        stats.encode_s, stats.score_s, stats.wall_s = t1 - t0, t2 - t1, t2 - t0
+        stats.peak_rss_mb, stats.rss_delta_mb = mem.peak_mb, mem.delta_mb
+        self.last_stats = stats
+        return Ranking([RankResult(int(i), float(scores[i]), documents[i]) for i in order], stats)
+
+    def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
+        """Raw scores in input order (no sorting, no ``top_k``)."""
+        ranking = self.rank(query, documents)
+        out = np.empty(len(documents))
+        for r in ranking:
+            out[r.index] = r.score
+        return out
+
+    def close(self) -> None:
+        """Free the model's memory; the Reranker cannot rank afterwards."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> "Reranker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_cached: tuple[tuple, Reranker] | None = None
+_cache_lock = threading.Lock()
+
+
+def rank(query: str, documents: Sequence[str], top_k: int | None = None,
+         model: str | Path | None = None, backend: str | None = None, **options: Any) -> Ranking:
+    """Rank ``documents`` for ``query`` with a model loaded on first use and then kept.
+
+    The last ``(model, backend, options)`` combination stays loaded, so repeated calls
+    are fast; a different combination replaces it. ``options`` go to :class:`Reranker`.
+    """
+    global _cached
+    _validate(query, documents, top_k)
+    key = (str(model), backend, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    with _cache_lock:
+        if _cached is None or _cached[0] != key:
+            if _cached is not None:
+                _cached[1].close()
+                _cached = None
+            _cached = (key, Reranker(model=model, backend=backend, **options))
+        reranker = _cached[1]
+    return reranker.rank(query, documents, top_k=top_k)

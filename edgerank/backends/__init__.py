@@ -1,0 +1,42 @@
+"""Backends: each turns an EncodedBatch into one score per candidate.
+
+A backend has ``name``, ``tokenizer`` (a :class:`edgerank.tokenization.Tokenizer`),
+``score(batch) -> np.ndarray`` and ``close()``. Backends are imported on demand, so
+``import edgerank`` never pulls in torch.
+"""
+
+from __future__ import annotations
+
+from edgerank.errors import BackendUnavailableError
+from edgerank.sources import ModelSource
+
+BACKENDS = ("reference", "llamacpp")
+
+
+def default_backend(source: ModelSource) -> str:
+    """The backend a model runs on when none is named."""
+    if source.kind == "gguf":
+        return "llamacpp"
+    if source.kind == "artifact":
+        raise BackendUnavailableError(
+            f"{source.path} is an edgerank artifact; its runtime (backend='edgerank') is not built yet"
+        )
+    return "reference"
+
+
+def load_backend(name: str, source: ModelSource, **options):
+    """Instantiate backend ``name`` for ``source``; unknown options are an error."""
+    if name == "reference":
+        try:
+            from edgerank.backends.reference import ReferenceBackend
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"backend 'reference' needs torch and transformers ({e}); "
+                "install them with: pip install 'edgerank[reference]'"
+            ) from e
+        return ReferenceBackend(source, **options)
+    if name == "llamacpp":
+        from edgerank.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(source, **options)
+    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,134 @@
+"""llama.cpp whole-model backend: a GGUF decoder through llama-cpp-python's C API.
+
+Candidates go into one ``llama_decode`` as separate sequences (a unified KV cache, one
+sequence id each) as long as they fit the token budget; only each sequence's last token
+asks for logits, and only the answer-label entries of those are read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import psutil
+
+from edgerank.errors import BackendUnavailableError, ModelFormatError
+from edgerank.sources import ModelSource
+from edgerank.tokenization import EncodedBatch, LlamaCppTokenizer, label_token_ids
+
+_SILENT = None  # keeps the no-op log callback alive for the life of the process
+
+
+def _silence_llama_logs(llama_cpp) -> None:
+    global _SILENT
+    if _SILENT is None:
+        _SILENT = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_SILENT, ctypes.c_void_p(0))
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, source: ModelSource, n_threads: int | None = None,
+                 batch_tokens: int = 2048, max_sequences: int = 64) -> None:
+        if source.kind != "gguf":
+            raise BackendUnavailableError(
+                f"backend 'llamacpp' runs GGUF files; {source.path} is a {source.kind} model "
+                "(convert it: python -m converters SRC --to gguf)"
+            )
+        if source.spec.kind != "decoder":
+            raise BackendUnavailableError(f"backend 'llamacpp' scores decoder rerankers, not {source.spec.kind}")
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.source = source
+        self.spec = source.spec
+        self.batch_tokens = max(int(batch_tokens), self.spec.max_length)
+        self.max_sequences = min(int(max_sequences), llama_cpp.llama_max_parallel_sequences())
+        threads = n_threads or psutil.cpu_count(logical=False) or 1
+        _silence_llama_logs(llama_cpp)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(source.path).encode(), mparams)
+        if not self._model:
+            raise ModelFormatError(f"llama.cpp could not load {source.path}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.batch_tokens
+        cparams.n_batch = self.batch_tokens
+        cparams.n_ubatch = min(512, self.batch_tokens)
+        cparams.n_seq_max = self.max_sequences
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = False
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ModelFormatError(f"llama.cpp could not create a context for {source.path}")
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.tokenizer = LlamaCppTokenizer(vocab)
+        self.label_ids = label_token_ids(self.tokenizer, self.spec.score.labels)
+        self._batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
+
+    def score(self, batch: EncodedBatch) -> np.ndarray:
+        """One score per sequence, decoding many sequences per ``llama_decode`` call."""
+        seqs = batch.sequences
+        logits = np.zeros((len(seqs), len(self.label_ids)), dtype=np.float64)
+        for group in self._groups(seqs):
+            logits[group] = self._decode([seqs[i] for i in group])
+        return self.spec.score.apply(logits)
+
+    def _groups(self, seqs: list[list[int]]) -> list[list[int]]:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        groups, cur, used = [], [], 0
+        for i in order:
+            n = len(seqs[i])
+            if cur and (used + n > self.batch_tokens or len(cur) == self.max_sequences):
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += n
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def _decode(self, seqs: list[list[int]]) -> np.ndarray:
+        lib, b = self._lib, self._batch
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        k, last = 0, []
+        for sid, s in enumerate(seqs):
+            for pos, tok in enumerate(s):
+                b.token[k] = tok
+                b.pos[k] = pos
+                b.n_seq_id[k] = 1
+                b.seq_id[k][0] = sid
+                b.logits[k] = pos == len(s) - 1
+                k += 1
+            last.append(k - 1)
+        b.n_tokens = k
+        rc = lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on {len(seqs)} sequences, {k} tokens")
+        out = np.empty((len(seqs), len(self.label_ids)), dtype=np.float64)
+        for r, idx in enumerate(last):
+            row = lib.llama_get_logits_ith(self._ctx, idx)
+            out[r] = [row[t] for t in self.label_ids]
+        return out
+
+    def close(self) -> None:
+        lib = self._lib
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

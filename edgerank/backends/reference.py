@@ -1,0 +1,123 @@
+"""Full-precision reference: torch + transformers, CUDA when present, else CPU.
+
+GGUF inputs are dequantized to fp32 by transformers' GGUF loader. Decoders run the base
+model and apply only the answer-label rows of the LM head at the last position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgerank.errors import ModelFormatError
+from edgerank.sources import ModelSource
+from edgerank.tokenization import EncodedBatch, HFTokenizer, label_token_ids
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(self, source: ModelSource, device: str | None = None, batch_tokens: int = 8192) -> None:
+        import transformers
+
+        self.source = source
+        self.spec = source.spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_tokens = int(batch_tokens)
+        folder, extra = source.path, {}
+        if source.kind == "gguf":
+            folder, extra = source.path.parent, {"gguf_file": source.path.name}
+        elif source.kind != "hf":
+            raise ModelFormatError(f"the reference backend reads HF folders and GGUF files, not {source.kind}")
+        tok = transformers.AutoTokenizer.from_pretrained(folder, **extra)
+        if not getattr(tok, "is_fast", False):
+            raise ModelFormatError(f"{folder}: no fast tokenizer (tokenizer.json) could be built")
+        self.tokenizer = HFTokenizer(tok.backend_tokenizer)
+        auto = {
+            "decoder": transformers.AutoModelForCausalLM,
+            "cross-encoder": transformers.AutoModelForSequenceClassification,
+            "bi-encoder": transformers.AutoModel,
+        }[self.spec.kind]
+        model = auto.from_pretrained(folder, dtype=torch.float32, **extra).to(self.device).eval()
+        if self.spec.kind == "decoder":
+            ids = label_token_ids(self.tokenizer, self.spec.score.labels)
+            lm_head = model.get_output_embeddings()
+            self.head_weight = lm_head.weight[ids].detach().clone()
+            self.head_bias = None if lm_head.bias is None else lm_head.bias[ids].detach().clone()
+            self.model = model.get_decoder()
+        else:
+            self.model = model
+
+    @torch.inference_mode()
+    def score(self, batch: EncodedBatch) -> np.ndarray:
+        """One score per sequence of ``batch``, via the spec's score formula."""
+        seqs = batch.sequences
+        if self.spec.kind == "bi-encoder":
+            seqs = [batch.query] + seqs
+        out = np.zeros((len(seqs), self._head_width()), dtype=np.float64)
+        for chunk in _length_chunks(seqs, self.batch_tokens):
+            out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk)
+        if self.spec.kind == "bi-encoder":
+            return out[1:] @ out[0]  # cosine: the embeddings are L2-normalised
+        return self.spec.score.apply(out)
+
+    def _head_width(self) -> int:
+        if self.spec.kind == "decoder":
+            return len(self.spec.score.labels)
+        if self.spec.kind == "cross-encoder":
+            return self.model.config.num_labels
+        return self.model.config.hidden_size
+
+    def _forward(self, seqs: list[list[int]], batch: EncodedBatch, index: list[int]) -> np.ndarray:
+        n, width = len(seqs), max(map(len, seqs))
+        ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        if self.spec.kind == "decoder":  # left padding: every last token sits at -1
+            for r, s in enumerate(seqs):
+                ids[r, width - len(s):] = torch.tensor(s)
+                mask[r, width - len(s):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=pos.to(self.device)).last_hidden_state[:, -1]
+            logits = hidden @ self.head_weight.T
+            if self.head_bias is not None:
+                logits = logits + self.head_bias
+            return logits.double().cpu().numpy()
+        types = torch.zeros((n, width), dtype=torch.long)
+        all_types = ([batch.query_type_ids] + batch.type_ids) if self.spec.kind == "bi-encoder" else batch.type_ids
+        for r, (s, i) in enumerate(zip(seqs, index)):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+            types[r, : len(s)] = torch.tensor(all_types[i])
+        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        if getattr(self.model.config, "type_vocab_size", 1) > 1:
+            kwargs["token_type_ids"] = types.to(self.device)
+        if self.spec.kind == "cross-encoder":
+            return self.model(**kwargs).logits.double().cpu().numpy()
+        hidden = self.model(**kwargs).last_hidden_state
+        m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled.double().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _length_chunks(seqs: list[list[int]], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group padded to at most ``batch_tokens``."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    chunks, cur, width = [], [], 0
+    for i in order:
+        w = max(width, len(seqs[i]))
+        if cur and w * (len(cur) + 1) > batch_tokens:
+            chunks.append(cur)
+            cur, w = [], len(seqs[i])
+        cur.append(i)
+        width = w
+    if cur:
+        chunks.append(cur)
+    return chunks

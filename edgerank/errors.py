@@ -1,0 +1,25 @@
+"""The errors edgerank raises on bad input, each a subclass of a builtin users already catch."""
+
+
+class EdgerankError(Exception):
+    """Base class of edgerank's own errors."""
+
+
+class ModelNotFoundError(EdgerankError, FileNotFoundError):
+    """``model=`` names nothing that exists: no path, no built-in, or a missing pull."""
+
+
+class ModelFormatError(EdgerankError, ValueError):
+    """The path exists but is not a model edgerank can read (or is corrupt)."""
+
+
+class UnsupportedModelError(EdgerankError, ValueError):
+    """A readable model whose architecture or family edgerank does not support."""
+
+
+class BackendUnavailableError(EdgerankError, RuntimeError):
+    """The backend cannot run here: a missing optional dependency, or the model's format."""
+
+
+class OfflineError(EdgerankError, ConnectionError):
+    """A download was needed and the network (or the hub) cannot be reached."""

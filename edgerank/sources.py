@@ -1,0 +1,180 @@
+"""Resolve ``model=`` (a built-in name, a path, or ``hf:ORG/NAME``) to a source and its spec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, UnsupportedModelError
+from models.catalog import BUILTINS, DEFAULT_MODEL
+from models.specs import ModelSpec, get_spec
+
+DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
+ENCODER_TYPES = {"bert", "xlm-roberta", "roberta"}
+GGUF_MAGIC = b"GGUF"
+# Set in a fine-tuned model's folder by edgerank's trainer, read back here.
+FAMILY_FILE = "edgerank.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are and how to score with it."""
+
+    kind: Literal["hf", "gguf", "artifact"]
+    path: Path
+    spec: ModelSpec
+    name: str
+    architecture: str
+
+
+def resolve(model: str | Path | None = None, family: str | None = None, pull: bool = True) -> ModelSource:
+    """Turn ``model=`` into a :class:`ModelSource`; ``family`` overrides spec detection."""
+    model = DEFAULT_MODEL if model is None else model
+    name = str(model)
+    if name.startswith("hf:"):
+        path = _hub_snapshot(name[3:])
+    elif name in BUILTINS:
+        from edgerank import pull as pulling
+
+        if not pulling.is_present(name):
+            if not pull:
+                raise ModelNotFoundError(
+                    f"built-in model {name!r} is not pulled yet: run `python -m edgerank.models pull {name}`"
+                )
+            pulling.pull(name)
+        path = pulling.entry_path(name)
+        family = family or BUILTINS[name].family
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"no model at {str(path)!r}: no such file or folder, and not a built-in name "
+                f"({', '.join(BUILTINS)}) or an hf:ORG/NAME id"
+            )
+    if path.is_file():
+        return _gguf_source(path, name, family)
+    if (path / "manifest.json").is_file():
+        manifest = _read_json(path / "manifest.json")
+        spec = get_spec(family or manifest.get("family", ""))
+        return ModelSource("artifact", path, spec, name, manifest.get("architecture", "?"))
+    if (path / "config.json").is_file():
+        return _hf_source(path, name, family)
+    raise ModelFormatError(
+        f"{str(path)!r} is a folder but not a model: it has neither config.json (a Hugging Face "
+        "model) nor manifest.json (an edgerank artifact)"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} is not valid JSON: {e}") from e
+
+
+def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelFormatError(
+                f"{str(path)!r} is not a model: a model file must be GGUF (it starts with "
+                "'GGUF'); a Hugging Face model is given as its folder"
+            )
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture", "?")
+    if arch not in DECODER_ARCHS:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; edgerank runs {', '.join(sorted(DECODER_ARCHS))} "
+            "decoders from GGUF (BERT-style models: pass the Hugging Face folder)"
+        )
+    if family is None:
+        pooling = meta.get(f"{arch}.pooling_type")
+        label = str(meta.get("general.name", "")).lower()
+        if pooling == 4 or "reranker" in label:  # 4 = LLAMA_POOLING_TYPE_RANK
+            family = "qwen3-reranker"
+        elif "<|im_start|>" in str(meta.get("tokenizer.chat_template", "")):
+            family = "zeroshot-chatml"
+        else:
+            raise UnsupportedModelError(
+                f"cannot tell which reranker family {str(path)!r} is; pass family= "
+                "(qwen3-reranker, rank1, interank, zeroshot-chatml)"
+            )
+    return ModelSource("gguf", path, get_spec(family), name, arch)
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Scalar and string metadata of a GGUF file (arrays such as the vocabulary skipped)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # truncated or corrupt: gguf raises assorted errors
+        raise ModelFormatError(f"{str(path)!r} is not a readable GGUF file: {e}") from e
+    out = {}
+    for key, fld in reader.fields.items():
+        if not fld.types or fld.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = fld.parts[fld.data[0]]
+        if fld.types[0] == GGUFValueType.STRING:
+            out[key] = bytes(value).decode("utf-8", errors="replace")
+        else:
+            out[key] = value.tolist()[0]
+    return out
+
+
+def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
+    config = _read_json(path / "config.json")
+    model_type = config.get("model_type", "?")
+    archs = config.get("architectures") or []
+    if family is None and (path / FAMILY_FILE).is_file():
+        family = _read_json(path / FAMILY_FILE).get("family")
+    if model_type in ENCODER_TYPES:
+        if family is None:
+            cls = any(a.endswith("ForSequenceClassification") for a in archs)
+            family = "cross-encoder" if cls else "bi-encoder"
+        spec = get_spec(family)
+        st_config = path / "sentence_bert_config.json"
+        if spec.kind == "bi-encoder" and st_config.is_file():
+            spec = spec.with_max_length(int(_read_json(st_config).get("max_seq_length", spec.max_length)))
+        return ModelSource("hf", path, spec, name, model_type)
+    if model_type in DECODER_ARCHS:
+        if family is None:
+            hint = f"{config.get('_name_or_path', '')} {path.name}".lower()
+            tok_cfg = path / "tokenizer_config.json"
+            chat = str(_read_json(tok_cfg).get("chat_template", "")) if tok_cfg.is_file() else ""
+            if "reranker" in hint:
+                family = "qwen3-reranker"
+            elif "rank1" in hint:
+                family = "rank1"
+            elif "interank" in hint:
+                family = "interank"
+            elif "<|im_start|>" in chat:
+                family = "zeroshot-chatml"
+            else:
+                raise UnsupportedModelError(
+                    f"cannot tell which reranker family {str(path)!r} is; pass family= "
+                    "(qwen3-reranker, rank1, interank, zeroshot-chatml)"
+                )
+        return ModelSource("hf", path, get_spec(family), name, model_type)
+    raise UnsupportedModelError(
+        f"model type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not supported; "
+        f"edgerank runs {', '.join(sorted(DECODER_ARCHS | ENCODER_TYPES))}"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find cached) a Hugging Face Hub model; offline, a clear error."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise OfflineError("hf: models need huggingface_hub: pip install 'edgerank[reference]'") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]))
+    except Exception as e:  # huggingface_hub raises several connection / not-cached errors
+        raise OfflineError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "The Hub is unreachable from this machine: download the model elsewhere and pass "
+            "its folder as model=PATH"
+        ) from e

@@ -1,0 +1,178 @@
+"""Text to token ids: tokenizer wrappers and the pair encoder that applies a spec's template.
+
+Truncation policy (one place, every backend): the document is cut to fit
+``spec.max_length``, the query never is. A query too long to leave room for any document
+token is an error. Truncated documents are reported by index.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from models.specs import ModelSpec
+
+# Characters kept before tokenising a document: far more than max_length tokens can use
+# (tokens average ~4 characters), so cutting here never changes the result, and a 1 MB
+# document costs no more than a long one.
+CHARS_PER_TOKEN_CAP = 16
+
+
+class Tokenizer(Protocol):
+    """Encodes text with no implicit special tokens; special tokens written in the text
+    (``<|im_start|>``) are parsed as such."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` (a ``tokenizer.json``): decoders and encoders alike."""
+
+    def __init__(self, tok) -> None:
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "HFTokenizer":
+        from tokenizers import Tokenizer as _Tokenizer
+
+        return cls(_Tokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_specials(self, first: str, second: str | None = None, budget: int | None = None):
+        """``[CLS] first [SEP] (second [SEP])`` as the tokenizer's post-processor builds it.
+
+        ``budget`` cuts the last text (``second``, or ``first`` alone) to that many tokens.
+        Returns (ids, type_ids, cut)."""
+        a = self._tok.encode(first, add_special_tokens=False)
+        b = None if second is None else self._tok.encode(second, add_special_tokens=False)
+        last = a if b is None else b
+        cut = budget is not None and len(last.ids) > budget
+        if cut:
+            last.truncate(budget)
+        enc = self._tok.post_process(a, b, add_special_tokens=True)
+        return enc.ids, enc.type_ids, cut
+
+    def n_special(self, pair: bool) -> int:
+        return self._tok.num_special_tokens_to_add(pair)
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's own tokenizer of a loaded GGUF model (no torch, no tokenizer.json)."""
+
+    def __init__(self, vocab) -> None:
+        self._vocab = vocab
+
+    def encode(self, text: str) -> list[int]:
+        import llama_cpp
+
+        raw = text.encode("utf-8")
+        n_max = len(raw) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+        return list(ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))[:n])
+
+
+def label_token_ids(tokenizer: Tokenizer, labels: Sequence[str]) -> list[int]:
+    """The single token id of each answer label; a label spanning tokens is an error."""
+    ids = []
+    for label in labels:
+        toks = tokenizer.encode(label)
+        if len(toks) != 1:
+            from edgerank.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"answer label {label!r} is {len(toks)} tokens in this model's vocabulary; "
+                "the score formula needs it to be exactly one"
+            )
+        ids.append(toks[0])
+    return ids
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids of every candidate of one query, ready for a backend."""
+
+    sequences: list[list[int]]
+    type_ids: list[list[int]] | None = None  # cross-encoders and bi-encoders
+    query: list[int] | None = None  # bi-encoders: the query's own sequence
+    query_type_ids: list[int] | None = None
+    prefix_len: int = 0  # decoders: leading tokens every sequence shares (template + query)
+    truncated: list[int] = field(default_factory=list)  # indices of cut documents
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(map(len, self.sequences)) + len(self.query or ())
+
+
+def encode_pairs(
+    spec: ModelSpec,
+    tokenizer: Tokenizer,
+    query: str,
+    documents: Sequence[str],
+    instruction: str | None = None,
+    max_length: int | None = None,
+) -> EncodedBatch:
+    """Apply the spec's template and truncation policy to one query and its documents."""
+    limit = max_length or spec.max_length
+    cap = limit * CHARS_PER_TOKEN_CAP
+    if spec.kind == "decoder":
+        return _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise TypeError(f"{spec.kind} models need a tokenizer.json tokenizer")
+    if spec.kind == "cross-encoder":
+        budget = limit - len(tokenizer.encode(query)) - tokenizer.n_special(pair=True)
+        _check_budget(budget, limit)
+        out = EncodedBatch(sequences=[], type_ids=[])
+        for i, doc in enumerate(documents):
+            ids, types, cut = tokenizer.encode_with_specials(query, doc[:cap], budget)
+            out.sequences.append(ids)
+            out.type_ids.append(types)
+            if cut or len(doc) > cap:
+                out.truncated.append(i)
+        return out
+    # bi-encoder: the query and each document are separate sequences
+    budget = limit - tokenizer.n_special(pair=False)
+    if len(tokenizer.encode(query)) > budget:
+        _check_budget(-1, limit)
+    q_ids, q_types, _ = tokenizer.encode_with_specials(query)
+    out = EncodedBatch(sequences=[], type_ids=[], query=q_ids, query_type_ids=q_types)
+    for i, doc in enumerate(documents):
+        ids, types, cut = tokenizer.encode_with_specials(doc[:cap], budget=budget)
+        out.sequences.append(ids)
+        out.type_ids.append(types)
+        if cut or len(doc) > cap:
+            out.truncated.append(i)
+    return out
+
+
+def _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap) -> EncodedBatch:
+    template = spec.template
+    prefix = tokenizer.encode(template.render_prefix(query, instruction or spec.default_instruction))
+    suffix = tokenizer.encode(template.suffix)
+    budget = limit - len(prefix) - len(suffix)
+    _check_budget(budget, limit)
+    out = EncodedBatch(sequences=[], prefix_len=len(prefix))
+    for i, doc in enumerate(documents):
+        ids = tokenizer.encode(doc[:cap]) if doc else []
+        if len(ids) > budget or len(doc) > cap:
+            out.truncated.append(i)
+        out.sequences.append(prefix + ids[:budget] + suffix)
+    return out
+
+
+def _check_budget(budget: int, limit: int) -> None:
+    if budget < 1:
+        raise ValueError(
+            f"the query (with the prompt template) leaves no room for a document within the "
+            f"model's {limit}-token limit; shorten the query (queries are never truncated)"
+        )
