@@ -163,7 +163,7 @@ def _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap) 
     _check_budget(budget, limit)
     out = EncodedBatch(sequences=[], prefix_len=len(prefix))
     for i, doc in enumerate(documents):
-        ids = tokenizer.encode(doc[:cap]) if doc else []
+        ids = tokenizer.encode(template.separator + doc[:cap].rstrip())
         if len(ids) > budget or len(doc) > cap:
             out.truncated.append(i)
         out.sequences.append(prefix + ids[:budget] + suffix)

@@ -16,15 +16,20 @@ Kind = Literal["decoder", "cross-encoder", "bi-encoder"]
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A decoder prompt: ``prefix + document + suffix``.
+    """A decoder prompt: ``prefix + separator + document + suffix``.
 
     ``prefix`` may contain ``{instruction}`` and ``{query}``; it is the part every
     candidate of one query shares, which the layer-wise runtime computes once.
+    The three pieces are tokenised apart, so each cut must fall on a pre-tokenizer
+    boundary: the prefix ends on punctuation, the document piece starts with
+    ``separator`` (a space joins the following word, as in the joint string), and the
+    suffix starts with a special token or a newline (documents are right-stripped).
     The template owns every special token (BOS included): nothing is added implicitly.
     """
 
     prefix: str
     suffix: str
+    separator: str = " "
 
     def render_prefix(self, query: str, instruction: str | None) -> str:
         # str.replace, not str.format: queries may contain braces.
@@ -98,7 +103,7 @@ QWEN3_RERANKER = ModelSpec(
     template=PromptTemplate(
         prefix=(
             f"<|im_start|>system\n{QWEN3_SYSTEM}<|im_end|>\n<|im_start|>user\n"
-            "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: "
+            "<Instruct>: {instruction}\n<Query>: {query}\n<Document>:"
         ),
         suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
     ),
@@ -116,7 +121,7 @@ RANK1 = ModelSpec(
     template=PromptTemplate(
         prefix=(
             "Determine if the following passage is relevant to the query. "
-            "Answer only with 'true' or 'false'.\nQuery: {query}\nPassage: "
+            "Answer only with 'true' or 'false'.\nQuery: {query}\nPassage:"
         ),
         suffix="\n<think>\n\n</think>",
     ),
@@ -132,9 +137,9 @@ INTERANK = ModelSpec(
         prefix=(
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
             "Rate how relevant the passage is to the query with one label: 0 (not relevant), "
-            "1 (partially relevant) or 2 (highly relevant).\n\nQuery: {query}\nPassage: "
+            "1 (partially relevant) or 2 (highly relevant).\n\nQuery: {query}\nPassage:"
         ),
-        suffix="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nLabel: ",
+        suffix="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     ),
     score=ScoreFormula("expected_label", ("0", "1", "2")),
     max_length=1024,
@@ -149,7 +154,7 @@ ZEROSHOT_CHATML = ModelSpec(
     template=PromptTemplate(
         prefix=(
             f"<|im_start|>system\n{QWEN3_SYSTEM}<|im_end|>\n<|im_start|>user\n"
-            "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: "
+            "<Instruct>: {instruction}\n<Query>: {query}\n<Document>:"
         ),
         suffix="<|im_end|>\n<|im_start|>assistant\n",
     ),

@@ -1,0 +1,98 @@
+"""Judged retrieval data: BEIR-format folders, TREC run files, and a cached BM25 first stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerank.pull import edgerank_home
+
+TREC_DL_NAMES = ("trec-dl", "trec_dl", "dl19", "dl20", "dl21", "msmarco-passage-trec")
+
+
+@dataclass
+class Collection:
+    """A BEIR-format collection: texts, queries and graded judgments."""
+
+    path: Path
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(path: str | Path, split: str = "test") -> Collection:
+    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv`` from ``path``."""
+    root = Path(path)
+    for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (root / need).is_file():
+            raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
+    corpus = {}
+    for line in open(root / "corpus.jsonl", encoding="utf-8"):
+        doc = json.loads(line)
+        title = (doc.get("title") or "").strip()
+        corpus[str(doc["_id"])] = f"{title} {doc['text']}".strip() if title else doc["text"]
+    queries = {str(q["_id"]): q["text"] for q in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
+    qrels: dict[str, dict[str, int]] = {}
+    for n, line in enumerate(open(root / f"qrels/{split}.tsv", encoding="utf-8")):
+        parts = line.split()
+        if n == 0 and not parts[-1].lstrip("-").isdigit():
+            continue  # header
+        qrels.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
+    return Collection(root, corpus, queries, qrels)
+
+
+def load_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+    """A TREC run, per query sorted as trec_eval sorts: score descending, then docid descending."""
+    run: dict[str, list[tuple[str, float]]] = {}
+    for line in open(path, encoding="utf-8"):
+        parts = line.split()
+        if len(parts) < 6:
+            continue
+        run.setdefault(parts[0], []).append((parts[2], float(parts[4])))
+    for qid, docs in run.items():
+        docs.sort(key=lambda t: t[0], reverse=True)
+        docs.sort(key=lambda t: t[1], reverse=True)
+    return run
+
+
+def write_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for qid, docs in run.items():
+            for rank, (doc, score) in enumerate(docs, 1):
+                f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
+
+
+def find_run(path: str | Path) -> Path | None:
+    """The ``run.*.trec`` shipped in a collection folder, if exactly one is."""
+    runs = sorted(Path(path).glob("run.*.trec"))
+    return runs[0] if runs else None
+
+
+def bm25_run(coll: Collection, depth: int = 100, qids: list[str] | None = None) -> dict[str, list[tuple[str, float]]]:
+    """A BM25 first stage over the collection (bm25s), cached under ``$EDGERANK_HOME/bm25``."""
+    qids = qids or [q for q in coll.queries if q in coll.qrels]
+    key = hashlib.sha256(f"{coll.path.resolve()}|{depth}|{','.join(qids)}".encode()).hexdigest()[:16]
+    cache = edgerank_home() / "bm25" / f"{coll.path.name}-{key}.trec"
+    if cache.is_file():
+        return load_run(cache)
+    import bm25s
+
+    ids = list(coll.corpus)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([coll.corpus[i] for i in ids], stopwords="en", show_progress=False),
+                    show_progress=False)
+    tokens = bm25s.tokenize([coll.queries[q] for q in qids], stopwords="en", show_progress=False)
+    docs, scores = retriever.retrieve(tokens, k=min(depth, len(ids)), show_progress=False)
+    run = {q: [(ids[d], float(s)) for d, s in zip(docs[n], scores[n])] for n, q in enumerate(qids)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    write_run(run, tmp, "bm25s")
+    tmp.replace(cache)
+    return run
+
+
+def is_trec_dl(path: str | Path) -> bool:
+    """Whether a path names a TREC Deep Learning collection (evaluation only, never training)."""
+    return any(n in part.lower() for part in Path(path).resolve().parts for n in TREC_DL_NAMES)
