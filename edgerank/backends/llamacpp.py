@@ -1,8 +1,16 @@
 """llama.cpp whole-model backend: a GGUF decoder through llama-cpp-python's C API.
 
-Candidates go into one ``llama_decode`` as separate sequences (a unified KV cache, one
-sequence id each) as long as they fit the token budget; only each sequence's last token
-asks for logits, and only the answer-label entries of those are read.
+Candidates go into one ``llama_decode`` as separate sequences, one sequence id each, as
+long as they fit the token budget; only each sequence's last token asks for logits, and
+only the answer-label entries of those are read.
+
+Each sequence gets its own KV stream (``kv_unified=False``). With one unified cache,
+llama.cpp's CPU attention gave identical documents different scores depending on their
+slot in the batch (0.827 to 0.842 for one SmolLM2 pair); separate streams give equal
+scores, and attention costs the sum of each sequence's squared length, not the square
+of their total. Flash attention is off by default: on the CPU it accumulates in fp16
+and made a candidate's score depend on what else shared its decode (0.826 vs 0.833);
+without it, batched and one-at-a-time scores are identical.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, source: ModelSource, n_threads: int | None = None,
-                 batch_tokens: int = 2048, max_sequences: int = 64) -> None:
+                 batch_tokens: int = 2048, max_sequences: int = 16, flash_attn: bool = False) -> None:
         if source.kind != "gguf":
             raise BackendUnavailableError(
                 f"backend 'llamacpp' runs GGUF files; {source.path} is a {source.kind} model "
@@ -54,13 +62,15 @@ class LlamaCppBackend:
         if not self._model:
             raise ModelFormatError(f"llama.cpp could not load {source.path}")
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.batch_tokens
+        # every stream holds one whole sequence: n_ctx is split evenly across streams
+        cparams.n_ctx = self.max_sequences * self.spec.max_length
         cparams.n_batch = self.batch_tokens
         cparams.n_ubatch = min(512, self.batch_tokens)
         cparams.n_seq_max = self.max_sequences
-        cparams.kv_unified = True
+        cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.embeddings = False
+        cparams.flash_attn_type = 1 if flash_attn else 0
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)

@@ -1,0 +1,147 @@
+"""Bad input gives a clear error or the documented behaviour, never a crash in a kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgerank
+from edgerank.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_qwen3):
+    with edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker") as r:
+        yield r
+
+
+DOCS = ["the immune system", "the stock market", "a river city", "yes no"]
+
+
+def test_empty_documents_give_an_empty_ranking(reranker):
+    assert reranker.rank("query", []) == []
+    assert edgerank.rank("query", []) == []  # no model is loaded for nothing
+
+
+def test_results_are_sorted_and_carry_index_score_and_text(reranker):
+    ranking = reranker.rank("the immune system", DOCS)
+    scores = reranker.score("the immune system", DOCS)
+    assert [r.index for r in ranking] == list(np.argsort(-scores, kind="stable"))
+    assert all(r.document == DOCS[r.index] and r.score == pytest.approx(scores[r.index]) for r in ranking)
+    s = ranking.stats
+    assert s.candidates == 4 and s.tokens > 4 * s.prefix_tokens > 0 and s.peak_rss_mb > 0 and s.wall_s > 0
+
+
+@pytest.mark.parametrize("top_k", [0, -3])
+def test_non_positive_top_k_is_an_error(reranker, top_k):
+    with pytest.raises(ValueError, match="top_k must be positive"):
+        reranker.rank("q", DOCS, top_k=top_k)
+
+
+def test_top_k_larger_than_the_list_returns_everything(reranker):
+    assert len(reranker.rank("q", DOCS, top_k=100)) == len(DOCS)
+    assert [r.index for r in reranker.rank("q", DOCS, top_k=2)] == [r.index for r in reranker.rank("q", DOCS)][:2]
+
+
+@pytest.mark.parametrize("docs", [["ok", 3], ["ok", None], ["ok", b"bytes"]])
+def test_non_string_documents_are_a_type_error(reranker, docs):
+    with pytest.raises(TypeError, match=r"documents\[1\]"):
+        reranker.rank("q", docs)
+
+
+def test_a_single_string_instead_of_a_list_is_a_type_error(reranker):
+    with pytest.raises(TypeError, match="list of str"):
+        reranker.rank("q", "a single document")
+
+
+@pytest.mark.parametrize("query", ["", "   "])
+def test_an_empty_query_is_an_error(reranker, query):
+    with pytest.raises(ValueError, match="query is empty"):
+        reranker.rank(query, DOCS)
+
+
+def test_empty_documents_are_scored_like_any_other(reranker):
+    ranking = reranker.rank("q", ["", "the market", ""])
+    assert sorted(r.index for r in ranking) == [0, 1, 2]
+    assert ranking.stats.truncated == []
+
+
+def test_a_1mb_document_is_truncated_and_reported(reranker):
+    huge = "the immune system " * 60_000  # ~1 MB
+    ranking = reranker.rank("q", ["short", huge])
+    assert ranking.stats.truncated == [1]
+    limit = reranker.spec.max_length
+    assert ranking.stats.tokens <= 2 * limit
+
+
+def test_identical_documents_tie_in_input_order(reranker):
+    ranking = reranker.rank("q", ["same text"] * 3)
+    assert [r.index for r in ranking] == [0, 1, 2]
+    assert len({r.score for r in ranking}) == 1
+
+
+def test_a_query_too_long_for_the_model_is_an_error_not_a_truncation(tiny_qwen3):
+    with edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker", max_length=64) as r:
+        with pytest.raises(ValueError, match="never truncated"):
+            r.rank("the immune system " * 40, DOCS)
+
+
+def test_a_closed_reranker_refuses_to_rank(tiny_qwen3):
+    r = edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker")
+    r.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.rank("q", DOCS)
+
+
+def test_a_missing_path_says_so(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file or folder"):
+        edgerank.Reranker(tmp_path / "nope.gguf")
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a model")
+    with pytest.raises(ModelFormatError, match="GGUF"):
+        edgerank.Reranker(f)
+    with pytest.raises(ModelFormatError, match="neither config.json"):
+        edgerank.Reranker(tmp_path)
+
+
+def _tiny_gguf(path, arch: str) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_of_an_unsupported_architecture_is_refused(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    _tiny_gguf(path, "mamba")
+    with pytest.raises(UnsupportedModelError, match="'mamba' is not supported"):
+        edgerank.Reranker(path)
+
+
+def test_a_truncated_gguf_is_refused_clearly(tmp_path):
+    good = tmp_path / "llama.gguf"
+    _tiny_gguf(good, "llama")
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(ModelFormatError, match="not a readable GGUF"):
+        edgerank.Reranker(bad)
+
+
+def test_an_unknown_family_or_backend_is_named(tiny_qwen3):
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        edgerank.Reranker(tiny_qwen3, family="nope")
+    with pytest.raises(ValueError, match="unknown backend 'gpu9000'"):
+        edgerank.Reranker(tiny_qwen3, backend="gpu9000", family="qwen3-reranker")
+
+
+def test_llamacpp_refuses_a_non_gguf_model_clearly(tiny_qwen3):
+    with pytest.raises(edgerank.BackendUnavailableError, match="runs GGUF files"):
+        edgerank.Reranker(tiny_qwen3, backend="llamacpp", family="qwen3-reranker")

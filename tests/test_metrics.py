@@ -1,0 +1,70 @@
+"""Metrics against hand computation, scipy, and the published DL19 BM25 figure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from edgerank.datasets import load_beir, load_run
+from edgerank.eval import run_eval
+from edgerank.metrics import (evaluate, kendall_tau, mrr_at_k, ndcg_at_k, precision_at_k_vs,
+                              recall_at_k, spearman, topk_overlap)
+from tests.conftest import DL19
+
+
+def test_ndcg_linear_gain_by_hand():
+    qrels = {"a": 3, "b": 2, "c": 0, "d": 1}
+    ranking = ["c", "a", "d", "x"]
+    dcg = 0 / math.log2(2) + 3 / math.log2(3) + 1 / math.log2(4) + 0
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_at_k(ranking, qrels, 10) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(["a", "b", "d"], qrels, 10) == pytest.approx(1.0)
+    assert ndcg_at_k(["a"], {"a": 0}, 10) == 0.0
+
+
+def test_mrr_and_recall_by_hand():
+    qrels = {"a": 0, "b": 2, "c": 1}
+    assert mrr_at_k(["a", "x", "b"], qrels, 10) == pytest.approx(1 / 3)
+    assert mrr_at_k(["a", "x", "b"], qrels, 2) == 0.0
+    assert recall_at_k(["b", "x"], qrels, 100) == pytest.approx(0.5)
+
+
+def test_agreement_measures():
+    assert precision_at_k_vs([1, 2, 3, 4], [2, 1, 9, 8], 2) == 1.0
+    assert precision_at_k_vs([1, 2, 3, 4], [3, 1, 9, 8], 2) == 0.5
+    assert topk_overlap([1, 2], [2, 3], 2) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_correlations_match_scipy(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 6, 40).astype(float)  # ties on purpose
+    y = x + rng.normal(0, 2, 40)
+    assert kendall_tau(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic)
+    assert spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic)
+
+
+@pytest.mark.skipif(not DL19.is_dir(), reason="needs ../shared/data/trec-dl19")
+def test_dl19_bm25_ndcg_is_the_published_0_5058():
+    coll = load_beir(DL19)
+    run = load_run(DL19 / "run.bm25.top100.trec")
+    metrics = evaluate({q: [d for d, _ in docs] for q, docs in run.items()}, coll.qrels)
+    assert metrics["queries"] == 43
+    assert round(metrics["ndcg@10"], 4) == 0.5058
+
+
+@pytest.mark.skipif(not DL19.is_dir(), reason="needs ../shared/data/trec-dl19")
+def test_eval_reports_baseline_and_a_shuffled_ranking_scores_lower(tiny_cross_encoder):
+    report = run_eval(DL19, model=str(tiny_cross_encoder), backend="reference", depth=20,
+                      queries=3, progress=False)
+    assert set(report) >= {"baseline", "reranked", "per_query", "stats", "config"}
+    assert report["stats"]["pairs"] == 60
+    first = next(iter(report["per_query"]))
+    assert len(report["per_query"][first]["ranking"]) == 20
+    coll = load_beir(DL19)
+    ideal = sorted(coll.qrels[first], key=lambda d: -coll.qrels[first][d])
+    assert ndcg_at_k(ideal, coll.qrels[first]) == pytest.approx(1.0)
+    assert ndcg_at_k(ideal[::-1], coll.qrels[first]) < 0.5

