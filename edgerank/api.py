@@ -162,6 +162,8 @@ def rank(query: str, documents: Sequence[str], top_k: int | None = None,
     """
     global _cached
     _validate(query, documents, top_k)
+    if not documents:  # nothing to score: no model is loaded (or pulled) for it
+        return Ranking([], CallStats(backend=str(backend), model=str(model)))
     key = (str(model), backend, tuple(sorted((k, repr(v)) for k, v in options.items())))
     with _cache_lock:
         if _cached is None or _cached[0] != key:

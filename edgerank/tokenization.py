@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from edgerank.errors import ModelFormatError, UnsupportedModelError
 from models.specs import ModelSpec
 
 # Characters kept before tokenising a document: far more than max_length tokens can use
@@ -39,7 +40,12 @@ class HFTokenizer:
     def from_file(cls, path: str | Path) -> "HFTokenizer":
         from tokenizers import Tokenizer as _Tokenizer
 
-        return cls(_Tokenizer.from_file(str(path)))
+        if not Path(path).is_file():
+            raise ModelFormatError(f"{path} is missing: the model folder needs its tokenizer.json")
+        try:
+            return cls(_Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ModelFormatError(f"{path} is not a readable tokenizer.json: {e}") from e
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -88,8 +94,6 @@ def label_token_ids(tokenizer: Tokenizer, labels: Sequence[str]) -> list[int]:
     for label in labels:
         toks = tokenizer.encode(label)
         if len(toks) != 1:
-            from edgerank.errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"answer label {label!r} is {len(toks)} tokens in this model's vocabulary; "
                 "the score formula needs it to be exactly one"

@@ -18,9 +18,10 @@ def reranker(tiny_qwen3):
 DOCS = ["the immune system", "the stock market", "a river city", "yes no"]
 
 
-def test_empty_documents_give_an_empty_ranking(reranker):
+def test_empty_documents_give_an_empty_ranking(reranker, monkeypatch):
     assert reranker.rank("query", []) == []
-    assert edgerank.rank("query", []) == []  # no model is loaded for nothing
+    monkeypatch.setattr(edgerank.api, "Reranker", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert edgerank.rank("query", [], model="no/such/model") == []
 
 
 def test_results_are_sorted_and_carry_index_score_and_text(reranker):

@@ -1,0 +1,84 @@
+"""Converters: a trained reranker -> 4-bit artifacts, verified against full precision.
+
+``convert(src, to="gguf", quant="q4_k_m", out=...)`` or ``python -m converters``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from converters.output import OutputExistsError, atomic_path
+from edgerank.errors import ModelNotFoundError
+from edgerank.memory import PeakRSS
+
+FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m")}
+
+__all__ = ["convert", "OutputExistsError", "FORMATS"]
+
+
+def _source_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str | None = None,
+            force: bool = False, verify: bool = True, progress: bool = True) -> dict:
+    """Convert ``src`` (HF folder, .gguf, or built-in name) and return the conversion report.
+
+    The output appears only when everything succeeded (written beside ``out`` and renamed
+    into place); ``out`` is never overwritten unless ``force``. The report is also written
+    as ``<out>.conversion_report.json``.
+    """
+    from edgerank.sources import resolve
+    from edgerank.tokenization import HFTokenizer, label_token_ids
+
+    if to not in FORMATS:
+        raise ValueError(
+            f"output format {to!r} is not available; this version converts to: {', '.join(FORMATS)} "
+            "(the ONNX int4 artifact is not implemented yet)")
+    if quant not in FORMATS[to]:
+        raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
+    out = Path(out)
+    report_path = out.with_name(out.name + ".conversion_report.json")
+    if not force and (out.exists() or report_path.exists()):
+        raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
+    source = resolve(src, family=family)
+    if source.kind == "artifact":
+        raise ModelNotFoundError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
+    if source.spec.kind != "decoder":
+        raise ValueError(f"GGUF conversion covers decoder rerankers; {source.path} is a {source.spec.kind}")
+    label_ids = None
+    if source.kind == "hf":
+        label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
+    t0 = time.perf_counter()
+    with atomic_path(out, force=force, is_dir=False) as staging:
+        from converters.gguf_export import write_gguf
+
+        with PeakRSS() as mem:
+            notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress)
+        report = {
+            "source": str(source.path), "output": str(out), "format": to, "quant": quant,
+            "family": source.spec.family, "architecture": source.architecture,
+            "size_bytes": staging.stat().st_size, "source_size_bytes": _source_size(source.path),
+            "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
+        }
+        if verify:
+            report.update(_verify(source, staging, progress))
+    tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, report_path)
+    return report
+
+
+def _verify(source, converted: Path, progress: bool) -> dict:
+    from converters.verify import compare, sample_pairs
+    from edgerank.api import Reranker
+
+    pairs = sample_pairs()
+    with Reranker(source.path, backend="reference", family=source.spec.family) as ref, \
+            Reranker(converted, backend="llamacpp", family=source.spec.family) as conv:
+        return compare(ref, conv, pairs)

@@ -1,0 +1,44 @@
+"""``python -m converters SRC --to gguf --quant q4_k_m --out DEST``: convert and verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from converters import FORMATS, OutputExistsError, convert
+from edgerank.errors import EdgerankError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m converters", description=__doc__)
+    p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
+    p.add_argument("--to", required=True, choices=sorted(FORMATS))
+    p.add_argument("--quant", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model-spec", dest="family", default=None, help="reranker family (models/specs.py)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    args = p.parse_args(argv)
+    console = Console()
+    try:
+        report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
+    except (OutputExistsError, EdgerankError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    table = Table(title=f"{args.src} -> {args.out} ({args.to} {args.quant})", show_header=False)
+    for key in ("size_bytes", "source_size_bytes", "seconds", "peak_rss_mb", "pairs", "spearman",
+                "pearson", "topk_agreement", "max_abs_diff"):
+        if key in report:
+            v = report[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    for name, why in report.get("fallbacks", {}).items():
+        table.add_row("fallback", f"{name}: {why}")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

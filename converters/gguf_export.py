@@ -1,0 +1,189 @@
+"""HF folder or GGUF file -> llama.cpp GGUF (f16, q8_0, q4_0 directly; q4_k_m via llama.cpp).
+
+Written with the ``gguf`` package's writer: all tensor infos first, then each tensor's
+data streamed in the same order, so one tensor is in memory at a time. HF names become
+GGUF names through gguf's own ``TensorNameMap``. For yes/no rerankers it also writes what
+llama.cpp's rank pooling needs: pooling type RANK, the labels, and ``cls.output``, the
+label rows of the LM head.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+from gguf.quants import quant_shape_to_byte_shape, quantize
+from tqdm.auto import tqdm
+
+from converters.tensors import ArchConfig, hf_config, iter_gguf, iter_safetensors
+from converters.vocab import add_tokenizer
+from edgerank.errors import UnsupportedModelError
+from models.specs import ModelSpec
+
+QUANTS = {
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "q4_k_m": (None, gguf.LlamaFileType.MOSTLY_Q4_K_M),  # llama.cpp's quantizer, from f16
+}
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+# llama.cpp attaches a rank-pooling head (cls.output) to these decoder archs only; for the
+# others an extra tensor makes the file unloadable ("wrong number of tensors").
+RANK_POOLING_ARCHS = {"qwen3"}
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's rotate-half q/k rows -> the interleaved pairs llama.cpp's llama arch expects."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids: list[int] | None
+                ) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array) from an HF folder, plus cls.output for rank pooling."""
+    names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.n_layers)
+    head = None
+    for hf_name, w in iter_safetensors(folder):
+        if "rotary_emb.inv_freq" in hf_name:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedModelError(f"tensor {hf_name!r} has no GGUF name for arch {cfg.arch}")
+        if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = permute_rope(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+        if name == "output.weight" or (name == "token_embd.weight" and cfg.tied_embeddings):
+            head = w[label_ids].copy() if label_ids else None
+        yield name, w
+    if label_ids:
+        yield "cls.output.weight", head
+
+
+def _gguf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    yield from iter_gguf(path)
+
+
+def _target_type(name: str, w: np.ndarray, qtype) -> tuple[gguf.GGMLQuantizationType, str | None]:
+    """The stored type of one tensor, and the reason when it is not the requested one."""
+    if w.ndim < 2 or name == "cls.output.weight":
+        return gguf.GGMLQuantizationType.F32, None
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:
+        return gguf.GGMLQuantizationType.F16, f"row length {w.shape[-1]} is not a multiple of {block}"
+    return qtype, None
+
+
+def _stored_layout(shape: tuple[int, ...], t) -> tuple[np.dtype, int, gguf.GGMLQuantizationType | None]:
+    """(numpy dtype, bytes, raw GGML type) of a tensor of ``shape`` stored as ``t``."""
+    n = int(np.prod(shape))
+    if t == gguf.GGMLQuantizationType.F32:
+        return np.dtype(np.float32), 4 * n, None
+    if t == gguf.GGMLQuantizationType.F16:
+        return np.dtype(np.float16), 2 * n, None
+    return np.dtype(np.uint8), int(np.prod(quant_shape_to_byte_shape(shape, t))), t
+
+
+def _encode(w: np.ndarray, qtype) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return w.astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16)
+    return quantize(w.astype(np.float32), qtype)
+
+
+def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_ids: list[int] | None,
+               progress: bool = True) -> dict:
+    """Convert ``src`` (HF folder or .gguf) to ``dest``; returns notes for the report."""
+    if quant not in QUANTS:
+        raise ValueError(f"GGUF quant {quant!r} not supported; choose from {', '.join(QUANTS)}")
+    qtype, ftype = QUANTS[quant]
+    if qtype is None:  # K-quants: an f16 GGUF first, then llama.cpp's own quantizer
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            f16 = Path(tmp) / "f16.gguf"
+            notes = write_gguf(src, f16, "f16", spec, label_ids, progress)
+            _llama_quantize(f16, dest, ftype)
+        notes["quantizer"] = "llama_cpp.llama_model_quantize"
+        return notes
+    if src.is_dir():
+        cfg = hf_config(src)
+        arch = cfg.arch
+        if arch not in RANK_POOLING_ARCHS or not (spec and spec.score.kind == "yes_no"):
+            label_ids = None
+        make = lambda: _hf_tensors(src, cfg, spec, label_ids)  # noqa: E731
+    else:
+        from edgerank.sources import gguf_metadata
+
+        arch = gguf_metadata(src)["general.architecture"]
+        make = lambda: _gguf_tensors(src)  # noqa: E731
+    writer = gguf.GGUFWriter(str(dest), arch)
+    notes: dict = {"fallbacks": {}}
+    if src.is_dir():
+        _add_hf_metadata(writer, cfg, src, spec, ftype, notes)
+    else:
+        _copy_gguf_metadata(writer, src, ftype)
+    # pass 1: shapes and types only (each tensor is read, then dropped)
+    plan = []
+    for name, w in make():
+        t, why = _target_type(name, w, qtype)
+        if why:
+            notes["fallbacks"][name] = f"kept at {t.name}: {why}"
+        dtype, nbytes, raw = _stored_layout(w.shape, t)
+        shape = quant_shape_to_byte_shape(w.shape, t) if raw is not None else w.shape  # gguf wants bytes
+        writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+        plan.append((name, t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    # pass 2: the data, converted tensor by tensor
+    for (name, t), (name2, w) in zip(tqdm(plan, desc=f"GGUF {quant}", unit="tensor", disable=not progress), make()):
+        assert name == name2
+        writer.write_tensor_data(_encode(w, t))
+    writer.close()
+    notes["tensors"] = len(plan)
+    return notes
+
+
+def _add_hf_metadata(writer, cfg: ArchConfig, src: Path, spec, ftype, notes: dict) -> None:
+    writer.add_name(src.name)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.hidden)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(ftype)
+    notes["tokenizer"] = add_tokenizer(writer, src, cfg.vocab_size)
+    if cfg.arch in RANK_POOLING_ARCHS and spec is not None and spec.score.kind == "yes_no":
+        writer.add_pooling_type(gguf.PoolingType.RANK)
+        writer.add_classifier_output_labels([label.strip() for label in spec.score.labels])
+        notes["rank_pooling"] = list(spec.score.labels)
+
+
+def _copy_gguf_metadata(writer, src: Path, ftype) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(src))
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        vtype = fld.types[0]
+        sub = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+    writer.add_file_type(ftype)
+
+
+def _llama_quantize(src: Path, dest: Path, ftype) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed with code {rc}")

@@ -1,0 +1,40 @@
+"""Atomic outputs: build beside the destination, rename into place at the very end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    """The destination exists and ``force`` was not given."""
+
+
+@contextmanager
+def atomic_path(dest: Path, force: bool, is_dir: bool) -> Iterator[Path]:
+    """Yield a staging path next to ``dest``; on success it replaces ``dest`` in one rename.
+
+    On any exception (Ctrl-C included) the staging path is removed and ``dest`` is left
+    exactly as it was.
+    """
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise OutputExistsError(f"{dest} exists; pass --force (force=True) to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    target = staging if is_dir else staging / dest.name
+    try:
+        yield target
+        if dest.exists():  # force: move the old one aside first, so a failure keeps it
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(target, dest)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(target, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""GGUF conversion: llama.cpp loads what we write and scores as the HF reference does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgerank
+from converters import OutputExistsError, convert
+from converters import gguf_export
+from edgerank.errors import ModelFormatError
+from tests.conftest import PAIRS, make_bert, make_decoder
+from tests.test_parity_transformers import reference_decoder_scores, qwen3_prompt
+
+
+def llama_rank_pooling_p_yes(gguf_path, prompts: list[str]) -> list[float]:
+    """p(yes) as llama.cpp's own rank pooling computes it (independent of edgerank's backend).
+
+    With two classifier labels llama.cpp returns their softmax, [p(yes), p(no)]."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK,
+                          n_ctx=512, verbose=False)
+    out = []
+    for prompt in prompts:
+        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        llm._ctx.kv_cache_clear()
+        llm._batch.reset()
+        llm._batch.add_sequence(tokens, 0, False)
+        llm._ctx.decode(llm._batch)
+        n_out = llama_cpp.llama_model_n_cls_out(llm._model.model)
+        ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
+        assert n_out == 2 and abs(ptr[0] + ptr[1] - 1) < 1e-5
+        out.append(float(ptr[0]))
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_256(tmp_path_factory, bpe_tokenizer):
+    """A small Qwen3-Reranker-format model whose rows fit K-quant blocks (256)."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("qwen3-256")
+    make_decoder(folder, "qwen3", bpe_tokenizer, seed=1)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    import torch
+
+    torch.manual_seed(1)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{k: v for k, v in cfg.items()
+                                                                         if k not in ("architectures", "transformers_version")}))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_qwen3_reranker_q4_k_m_serves_under_llama_cpp_rank_pooling(qwen3_256, tmp_path):
+    out = tmp_path / "rr.gguf"
+    report = convert(qwen3_256, "gguf", "q4_k_m", out, family="qwen3-reranker", progress=False)
+    expected = reference_decoder_scores(qwen3_256, "qwen3-reranker")
+    got = llama_rank_pooling_p_yes(out, [qwen3_prompt(q, d.rstrip()) for q, d in PAIRS])
+    assert np.ptp(expected) > 0.02, "the model must spread its scores for the check to mean anything"
+    assert np.max(np.abs(np.array(got) - expected)) < 0.03, (got, expected)
+    assert report["rank_pooling"] == ["yes", "no"]
+    assert report["pairs"] > 0 and "spearman" in report
+    on_disk = json.loads((tmp_path / "rr.gguf.conversion_report.json").read_text())
+    assert on_disk["size_bytes"] == out.stat().st_size < report["source_size_bytes"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_f16_gguf_scores_like_the_hf_model_on_llama_cpp(arch, tmp_path, bpe_tokenizer):
+    src = make_decoder(tmp_path / "hf", arch, bpe_tokenizer, seed=2)
+    out = tmp_path / "m.gguf"
+    convert(src, "gguf", "f16", out, family="zeroshot-chatml", verify=False, progress=False)
+    expected = reference_decoder_scores(src, "zeroshot-chatml")
+    with edgerank.Reranker(out, backend="llamacpp", family="zeroshot-chatml") as r:
+        got = [r.score(q, [d])[0] for q, d in PAIRS]
+    assert np.max(np.abs(np.array(got) - expected)) < 0.01, (got, expected)
+
+
+def test_q4_0_reports_tensors_kept_at_higher_precision(tmp_path, bpe_tokenizer):
+    src = make_decoder(tmp_path / "hf", "qwen2", bpe_tokenizer)  # hidden 64: q4_0 blocks fit
+    report = convert(src, "gguf", "q4_0", tmp_path / "m.gguf", family="zeroshot-chatml", verify=False, progress=False)
+    assert report["fallbacks"] == {}  # every 2-D tensor's rows are multiples of 32
+
+
+@pytest.mark.slow
+def test_gguf_round_trip_smollm2_to_q8_0_keeps_the_ranking(smollm2_path, tmp_path):
+    report = convert(smollm2_path, "gguf", "q8_0", tmp_path / "s.gguf", progress=False)
+    assert report["spearman"] >= 0.95 and report["topk_agreement"] >= 0.8
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_qwen3, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"user's file")
+    with pytest.raises(OutputExistsError, match="--force"):
+        convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False)
+    assert out.read_bytes() == b"user's file"
+    convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False, force=True)
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_an_interrupted_conversion_leaves_nothing_and_keeps_the_old_output(tiny_qwen3, tmp_path, monkeypatch):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"previous")
+    real = gguf_export.write_gguf
+
+    def interrupted(src, dest, *a, **k):
+        dest.write_bytes(b"GGUF half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_export, "write_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False, force=True)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    monkeypatch.setattr(gguf_export, "write_gguf", real)
+
+
+def test_unsupported_architectures_and_missing_tokenizers_are_named(tmp_path, wordpiece_tokenizer, tiny_qwen3):
+    bert = make_bert(tmp_path / "bert", wordpiece_tokenizer, "classifier")
+    with pytest.raises(ValueError, match="decoder rerankers"):
+        convert(bert, "gguf", "q4_0", tmp_path / "b.gguf", progress=False)
+    import shutil
+
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(tiny_qwen3, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises((ModelFormatError, OSError)):
+        convert(no_tok, "gguf", "q4_0", tmp_path / "n.gguf", family="qwen3-reranker", progress=False)
+    assert not (tmp_path / "n.gguf").exists()
+    with pytest.raises(ValueError, match="not available"):
+        convert(tiny_qwen3, "onnx", "int4", tmp_path / "x", family="qwen3-reranker")
+    with pytest.raises(ValueError, match="quant 'q3'"):
+        convert(tiny_qwen3, "gguf", "q3", tmp_path / "x.gguf", family="qwen3-reranker")
