@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from converters.output import OutputExistsError, atomic_path
-from edgerank.errors import ModelNotFoundError
+from edgerank.errors import ModelFormatError
 from edgerank.memory import PeakRSS
 
 FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m")}
@@ -48,7 +48,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
     source = resolve(src, family=family)
     if source.kind == "artifact":
-        raise ModelNotFoundError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
+        raise ModelFormatError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
     if source.spec.kind != "decoder":
         raise ValueError(f"GGUF conversion covers decoder rerankers; {source.path} is a {source.spec.kind}")
     label_ids = None

@@ -60,10 +60,6 @@ def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids
         yield "cls.output.weight", head
 
 
-def _gguf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    yield from iter_gguf(path)
-
-
 def _target_type(name: str, w: np.ndarray, qtype) -> tuple[gguf.GGMLQuantizationType, str | None]:
     """The stored type of one tensor, and the reason when it is not the requested one."""
     if w.ndim < 2 or name == "cls.output.weight":
@@ -110,12 +106,13 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
         arch = cfg.arch
         if arch not in RANK_POOLING_ARCHS or not (spec and spec.score.kind == "yes_no"):
             label_ids = None
-        make = lambda: _hf_tensors(src, cfg, spec, label_ids)  # noqa: E731
     else:
         from edgerank.sources import gguf_metadata
 
         arch = gguf_metadata(src)["general.architecture"]
-        make = lambda: _gguf_tensors(src)  # noqa: E731
+
+    def make() -> Iterator[tuple[str, np.ndarray]]:  # read twice: shapes first, then data
+        return _hf_tensors(src, cfg, spec, label_ids) if src.is_dir() else iter_gguf(src)
     writer = gguf.GGUFWriter(str(dest), arch)
     notes: dict = {"fallbacks": {}}
     if src.is_dir():
