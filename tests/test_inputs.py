@@ -146,3 +146,13 @@ def test_an_unknown_family_or_backend_is_named(tiny_qwen3):
 def test_llamacpp_refuses_a_non_gguf_model_clearly(tiny_qwen3):
     with pytest.raises(edgerank.BackendUnavailableError, match="runs GGUF files"):
         edgerank.Reranker(tiny_qwen3, backend="llamacpp", family="qwen3-reranker")
+
+
+def test_a_reranker_shared_by_threads_gives_the_sequential_results(reranker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = [f"query {w}" for w in ("immune", "market", "river", "city", "yes", "no")]
+    expected = [list(reranker.score(q, DOCS)) for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: list(reranker.score(q, DOCS)), queries))
+    assert got == expected

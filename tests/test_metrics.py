@@ -68,3 +68,21 @@ def test_eval_reports_baseline_and_a_shuffled_ranking_scores_lower(tiny_cross_en
     ideal = sorted(coll.qrels[first], key=lambda d: -coll.qrels[first][d])
     assert ndcg_at_k(ideal, coll.qrels[first]) == pytest.approx(1.0)
     assert ndcg_at_k(ideal[::-1], coll.qrels[first]) < 0.5
+
+
+@pytest.mark.skipif(not DL19.is_dir(), reason="needs ../shared/data/trec-dl19")
+def test_eval_cli_writes_the_documented_json(tiny_cross_encoder, tmp_path):
+    import json
+
+    from edgerank.eval import main
+
+    out = tmp_path / "r.json"
+    assert main(["--data", str(DL19), "--model", str(tiny_cross_encoder), "--backend", "reference",
+                 "--depth", "5", "--queries", "2", "--option", "max_length=128", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"baseline", "reranked", "per_query", "stats", "config"}
+    assert set(report["baseline"]) >= {"ndcg@10", "mrr@10", "recall@100"}
+    assert report["config"]["options"] == {"max_length": 128}
+    assert report["stats"]["pairs"] == 10 and report["stats"]["pairs_per_s"] > 0
+    for q in report["per_query"].values():
+        assert len(q["ranking"]) == 5 and 0 <= q["ndcg@10"] <= 1
