@@ -49,10 +49,12 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     source = resolve(src, family=family)
     if source.kind == "artifact":
         raise ModelFormatError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
-    if source.spec.kind != "decoder":
-        raise ValueError(f"GGUF conversion covers decoder rerankers; {source.path} is a {source.spec.kind}")
+    if source.spec.kind == "cross-encoder":
+        raise ValueError(
+            f"GGUF conversion covers decoder rerankers and bi-encoders; {source.path} is a cross-encoder, "
+            "and llama.cpp has no BERT pooler+classifier head, so it would score it wrongly")
     label_ids = None
-    if source.kind == "hf":
+    if source.kind == "hf" and source.spec.kind == "decoder":
         label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
     t0 = time.perf_counter()
     with atomic_path(out, force=force, is_dir=False) as staging:

@@ -29,7 +29,13 @@ QUANTS = {
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_k_m": (None, gguf.LlamaFileType.MOSTLY_Q4_K_M),  # llama.cpp's quantizer, from f16
 }
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "bert": gguf.MODEL_ARCH.BERT}
+# Not part of a mean-pooled BERT embedding graph (llama.cpp drops the pooler, which is why
+# llama.cpp cannot score BERT cross-encoders; bi-encoders need no pooler).
+SKIPPED = ("rotary_emb.inv_freq", "position_ids", "pooler.")
+# llama.cpp adds these to f32 activations directly (an f16 operand aborts the graph).
+KEEP_F32 = {"cls.output.weight", "position_embd.weight", "token_types.weight"}
 # llama.cpp attaches a rank-pooling head (cls.output) to these decoder archs only; for the
 # others an extra tensor makes the file unloadable ("wrong number of tensors").
 RANK_POOLING_ARCHS = {"qwen3"}
@@ -46,7 +52,7 @@ def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids
     names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.n_layers)
     head = None
     for hf_name, w in iter_safetensors(folder):
-        if "rotary_emb.inv_freq" in hf_name:
+        if any(part in hf_name for part in SKIPPED):
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -62,7 +68,7 @@ def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids
 
 def _target_type(name: str, w: np.ndarray, qtype) -> tuple[gguf.GGMLQuantizationType, str | None]:
     """The stored type of one tensor, and the reason when it is not the requested one."""
-    if w.ndim < 2 or name == "cls.output.weight":
+    if w.ndim < 2 or name in KEEP_F32:
         return gguf.GGMLQuantizationType.F32, None
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if w.shape[-1] % block:
@@ -148,15 +154,21 @@ def _add_hf_metadata(writer, cfg: ArchConfig, src: Path, spec, ftype, notes: dic
     writer.add_block_count(cfg.n_layers)
     writer.add_feed_forward_length(cfg.ffn)
     writer.add_head_count(cfg.n_heads)
+    writer.add_file_type(ftype)
+    notes["tokenizer"] = add_tokenizer(writer, src, cfg.vocab_size)
+    if cfg.arch == "bert":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
+        writer.add_token_type_count(cfg.type_vocab_size)
+        return
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(ftype)
-    notes["tokenizer"] = add_tokenizer(writer, src, cfg.vocab_size)
     if cfg.arch in RANK_POOLING_ARCHS and spec is not None and spec.score.kind == "yes_no":
         writer.add_pooling_type(gguf.PoolingType.RANK)
         writer.add_classifier_output_labels([label.strip() for label in spec.score.labels])

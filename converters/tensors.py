@@ -15,7 +15,7 @@ import numpy as np
 
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 
-SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3"}
+SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3", "bert"}
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class ArchConfig:
     vocab_size: int
     context_length: int
     rope_theta: float
-    rms_eps: float
+    norm_eps: float
     tied_embeddings: bool
+    type_vocab_size: int = 0  # BERT token types
 
 
 def hf_config(folder: Path) -> ArchConfig:
@@ -53,7 +54,9 @@ def hf_config(folder: Path) -> ArchConfig:
         ffn=c["intermediate_size"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
         head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab_size=c["vocab_size"],
         context_length=c.get("max_position_embeddings", 2048), rope_theta=float(rope),
-        rms_eps=float(c.get("rms_norm_eps", 1e-6)), tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+        norm_eps=float(c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6))),
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)) and arch != "bert",
+        type_vocab_size=int(c.get("type_vocab_size", 0)),
     )
 
 

@@ -39,6 +39,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> dic
         raise ModelFormatError(f"{folder} has no tokenizer.json: the GGUF needs the tokenizer")
     tok = json.loads(path.read_text())
     model = tok.get("model", {})
+    if model.get("type") == "WordPiece":
+        return _add_wordpiece(writer, model, vocab_size)
     if model.get("type") != "BPE":
         raise UnsupportedModelError(f"tokenizer model {model.get('type')!r}: only byte-level BPE converts")
     added = {t["id"]: t for t in tok.get("added_tokens", [])}
@@ -76,3 +78,31 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> dic
     if isinstance(cfg.get("chat_template"), str):
         writer.add_chat_template(cfg["chat_template"])
     return {"pre_tokenizer": pre, "tokens": str(len(tokens)), "merges": str(len(merges))}
+
+
+def _add_wordpiece(writer: gguf.GGUFWriter, model: dict, vocab_size: int) -> dict[str, str]:
+    """BERT WordPiece as llama.cpp's WPM vocabulary: word starts carry U+2581, "##" goes."""
+    by_id = {i: t for t, i in model["vocab"].items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = by_id.get(i, f"[PAD{i}]")
+        if t.startswith("[") and t.endswith("]"):
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            tokens.append(t[2:] if t.startswith("##") else "\u2581" + t)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    ids = {t: i for i, t in enumerate(tokens)}
+    for name, add in (("[CLS]", writer.add_bos_token_id), ("[SEP]", writer.add_eos_token_id),
+                      ("[PAD]", writer.add_pad_token_id), ("[UNK]", writer.add_unk_token_id),
+                      ("[MASK]", writer.add_mask_token_id)):
+        if name in ids:
+            add(ids[name])
+    if "[SEP]" in ids:
+        writer.add_sep_token_id(ids["[SEP]"])
+    writer.add_add_bos_token(True)  # [CLS] text [SEP], as BERT was trained
+    writer.add_add_eos_token(True)
+    return {"tokenizer": "wordpiece", "tokens": str(len(tokens))}

@@ -12,6 +12,7 @@ from models.catalog import BUILTINS, DEFAULT_MODEL
 from models.specs import ModelSpec, get_spec
 
 DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
+GGUF_ENCODER_ARCHS = {"bert"}  # mean-pooled embedding models (bi-encoders)
 ENCODER_TYPES = {"bert", "xlm-roberta", "roberta"}
 GGUF_MAGIC = b"GGUF"
 # Set in a fine-tuned model's folder by edgerank's trainer, read back here.
@@ -83,10 +84,14 @@ def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
             )
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture", "?")
+    if arch in GGUF_ENCODER_ARCHS:
+        spec = get_spec(family or "bi-encoder")
+        limit = meta.get(f"{arch}.context_length")
+        return ModelSource("gguf", path, spec.with_max_length(min(spec.max_length, limit or spec.max_length)), name, arch)
     if arch not in DECODER_ARCHS:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} is not supported; edgerank runs {', '.join(sorted(DECODER_ARCHS))} "
-            "decoders from GGUF (BERT-style models: pass the Hugging Face folder)"
+            f"decoders and {', '.join(sorted(GGUF_ENCODER_ARCHS))} embedding models from GGUF"
         )
     if family is None:
         pooling = meta.get(f"{arch}.pooling_type")

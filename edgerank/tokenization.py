@@ -74,18 +74,32 @@ class LlamaCppTokenizer:
     def __init__(self, vocab) -> None:
         self._vocab = vocab
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
         import llama_cpp
 
         raw = text.encode("utf-8")
         n_max = len(raw) + 8
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+        n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, True)
         if n < 0:  # buffer too small: -n is the size needed
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, True)
         return list(ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))[:n])
+
+    def encode_with_specials(self, first: str, second: str | None = None, budget: int | None = None):
+        """``[CLS] first [SEP]`` for an embedding GGUF (single texts only), body cut to ``budget``."""
+        if second is not None:
+            raise ValueError("llama.cpp's tokenizer encodes pairs without token types; use a tokenizer.json")
+        ids = self.encode(first, add_special=True)
+        body = len(ids) - self.n_special(pair=False)
+        cut = budget is not None and body > budget
+        if cut:
+            ids = ids[: 1 + budget] + ids[-1:]  # keep [CLS] and the closing [SEP]
+        return ids, [0] * len(ids), cut
+
+    def n_special(self, pair: bool) -> int:
+        return len(self.encode("", add_special=True)) * (2 if pair else 1)
 
 
 def label_token_ids(tokenizer: Tokenizer, labels: Sequence[str]) -> list[int]:
@@ -131,9 +145,9 @@ def encode_pairs(
     cap = limit * CHARS_PER_TOKEN_CAP
     if spec.kind == "decoder":
         return _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap)
-    if not isinstance(tokenizer, HFTokenizer):
-        raise TypeError(f"{spec.kind} models need a tokenizer.json tokenizer")
     if spec.kind == "cross-encoder":
+        if not isinstance(tokenizer, HFTokenizer):
+            raise TypeError("cross-encoders need a tokenizer.json tokenizer (pairs carry token types)")
         budget = limit - len(tokenizer.encode(query)) - tokenizer.n_special(pair=True)
         _check_budget(budget, limit)
         out = EncodedBatch(sequences=[], type_ids=[])

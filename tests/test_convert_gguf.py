@@ -120,9 +120,6 @@ def test_an_interrupted_conversion_leaves_nothing_and_keeps_the_old_output(tiny_
 
 
 def test_unsupported_architectures_and_missing_tokenizers_are_named(tmp_path, wordpiece_tokenizer, tiny_qwen3):
-    bert = make_bert(tmp_path / "bert", wordpiece_tokenizer, "classifier")
-    with pytest.raises(ValueError, match="decoder rerankers"):
-        convert(bert, "gguf", "q4_0", tmp_path / "b.gguf", progress=False)
     import shutil
 
     no_tok = tmp_path / "no-tok"
@@ -135,3 +132,32 @@ def test_unsupported_architectures_and_missing_tokenizers_are_named(tmp_path, wo
         convert(tiny_qwen3, "onnx", "int4", tmp_path / "x", family="qwen3-reranker")
     with pytest.raises(ValueError, match="quant 'q3'"):
         convert(tiny_qwen3, "gguf", "q3", tmp_path / "x.gguf", family="qwen3-reranker")
+
+
+def test_bert_bi_encoder_gguf_embeds_like_transformers_on_llama_cpp(tmp_path, wordpiece_tokenizer):
+    import transformers
+
+    from tests.test_parity_transformers import mean_pooled
+
+    src = make_bert(tmp_path / "hf", wordpiece_tokenizer, "none")
+    out = tmp_path / "bert.gguf"
+    convert(src, "gguf", "f16", out, verify=False, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    model = transformers.AutoModel.from_pretrained(src).eval()
+    query, docs = PAIRS[0][0], [d for _, d in PAIRS]
+    expected = (mean_pooled(model, tok, docs) @ mean_pooled(model, tok, [query])[0]).numpy()
+    with edgerank.Reranker(out) as r:  # a BERT GGUF defaults to the llama.cpp bi-encoder
+        assert r.backend_name == "llamacpp" and r.spec.family == "bi-encoder"
+        got = r.score(query, docs)
+    assert np.max(np.abs(got - expected)) < 5e-3, (got, expected)
+
+
+def test_a_cross_encoder_is_not_converted_to_gguf(tiny_cross_encoder, tmp_path):
+    with pytest.raises(ValueError, match="no BERT pooler"):
+        convert(tiny_cross_encoder, "gguf", "f16", tmp_path / "ce.gguf", progress=False)
+
+
+@pytest.mark.slow
+def test_real_minilm_gguf_ranks_like_the_fp32_model(minilm_path, tmp_path):
+    report = convert("minilm-l6", "gguf", "f16", tmp_path / "minilm.gguf", progress=False)
+    assert report["spearman"] >= 0.99 and report["max_abs_diff"] < 0.01

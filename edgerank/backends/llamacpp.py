@@ -44,8 +44,10 @@ class LlamaCppBackend:
                 f"backend 'llamacpp' runs GGUF files; {source.path} is a {source.kind} model "
                 "(convert it: python -m converters SRC --to gguf)"
             )
-        if source.spec.kind != "decoder":
-            raise BackendUnavailableError(f"backend 'llamacpp' scores decoder rerankers, not {source.spec.kind}")
+        if source.spec.kind == "cross-encoder":
+            raise BackendUnavailableError(
+                "backend 'llamacpp' cannot score cross-encoders: llama.cpp has no BERT pooler+classifier head")
+        self.embedding = source.spec.kind == "bi-encoder"
         import llama_cpp
 
         self._lib = llama_cpp
@@ -65,11 +67,14 @@ class LlamaCppBackend:
         # every stream holds one whole sequence: n_ctx is split evenly across streams
         cparams.n_ctx = self.max_sequences * self.spec.max_length
         cparams.n_batch = self.batch_tokens
-        cparams.n_ubatch = min(512, self.batch_tokens)
+        # an encoder (BERT) must see each decode in one micro-batch, or llama.cpp aborts
+        cparams.n_ubatch = self.batch_tokens if self.embedding else min(512, self.batch_tokens)
         cparams.n_seq_max = self.max_sequences
         cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.embeddings = False
+        cparams.embeddings = self.embedding
+        if self.embedding:
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         cparams.flash_attn_type = 1 if flash_attn else 0
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -77,16 +82,21 @@ class LlamaCppBackend:
             raise ModelFormatError(f"llama.cpp could not create a context for {source.path}")
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(vocab)
-        self.label_ids = label_token_ids(self.tokenizer, self.spec.score.labels)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.label_ids = [] if self.embedding else label_token_ids(self.tokenizer, self.spec.score.labels)
         self._batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
         """One score per sequence, decoding many sequences per ``llama_decode`` call."""
-        seqs = batch.sequences
-        logits = np.zeros((len(seqs), len(self.label_ids)), dtype=np.float64)
+        seqs = [batch.query] + batch.sequences if self.embedding else batch.sequences
+        width = self.n_embd if self.embedding else len(self.label_ids)
+        out = np.zeros((len(seqs), width), dtype=np.float64)
         for group in self._groups(seqs):
-            logits[group] = self._decode([seqs[i] for i in group])
-        return self.spec.score.apply(logits)
+            out[group] = self._decode([seqs[i] for i in group])
+        if self.embedding:  # cosine of mean-pooled embeddings
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            return out[1:] @ out[0]
+        return self.spec.score.apply(out)
 
     def _groups(self, seqs: list[list[int]]) -> list[list[int]]:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -112,13 +122,16 @@ class LlamaCppBackend:
                 b.pos[k] = pos
                 b.n_seq_id[k] = 1
                 b.seq_id[k][0] = sid
-                b.logits[k] = pos == len(s) - 1
+                b.logits[k] = self.embedding or pos == len(s) - 1  # pooling reads every token
                 k += 1
             last.append(k - 1)
         b.n_tokens = k
         rc = lib.llama_decode(self._ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} on {len(seqs)} sequences, {k} tokens")
+        if self.embedding:
+            return np.array([lib.llama_get_embeddings_seq(self._ctx, sid)[: self.n_embd]
+                             for sid in range(len(seqs))], dtype=np.float64)
         out = np.empty((len(seqs), len(self.label_ids)), dtype=np.float64)
         for r, idx in enumerate(last):
             row = lib.llama_get_logits_ith(self._ctx, idx)
