@@ -73,6 +73,7 @@ class LlamaCppTokenizer:
 
     def __init__(self, vocab) -> None:
         self._vocab = vocab
+        self._n_special = len(self.encode("", add_special=True))  # [CLS] [SEP] for BERT, 0 for most LLMs
 
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         import llama_cpp
@@ -99,7 +100,9 @@ class LlamaCppTokenizer:
         return ids, [0] * len(ids), cut
 
     def n_special(self, pair: bool) -> int:
-        return len(self.encode("", add_special=True)) * (2 if pair else 1)
+        if pair:
+            raise ValueError("llama.cpp's tokenizer encodes single texts only")
+        return self._n_special
 
 
 def label_token_ids(tokenizer: Tokenizer, labels: Sequence[str]) -> list[int]:
