@@ -14,7 +14,7 @@ from converters.output import OutputExistsError, atomic_path
 from edgerank.errors import ModelFormatError
 from edgerank.memory import PeakRSS
 
-FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m")}
+FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
 
 __all__ = ["convert", "OutputExistsError", "FORMATS"]
 
@@ -37,9 +37,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     from edgerank.tokenization import HFTokenizer, label_token_ids
 
     if to not in FORMATS:
-        raise ValueError(
-            f"output format {to!r} is not available; this version converts to: {', '.join(FORMATS)} "
-            "(the ONNX int4 artifact is not implemented yet)")
+        raise ValueError(f"output format {to!r} is not available; choose from: {', '.join(FORMATS)}")
     if quant not in FORMATS[to]:
         raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
     out = Path(out)
@@ -49,38 +47,45 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     source = resolve(src, family=family)
     if source.kind == "artifact":
         raise ModelFormatError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
-    if source.spec.kind == "cross-encoder":
+    if to == "gguf" and source.spec.kind == "cross-encoder":
         raise ValueError(
             f"GGUF conversion covers decoder rerankers and bi-encoders; {source.path} is a cross-encoder, "
             "and llama.cpp has no BERT pooler+classifier head, so it would score it wrongly")
     label_ids = None
-    if source.kind == "hf" and source.spec.kind == "decoder":
+    if to == "gguf" and source.kind == "hf" and source.spec.kind == "decoder":
         label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
     t0 = time.perf_counter()
-    with atomic_path(out, force=force, is_dir=False) as staging:
-        from converters.gguf_export import write_gguf
-
+    with atomic_path(out, force=force, is_dir=(to == "onnx")) as staging:
         with PeakRSS() as mem:
-            notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress)
+            if to == "gguf":
+                from converters.gguf_export import write_gguf
+
+                notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress)
+            else:
+                from converters.onnx_export import write_artifact
+
+                notes = write_artifact(source.path, staging, quant, source.spec, progress)
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
             "family": source.spec.family, "architecture": source.architecture,
-            "size_bytes": staging.stat().st_size, "source_size_bytes": _source_size(source.path),
+            "size_bytes": _source_size(staging), "source_size_bytes": _source_size(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
         if verify:
-            report.update(_verify(source, staging, progress))
+            report.update(_verify(source, staging, to))
     tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, report_path)
     return report
 
 
-def _verify(source, converted: Path, progress: bool) -> dict:
+def _verify(source, converted: Path, to: str) -> dict:
+    """Score sample pairs with the full-precision source and the converted model (unpruned)."""
     from converters.verify import compare, sample_pairs
     from edgerank.api import Reranker
 
     pairs = sample_pairs()
+    options = {"backend": "llamacpp"} if to == "gguf" else {"backend": "edgerank", "pruning": False}
     with Reranker(source.path, backend="reference", family=source.spec.family) as ref, \
-            Reranker(converted, backend="llamacpp", family=source.spec.family) as conv:
+            Reranker(converted, family=source.spec.family, **options) as conv:
         return compare(ref, conv, pairs)

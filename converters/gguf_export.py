@@ -110,6 +110,9 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
     if src.is_dir():
         cfg = hf_config(src)
         arch = cfg.arch
+        if arch not in ARCHS:
+            raise UnsupportedModelError(
+                f"model type {arch!r} has no llama.cpp GGUF mapping here; convert it to the ONNX artifact instead")
         if arch not in RANK_POOLING_ARCHS or not (spec and spec.score.kind == "yes_no"):
             label_ids = None
     else:

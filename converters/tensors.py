@@ -15,7 +15,7 @@ import numpy as np
 
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 
-SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3", "bert"}
+SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3", "bert", "xlm-roberta"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class ArchConfig:
     norm_eps: float
     tied_embeddings: bool
     type_vocab_size: int = 0  # BERT token types
+    rope_scaling: dict | None = None  # e.g. Llama 3.x "llama3" frequency scaling
+    pad_token_id: int = 0  # XLM-R positions start after it
 
 
 def hf_config(folder: Path) -> ArchConfig:
@@ -46,7 +48,7 @@ def hf_config(folder: Path) -> ArchConfig:
     arch = c.get("model_type")
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModelError(
-            f"cannot convert model type {arch!r} to GGUF; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
+            f"cannot convert model type {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
     rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
     heads = c["num_attention_heads"]
     return ArchConfig(
@@ -57,6 +59,7 @@ def hf_config(folder: Path) -> ArchConfig:
         norm_eps=float(c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6))),
         tied_embeddings=bool(c.get("tie_word_embeddings", False)) and arch != "bert",
         type_vocab_size=int(c.get("type_vocab_size", 0)),
+        rope_scaling=c.get("rope_scaling"), pad_token_id=int(c.get("pad_token_id") or 0),
     )
 
 
@@ -93,3 +96,110 @@ def iter_gguf(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
         yield t.name, data.reshape(shape)
+
+
+# GGUF tensor names -> HF names, for re-exporting a GGUF decoder in HF layout.
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_TO_HF = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's interleaved q/k rows (llama arch) -> HF's rotate-half layout."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class TensorReader:
+    """Random access to a source's tensors by HF name, one fp32 array at a time.
+
+    Reads safetensors shards lazily, or a GGUF file (memory-mapped, dequantized per
+    tensor, names mapped back to HF and llama q/k rows un-permuted)."""
+
+    def __init__(self, src: Path) -> None:
+        self.src = Path(src)
+        self._index: dict[str, object] = {}
+        if self.src.is_dir():
+            from safetensors import safe_open
+
+            shards = sorted(self.src.glob("*.safetensors"))
+            if not shards:
+                raise ModelFormatError(f"{self.src} has no .safetensors weights")
+            self._files = [safe_open(s, framework="pt") for s in shards]
+            for f in self._files:
+                for name in f.keys():
+                    self._index[name] = f
+            self.config = hf_config(self.src)
+        else:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(self.src))
+            self.config = gguf_config(reader)
+            for t in reader.tensors:
+                self._index[_hf_name(t.name)] = t
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def get(self, name: str) -> np.ndarray:
+        handle = self._index.get(name)
+        if handle is None:
+            raise ModelFormatError(f"{self.src} has no tensor {name!r}")
+        if self.src.is_dir():
+            return handle.get_tensor(name).float().numpy()
+        from gguf.quants import dequantize
+
+        data = dequantize(handle.data, handle.tensor_type).astype(np.float32, copy=False)
+        w = data.reshape(tuple(int(d) for d in reversed(handle.shape.tolist())))
+        if self.config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_rope(w, self.config.n_heads if "q_proj" in name else self.config.n_kv_heads)
+        return w
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_TO_HF:
+        return _GGUF_TO_HF[gguf_name]
+    parts = gguf_name.split(".")  # blk.N.attn_q.weight
+    if parts[0] == "blk" and parts[2] in _GGUF_BLOCK_TO_HF:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK_TO_HF[parts[2]]}.{parts[3]}"
+    return gguf_name
+
+
+def gguf_config(reader) -> ArchConfig:
+    """Dimensions of a GGUF decoder from its metadata."""
+    from gguf import GGUFValueType
+
+    def get(key, default=None):
+        fld = reader.fields.get(key)
+        if fld is None:
+            return default
+        value = fld.parts[fld.data[0]]
+        if fld.types[0] == GGUFValueType.STRING:
+            return bytes(value).decode()
+        return value.tolist()[0]
+
+    arch = get("general.architecture")
+    if arch not in {"llama", "qwen2", "qwen3"}:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} cannot be re-exported; llama, qwen2, qwen3 can")
+    heads = get(f"{arch}.attention.head_count")
+    hidden = get(f"{arch}.embedding_length")
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+    return ArchConfig(
+        arch=arch, n_layers=get(f"{arch}.block_count"), hidden=hidden, ffn=get(f"{arch}.feed_forward_length"),
+        n_heads=heads, n_kv_heads=get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=get(f"{arch}.attention.key_length", hidden // heads), vocab_size=vocab,
+        context_length=get(f"{arch}.context_length", 2048), rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        tied_embeddings="output.weight" not in tensors,
+    )

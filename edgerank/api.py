@@ -27,6 +27,7 @@ class RankResult:
     index: int
     score: float
     document: str
+    provisional: bool = False  # scored at an intermediate layer, then pruned (edgerank backend)
 
 
 @dataclass
@@ -117,19 +118,29 @@ class Reranker:
             batch = encode_pairs(self.spec, self._backend.tokenizer, query, documents,
                                  instruction or self.instruction, self.max_length)
             t1 = time.perf_counter()
-            scores = np.asarray(self._backend.score(batch), dtype=np.float64)
+            if getattr(self._backend, "prunes", False):
+                out = self._backend.score(batch, top_k=top_k)
+                scores, tier, provisional = out.values, out.tier, out.provisional
+                stats.extra = out.stats
+            else:
+                scores = self._backend.score(batch)
+                tier = np.zeros(len(documents), dtype=np.int64)
+                provisional = np.zeros(len(documents), dtype=bool)
+            scores = np.asarray(scores, dtype=np.float64)
             t2 = time.perf_counter()
         if scores.shape != (len(documents),) or not np.all(np.isfinite(scores)):
             raise RuntimeError(f"backend {self.backend_name!r} returned invalid scores {scores!r}")
-        order = np.argsort(-scores, kind="stable")[: top_k or len(documents)]
+        # pruned candidates (tier > 0) rank below the top-K whatever their provisional score
+        order = np.lexsort((-scores, tier))[: top_k or len(documents)]
         stats.tokens, stats.prefix_tokens, stats.truncated = batch.n_tokens, batch.prefix_len, batch.truncated
         stats.encode_s, stats.score_s, stats.wall_s = t1 - t0, t2 - t1, t2 - t0
         stats.peak_rss_mb, stats.rss_delta_mb = mem.peak_mb, mem.delta_mb
         self.last_stats = stats
-        return Ranking([RankResult(int(i), float(scores[i]), documents[i]) for i in order], stats)
+        return Ranking([RankResult(int(i), float(scores[i]), documents[i], bool(provisional[i])) for i in order],
+                       stats)
 
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
-        """Raw scores in input order (no sorting, no ``top_k``)."""
+        """Raw scores in input order (no sorting, no ``top_k``, so nothing is pruned)."""
         ranking = self.rank(query, documents)
         out = np.empty(len(documents))
         for r in ranking:

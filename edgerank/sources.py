@@ -59,6 +59,7 @@ def resolve(model: str | Path | None = None, family: str | None = None, pull: bo
     if (path / "manifest.json").is_file():
         manifest = _read_json(path / "manifest.json")
         spec = get_spec(family or manifest.get("family", ""))
+        spec = spec.with_max_length(int(manifest.get("max_length") or spec.max_length))
         return ModelSource("artifact", path, spec, name, manifest.get("architecture", "?"))
     if (path / "config.json").is_file():
         return _hf_source(path, name, family)

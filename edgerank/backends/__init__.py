@@ -10,7 +10,7 @@ from __future__ import annotations
 from edgerank.errors import BackendUnavailableError
 from edgerank.sources import ModelSource
 
-BACKENDS = ("reference", "llamacpp")
+BACKENDS = ("edgerank", "reference", "llamacpp")
 
 
 def default_backend(source: ModelSource) -> str:
@@ -18,14 +18,20 @@ def default_backend(source: ModelSource) -> str:
     if source.kind == "gguf":
         return "llamacpp"
     if source.kind == "artifact":
-        raise BackendUnavailableError(
-            f"{source.path} is an edgerank artifact; its runtime (backend='edgerank') is not built yet"
-        )
+        return "edgerank"
     return "reference"
 
 
 def load_backend(name: str, source: ModelSource, **options):
     """Instantiate backend ``name`` for ``source``; unknown options are an error."""
+    if name == "edgerank":
+        if source.kind != "artifact":
+            raise BackendUnavailableError(
+                f"backend 'edgerank' runs edgerank artifacts; convert {source.path} first: "
+                f"python -m converters {source.path} --to onnx --quant int4 --out DEST")
+        from edgerank.backends.layerwise import LayerwiseBackend
+
+        return LayerwiseBackend(source, **options)
     if name == "reference":
         try:
             from edgerank.backends.reference import ReferenceBackend

@@ -1,0 +1,193 @@
+"""HF folder or GGUF file -> the edgerank artifact (a folder the layer-wise runtime loads).
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    manifest.json        spec family, architecture and dimensions, quantisation, sha256 per file
+    tokenizer.json
+    embed.npy            token embeddings, [vocab, hidden]: int8 rows (int4/int8 artifacts) or fp32
+    embed_scale.npy      per-row fp32 scales of the int8 rows
+    head.npz             final norm + answer-label rows of the LM head (decoders); pooler and
+                         classifier (cross-encoders); embedding LayerNorm, positions, token types (BERT)
+    layers/layer_NN.onnx one graph per layer (converters/onnx_graphs.py); MatMulNBits int4/int8
+                         weights, or plain fp32 MatMul
+
+The embedding table is a plain ``.npy`` so the runtime memory-maps it and reads single
+rows. Everything is read one layer at a time: peak memory is one layer in fp32 plus the
+embedding table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from converters.onnx_graphs import decoder_layer, encoder_layer
+from converters.tensors import ArchConfig, TensorReader
+from edgerank.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from edgerank.errors import ModelFormatError, UnsupportedModelError
+from models.specs import ModelSpec
+
+QUANTS = ("int4", "int8", "fp32")
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 activations x int4 weights: the fast CPU kernels
+EMBED_ROWS_PER_STEP = 8192
+
+
+def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress: bool = True) -> dict:
+    """Convert ``src`` into the artifact folder ``dest`` (new or empty)."""
+    if quant not in QUANTS:
+        raise ValueError(f"onnx quant {quant!r} not supported; choose from {', '.join(QUANTS)}")
+    reader = TensorReader(src)
+    cfg = reader.config
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty")
+    (dest / "layers").mkdir()
+    tokenizer = _write_tokenizer(src, dest / "tokenizer.json")
+    encoder = cfg.arch in ("bert", "xlm-roberta")
+    prefix = _encoder_prefix(reader) if encoder else "model."
+    if encoder and spec.kind == "decoder" or not encoder and spec.kind != "decoder":
+        raise UnsupportedModelError(f"family {spec.family!r} ({spec.kind}) does not fit a {cfg.arch} model")
+    notes: dict = {"fallbacks": {}}
+    embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
+    _write_embedding(reader.get(embed_name), dest, quant)
+    head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
+    np.savez(dest / "head.npz", **head)
+    layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
+    for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
+        p = f"{layer_prefix}{i}."
+        w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
+        if encoder:
+            model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}")
+        else:
+            model = decoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                                  head_dim=cfg.head_dim, eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w,
+                                  name=f"layer_{i}")
+        del w
+        if quant != "fp32":
+            model = _quantize(model, bits=4 if quant == "int4" else 8, notes=notes, layer=i)
+        import onnx
+
+        onnx.save_model(model, dest / "layers" / f"layer_{i:02d}.onnx")
+        del model
+    manifest = _manifest(cfg, spec, quant, src, dest)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    notes["format_version"] = FORMAT_VERSION
+    return notes
+
+
+def _encoder_prefix(reader: TensorReader) -> str:
+    for name in reader.names():
+        if name.endswith("embeddings.word_embeddings.weight"):
+            return name[: -len("embeddings.word_embeddings.weight")]
+    raise ModelFormatError(f"{reader.src}: no embeddings.word_embeddings.weight tensor")
+
+
+def _write_tokenizer(src: Path, dest: Path):
+    """Copy (HF folder) or rebuild (GGUF, via transformers) ``tokenizer.json``."""
+    from edgerank.tokenization import HFTokenizer
+
+    if src.is_dir():
+        if not (src / "tokenizer.json").is_file():
+            raise ModelFormatError(f"{src} has no tokenizer.json: the artifact needs a fast tokenizer")
+        shutil.copyfile(src / "tokenizer.json", dest)
+    else:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        tok.backend_tokenizer.save(str(dest))
+    return HFTokenizer.from_file(dest)
+
+
+def _write_embedding(table: np.ndarray, dest: Path, quant: str) -> None:
+    """fp32 rows, or int8 rows with one absmax scale per row (read row by row at run time)."""
+    if quant == "fp32":
+        np.save(dest / "embed.npy", table.astype(np.float32, copy=False))
+        return
+    out = np.lib.format.open_memmap(dest / "embed.npy", mode="w+", dtype=np.int8, shape=table.shape)
+    scales = np.empty(table.shape[0], dtype=np.float32)
+    for start in range(0, table.shape[0], EMBED_ROWS_PER_STEP):
+        rows = table[start: start + EMBED_ROWS_PER_STEP]
+        s = np.abs(rows).max(axis=1) / 127.0
+        s[s == 0] = 1.0
+        out[start: start + len(rows)] = np.clip(np.rint(rows / s[:, None]), -127, 127).astype(np.int8)
+        scales[start: start + len(rows)] = s
+    out.flush()
+    del out
+    np.save(dest / "embed_scale.npy", scales)
+
+
+def _decoder_head(reader: TensorReader, cfg: ArchConfig, spec: ModelSpec, tokenizer) -> dict:
+    from edgerank.tokenization import label_token_ids
+
+    ids = label_token_ids(tokenizer, spec.score.labels)
+    lm = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+    return {"norm": reader.get("model.norm.weight"), "rows": reader.get(lm)[ids].astype(np.float32),
+            "label_ids": np.array(ids, dtype=np.int64)}
+
+
+def _encoder_head(reader: TensorReader, prefix: str, spec: ModelSpec) -> dict:
+    e = prefix + "embeddings."
+    head = {"position": reader.get(e + "position_embeddings.weight"),
+            "ln_weight": reader.get(e + "LayerNorm.weight"), "ln_bias": reader.get(e + "LayerNorm.bias")}
+    if e + "token_type_embeddings.weight" in reader:
+        head["token_type"] = reader.get(e + "token_type_embeddings.weight")
+    if spec.kind == "cross-encoder":
+        # BERT: pooler.dense + classifier; RoBERTa/XLM-R: classifier.dense + classifier.out_proj
+        pairs = [(prefix + "pooler.dense", "classifier"), ("classifier.dense", "classifier.out_proj")]
+        for pool, cls in pairs:
+            if pool + ".weight" in reader and cls + ".weight" in reader:
+                for key, name in (("pool", pool), ("cls", cls)):
+                    head[key + "_weight"] = reader.get(name + ".weight")
+                    head[key + "_bias"] = reader.get(name + ".bias")
+                break
+        else:
+            raise ModelFormatError(f"{reader.src}: a cross-encoder needs its pooler and classifier weights")
+    return head
+
+
+def _quantize(model, bits: int, notes: dict, layer: int):
+    """Every weight MatMul -> MatMulNBits (block 32, asymmetric, accuracy_level 4)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
+                             accuracy_level=ACCURACY_LEVEL)
+    q.process()
+    out = q.model.model
+    left = [n.name for n in out.graph.node if n.op_type == "MatMul"
+            and any(i.name == n.input[1] for i in out.graph.initializer)]
+    if left:
+        notes["fallbacks"][f"layer_{layer}"] = f"{len(left)} MatMul kept at fp32 (shape not quantizable)"
+    return out
+
+
+def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path) -> dict:
+    files = sorted(p for p in dest.rglob("*") if p.is_file())
+    dims = {k: getattr(cfg, k) for k in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim",
+                                         "vocab_size", "context_length", "rope_theta", "norm_eps")}
+    if cfg.arch in ("bert", "xlm-roberta"):
+        dims["position_offset"] = cfg.pad_token_id + 1 if cfg.arch == "xlm-roberta" else 0
+        dims["type_vocab_size"] = cfg.type_vocab_size
+    else:
+        dims["rope_scaling"] = cfg.rope_scaling
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": spec.family,
+        "kind": spec.kind,
+        "max_length": spec.max_length,
+        "architecture": cfg.arch,
+        "dims": dims,
+        "quant": {"weights": quant, "op": "MatMulNBits" if quant != "fp32" else "MatMul",
+                  "block_size": BLOCK_SIZE if quant != "fp32" else None, "symmetric": False,
+                  "accuracy_level": ACCURACY_LEVEL if quant != "fp32" else None,
+                  "embedding": "fp32" if quant == "fp32" else "int8 per-row absmax"},
+        "layers": [f"layers/layer_{i:02d}.onnx" for i in range(cfg.n_layers)],
+        "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
+        "source": str(src),
+        "pruning": {"threshold": None, "calibrated": False},
+    }

@@ -1,0 +1,181 @@
+"""ONNX graphs of one transformer layer, built node by node with ``onnx.helper``.
+
+Each layer is its own graph, so the runtime can run candidates layer by layer, keep their
+hidden states between layers, feed a shared attention prefix and drop candidates.
+
+Decoder layer (Llama / Qwen2 / Qwen3, pre-norm, rotary, grouped-query attention)::
+
+    inputs   hidden [B,T,H]  cos, sin [B,T,D]  mask [B,1,1,T,T] (additive, causal+padding)
+             past_key, past_value [1,KVH,1,P,D]   (the shared prefix, already rotated)
+    outputs  hidden_out [B,T,H]   key, value [B,KVH,1,T,D]   (this call's own keys/values)
+
+Every candidate attends to the prefix keys (shared, not copied per candidate) and to its
+own earlier tokens; one softmax spans both, so the result equals a full forward of
+prefix + candidate. ``P`` may be 0 (the prefix pass itself, or no shared prefix).
+
+Encoder layer (BERT / XLM-R, post-norm)::
+
+    inputs   hidden [B,T,H]  mask [B,1,1,T] (additive, padding)
+    outputs  hidden_out [B,T,H]
+
+Weights are fp32 initializers here; ``onnx_export`` then turns every MatMul into
+``MatMulNBits`` for int4/int8 artifacts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class _Graph:
+    """A small node builder: ``g.op("MatMul", a, b)`` returns the output's name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, n_out: int = 1, **attrs):
+        outs = [out] if out else [self._fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._fresh("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+        """``x @ weight.T (+ bias)`` with an HF ``[out, in]`` weight, stored as ``[in, out]``."""
+        y = self.op("MatMul", x, self.const(name + ".weight", weight.T.astype(np.float32)))
+        if bias is not None:
+            y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
+        return y
+
+    def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
+        # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into
+        # SimplifiedLayerNormalization.
+        two = self.const(self._fresh("two"), np.array(2.0, np.float32))
+        ms = self.op("ReduceMean", self.op("Pow", x, two), axes=[-1], keepdims=1)
+        rms = self.op("Sqrt", self.op("Add", ms, self.const(self._fresh("eps"), np.array(eps, np.float32))))
+        return self.op("Mul", self.op("Div", x, rms), self.const(name + ".weight", weight.astype(np.float32)))
+
+    def layer_norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray, eps: float) -> str:
+        return self.op("LayerNormalization", x, self.const(name + ".weight", weight.astype(np.float32)),
+                       self.const(name + ".bias", bias.astype(np.float32)), axis=-1, epsilon=float(eps))
+
+    def shape_const(self, name: str, values: list[int]) -> str:
+        return self.const(self._fresh(name), np.array(values, dtype=np.int64))
+
+    def model(self, inputs, outputs) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgerank")
+        m.ir_version = 8
+        return m
+
+
+def _f32(name: str, dims: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                  eps: float, qk_norm: bool, name: str = "layer") -> onnx.ModelProto:
+    """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
+    ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...)."""
+    g = _Graph(name)
+    group = n_heads // n_kv_heads
+    x = g.rms_norm("hidden", "input_layernorm", w["input_layernorm.weight"], eps)
+
+    def heads(proj: str, n: int) -> str:  # [B,T,n*D] -> [B,KVH,n/KVH,T,D]
+        y = g.linear(x, f"self_attn.{proj}", w[f"self_attn.{proj}.weight"], w.get(f"self_attn.{proj}.bias"))
+        y = g.op("Reshape", y, g.shape_const("shape", [0, 0, n, head_dim]))
+        if qk_norm and proj in ("q_proj", "k_proj"):
+            norm = "q_norm" if proj == "q_proj" else "k_norm"
+            y = g.rms_norm(y, f"self_attn.{norm}", w[f"self_attn.{norm}.weight"], eps)
+        y = g.op("Transpose", y, perm=[0, 2, 1, 3])  # [B,n,T,D]
+        return g.op("Reshape", y, g.shape_const("shape", [0, n_kv_heads, n // n_kv_heads, -1, head_dim]))
+
+    cos = g.op("Unsqueeze", "cos", g.shape_const("axes", [1, 2]))  # [B,1,1,T,D]
+    sin = g.op("Unsqueeze", "sin", g.shape_const("axes", [1, 2]))
+    half = head_dim // 2
+
+    def rope(t: str) -> str:  # t*cos + rotate_half(t)*sin, HF's layout
+        first = g.op("Slice", t, g.shape_const("s", [0]), g.shape_const("e", [half]), g.shape_const("a", [-1]))
+        second = g.op("Slice", t, g.shape_const("s", [half]), g.shape_const("e", [head_dim]), g.shape_const("a", [-1]))
+        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+        return g.op("Add", g.op("Mul", t, cos), g.op("Mul", rotated, sin))
+
+    q = rope(heads("q_proj", n_heads))  # [B,KVH,G,T,D]
+    k = g.op("Identity", rope(heads("k_proj", n_kv_heads)), out="key")  # [B,KVH,1,T,D]
+    v = g.op("Identity", heads("v_proj", n_kv_heads), out="value")
+    scale = g.const("attn_scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
+    q = g.op("Mul", q, scale)
+    s_prefix = g.op("MatMul", q, g.op("Transpose", "past_key", perm=[0, 1, 2, 4, 3]))  # [B,KVH,G,T,P]
+    s_own = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3])), "mask")  # [B,KVH,G,T,T]
+    probs = g.op("Softmax", g.op("Concat", s_prefix, s_own, axis=-1), axis=-1)
+    p_len = g.op("Slice", g.op("Shape", "past_key"), g.shape_const("s", [3]), g.shape_const("e", [4]))
+    big = g.shape_const("e", [np.iinfo(np.int64).max])
+    last = g.shape_const("a", [-1])
+    a_prefix = g.op("Slice", probs, g.shape_const("s", [0]), p_len, last)
+    a_own = g.op("Slice", probs, p_len, big, last)
+    ctx = g.op("Add", g.op("MatMul", a_prefix, "past_value"), g.op("MatMul", a_own, v))  # [B,KVH,G,T,D]
+    ctx = g.op("Reshape", ctx, g.shape_const("shape", [0, n_heads, -1, head_dim]))
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.shape_const("shape", [0, 0, n_heads * head_dim]))
+    attn = g.linear(ctx, "self_attn.o_proj", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+    h = g.op("Add", "hidden", attn)
+    x2 = g.rms_norm(h, "post_attention_layernorm", w["post_attention_layernorm.weight"], eps)
+    gate = g.linear(x2, "mlp.gate_proj", w["mlp.gate_proj.weight"])
+    up = g.linear(x2, "mlp.up_proj", w["mlp.up_proj.weight"])
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
+    g.op("Add", h, down, out="hidden_out")
+    kv = [1, n_kv_heads, 1, "P", head_dim]
+    return g.model(
+        [_f32("hidden", ["B", "T", hidden]), _f32("cos", ["B", "T", head_dim]), _f32("sin", ["B", "T", head_dim]),
+         _f32("mask", ["B", 1, 1, "T", "T"]), _f32("past_key", kv), _f32("past_value", kv)],
+        [_f32("hidden_out", ["B", "T", hidden]), _f32("key", ["B", n_kv_heads, 1, "T", head_dim]),
+         _f32("value", ["B", n_kv_heads, 1, "T", head_dim])],
+    )
+
+
+def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: float,
+                  name: str = "layer") -> onnx.ModelProto:
+    """One BERT/XLM-R encoder layer. ``w`` holds the layer's HF tensors without the
+    ``encoder.layer.N.`` prefix (``attention.self.query.weight``, ...)."""
+    g = _Graph(name)
+    head_dim = hidden // n_heads
+
+    def heads(proj: str) -> str:  # [B,T,H] -> [B,h,T,d]
+        y = g.linear("hidden", f"attention.self.{proj}", w[f"attention.self.{proj}.weight"],
+                     w[f"attention.self.{proj}.bias"])
+        return g.op("Transpose", g.op("Reshape", y, g.shape_const("shape", [0, 0, n_heads, head_dim])),
+                    perm=[0, 2, 1, 3])
+
+    q = g.op("Mul", heads("query"), g.const("attn_scale", np.array(1.0 / np.sqrt(head_dim), np.float32)))
+    k, v = heads("key"), heads("value")
+    scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), "mask")
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.shape_const("shape", [0, 0, hidden]))
+    attn = g.linear(ctx, "attention.output.dense", w["attention.output.dense.weight"],
+                    w["attention.output.dense.bias"])
+    h = g.layer_norm(g.op("Add", attn, "hidden"), "attention.output.LayerNorm",
+                     w["attention.output.LayerNorm.weight"], w["attention.output.LayerNorm.bias"], eps)
+    inter = g.linear(h, "intermediate.dense", w["intermediate.dense.weight"], w["intermediate.dense.bias"])
+    # exact (erf) GELU, as BERT's "gelu"
+    gelu = g.op("Mul", g.op("Mul", inter, g.const("half", np.array(0.5, np.float32))),
+                g.op("Add", g.op("Erf", g.op("Div", inter, g.const("sqrt2", np.array(np.sqrt(2.0), np.float32)))),
+                     g.const("one", np.array(1.0, np.float32))))
+    out = g.linear(gelu, "output.dense", w["output.dense.weight"], w["output.dense.bias"])
+    g.layer_norm(g.op("Add", out, h), "output.LayerNorm", w["output.LayerNorm.weight"], w["output.LayerNorm.bias"],
+                 eps)
+    g.nodes[-1].output[0] = "hidden_out"
+    return g.model([_f32("hidden", ["B", "T", hidden]), _f32("mask", ["B", 1, 1, "T"])],
+                   [_f32("hidden_out", ["B", "T", hidden])])

@@ -1,0 +1,295 @@
+"""The layer-wise runtime (``backend="edgerank"``): monolithic batched forwarding of an
+edgerank artifact on ONNX Runtime, with progressive cluster pruning.
+
+One call, for decoders::
+
+    tokens -> embedding rows (EmbeddingRows, LRU)
+    for each layer (LayerSessions: resident, or streamed two at a time):
+        the shared prefix (template + query) runs once; its keys/values feed every candidate
+        before the layer, from min_depth on: head on each live candidate's last token ->
+            PruningPolicy.decide -> selected / dropped / deferred
+        live candidates run in length-sorted chunks under a token budget
+    head on the last token -> scores
+
+Encoders (BERT/XLM-R) run the same loop without a prefix (their attention is
+bidirectional, so a shared prefix cannot be reused); cross-encoders score the [CLS] state
+through pooler + classifier, bi-encoders by cosine of mean-pooled states with the query,
+which runs alongside the candidates and is never pruned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from edgerank.artifact import Artifact
+from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
+from edgerank.embedding import EmbeddingRows
+from edgerank.pruning import PruningPolicy
+from edgerank.rope import RopeTable
+from edgerank.sources import ModelSource
+from edgerank.streaming import LayerSessions
+from edgerank.tokenization import EncodedBatch, HFTokenizer
+
+NEG = np.float32(-1e9)  # additive mask value: exp() of it is exactly 0 next to real scores
+
+
+@dataclass
+class Scores:
+    """A backend's answer: scores in input order, plus how far each candidate got.
+
+    ``tier`` orders candidates before ``values`` do: 0 for the top-K (and for everything
+    when nothing was pruned); dropped candidates get 1 + the number of layers they missed,
+    so one dropped later ranks above one dropped earlier. ``provisional`` marks scores
+    taken from an intermediate layer."""
+
+    values: np.ndarray
+    tier: np.ndarray
+    provisional: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+class LayerwiseBackend:
+    name = "edgerank"
+    prunes = True  # score(batch, top_k) returns Scores with tiers
+
+    def __init__(self, source: ModelSource, threads: int | None = None, stream_weights: bool | None = None,
+                 max_memory_mb: float | None = None, pruning: bool = True, threshold: float | None = None,
+                 min_depth: float | None = None, exact_order: bool = True, shared_prefix: bool = True,
+                 chunk_tokens: int | None = None, verify: bool = True) -> None:
+        self.artifact = Artifact.open(source.path, verify=verify)
+        self.spec = source.spec
+        self.tokenizer = HFTokenizer.from_file(self.artifact.path / "tokenizer.json")
+        self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        dims = self.artifact.dims
+        self.head = self.artifact.head()
+        self.encoder = self.artifact.is_encoder
+        self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
+                           n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
+                           layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
+                           head_bytes=sum(v.nbytes for v in self.head.values()))
+        self.max_memory_mb = max_memory_mb
+        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
+        if chunk_tokens:
+            self.plan.chunk_tokens = int(chunk_tokens)
+        manifest_threshold = (self.artifact.manifest.get("pruning") or {}).get("threshold")
+        policy = PruningPolicy(enabled=bool(pruning), exact_order=exact_order)
+        if threshold is not None or manifest_threshold is not None:
+            policy.threshold = float(threshold if threshold is not None else manifest_threshold)
+        if min_depth is not None:
+            policy.min_depth = float(min_depth)
+        self.policy = policy
+        self.shared_prefix = bool(shared_prefix) and not self.encoder
+        scales = self.artifact.path / "embed_scale.npy"
+        self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
+                                   max_rows=self.plan.cache_rows)
+        if not self.encoder:
+            self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
+        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
+
+    # ---- head: intermediate and final scores -------------------------------------------
+
+    def _head_scores(self, states: np.ndarray, query_state: np.ndarray | None = None) -> np.ndarray:
+        """Scores from per-candidate states: the last token (decoders), [CLS] (cross-encoders)
+        or the mean-pooled state (bi-encoders, against ``query_state``)."""
+        h = self.head
+        if not self.encoder:
+            x = states.astype(np.float32)
+            var = np.mean(x * x, axis=-1, keepdims=True)
+            x = x / np.sqrt(var + np.float32(self.artifact.dims["norm_eps"])) * h["norm"]
+            return self.spec.score.apply(x @ h["rows"].T)
+        if self.spec.kind == "cross-encoder":
+            pooled = np.tanh(states @ h["pool_weight"].T + h["pool_bias"])
+            return self.spec.score.apply(pooled @ h["cls_weight"].T + h["cls_bias"])
+        docs = states / np.maximum(np.linalg.norm(states, axis=-1, keepdims=True), 1e-12)
+        q = query_state / max(float(np.linalg.norm(query_state)), 1e-12)
+        return docs.astype(np.float64) @ q.astype(np.float64)
+
+    # ---- one call ----------------------------------------------------------------------
+
+    def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
+        t_start = time.perf_counter()
+        self.layers.reset_counters()
+        rss0 = psutil.Process().memory_info().rss
+        n = len(batch.sequences)
+        k = n if top_k is None else min(int(top_k), n)
+        prefix_len = batch.prefix_len if self.shared_prefix else 0
+        prefix = batch.sequences[0][:prefix_len]
+        seqs = [s[prefix_len:] for s in batch.sequences]
+        types = batch.type_ids
+        if self.spec.kind == "bi-encoder":  # the query rides along as the last sequence
+            seqs = seqs + [batch.query]
+            types = types + [batch.query_type_ids]
+        lengths = np.array([len(s) for s in seqs])
+        plan_chunk = plan_call(self.shape, self.plan, self.max_memory_mb, int(lengths.sum()) + prefix_len,
+                               prefix_len, int(lengths.max()), self.embed.cached_bytes / MB)
+
+        t0 = time.perf_counter()
+        states = [self._embed(s, types[i] if types else None) for i, s in enumerate(seqs)]
+        prefix_state = self._embed(prefix, None)[None] if prefix_len else None
+        embed_s = time.perf_counter() - t0
+
+        L = self.artifact.n_layers
+        policy = self.policy
+        live = np.arange(n)  # candidates still competing for the top-K
+        selected: list[int] = []  # surely in the top-K
+        computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query included)
+        scores = np.zeros(n)
+        tier = np.zeros(n, dtype=np.int64)
+        provisional = np.zeros(n, dtype=bool)
+        layers_done = np.zeros(n, dtype=np.int64)
+        per_layer = []
+        work = pad = 0
+        first_check = policy.first_layer(L) if policy.enabled and k < n else L + 1
+        deciding = True
+        t_layers = t_prune = 0.0
+        self.layers.prefetch(0)
+        for layer in range(L):
+            if deciding and layer >= first_check and len(live) > k - len(selected):
+                tp = time.perf_counter()
+                now = self._head_scores(*self._pool(states, live, seqs))
+                d = policy.decide(now, k - len(selected))
+                sel, drop = live[d.selected], live[d.dropped]
+                scores[drop], tier[drop], provisional[drop] = now[d.dropped], 1 + (L - layer), True
+                if not policy.exact_order:
+                    scores[sel], provisional[sel] = now[d.selected], True
+                selected.extend(sel.tolist())
+                live = live[d.deferred]
+                keep = np.concatenate([live, selected if policy.exact_order else []]).astype(np.int64)
+                if self.spec.kind == "bi-encoder":
+                    keep = np.append(keep, n)
+                computing = np.sort(keep)
+                for i in drop if policy.exact_order else np.concatenate([drop, sel]):
+                    states[i] = None
+                per_layer.append({"layer": layer, "cv": round(d.cv, 4), "selected": int(len(sel)),
+                                  "dropped": int(len(drop)), "deferred": int(len(live))})
+                t_prune += time.perf_counter() - tp
+                if len(live) + len(selected) <= k:
+                    deciding = False
+                    if not policy.exact_order:  # the top-K is known: stop computing
+                        scores[live], provisional[live] = now[d.deferred], True
+                        break
+            tl = time.perf_counter()
+            sess = self.layers.get(layer)
+            self.layers.prefetch(layer + 1)
+            past = None
+            if prefix_state is not None:
+                prefix_state, past = self._run_prefix(sess, prefix_state)
+                work += prefix_len
+            for chunk in _length_chunks(computing, lengths, plan_chunk):
+                w, p = self._run_chunk(sess, states, seqs, chunk, lengths, past, prefix_len)
+                work += w
+                pad += p
+            layers_done[computing[computing < n]] += 1
+            self.layers.done(layer)
+            del sess
+            t_layers += time.perf_counter() - tl
+
+        final = np.flatnonzero((tier == 0) & ~provisional)
+        if len(final):
+            scores[final] = self._head_scores(*self._pool(states, final, seqs))
+        full_work = L * (int(lengths[:n].sum()) + prefix_len + (int(lengths[n]) if self.spec.kind == "bi-encoder" else 0))
+        unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
+        stats = {
+            "layers": L, "top_k": k, "pruning": policy.enabled, "threshold": policy.threshold,
+            "first_check_layer": first_check if first_check <= L else None,
+            "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
+            "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[:n].sum()),
+            "prefix_tokens_saved": (n - 1) * prefix_len if prefix_len else 0,
+            "layer_token_work": int(work), "layer_token_work_unpruned": int(full_work),
+            "work_skipped": 1.0 - work / full_work if full_work else 0.0,
+            "work_saved_vs_unshared": 1.0 - work / unshared if unshared else 0.0,
+            "padding_fraction": pad / (work + pad) if work + pad else 0.0,
+            "layers_per_candidate": np.bincount(layers_done, minlength=L + 1).tolist(),
+            "pruning_steps": per_layer, "selected": len(selected),
+            "dropped": int(provisional.sum()) - (0 if policy.exact_order else len(selected)),
+            "chunk_tokens": plan_chunk, "stream_weights": self.plan.stream,
+            "embed_s": embed_s, "layers_s": t_layers, "prune_s": t_prune,
+            "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
+            "embed_cache_rows": len(self.embed._cache), "rss_start_mb": rss0 / MB,
+            "wall_s": time.perf_counter() - t_start,
+        }
+        return Scores(scores, tier, provisional, stats)
+
+    # ---- pieces ------------------------------------------------------------------------
+
+    def _embed(self, ids: list[int], type_ids: list[int] | None) -> np.ndarray:
+        x = self.embed.rows(np.asarray(ids, dtype=np.int64))
+        if not self.encoder:
+            return x
+        h, off = self.head, self.artifact.dims.get("position_offset", 0)
+        x = x + h["position"][off: off + len(ids)]
+        if "token_type" in h:
+            x = x + h["token_type"][np.asarray(type_ids if type_ids is not None else [0] * len(ids))]
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        eps = np.float32(self.artifact.dims["norm_eps"])
+        return ((x - mu) / np.sqrt(var + eps) * h["ln_weight"] + h["ln_bias"]).astype(np.float32)
+
+    def _pool(self, states, rows, seqs) -> tuple:
+        """Per-row states the head reads, and (bi-encoders) the query's pooled state."""
+        if not self.encoder:
+            return (np.stack([states[i][-1] for i in rows]),)
+        if self.spec.kind == "cross-encoder":
+            return (np.stack([states[i][0] for i in rows]),)
+        q = states[len(seqs) - 1].mean(0)
+        return np.stack([states[i].mean(0) for i in rows]), q
+
+    def _run_prefix(self, sess, prefix_state: np.ndarray):
+        P = prefix_state.shape[1]
+        cos, sin = self.rope(np.arange(P)[None])
+        mask = np.triu(np.full((P, P), NEG, np.float32), 1)[None, None, None]
+        empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)
+        out, key, value = sess.run(None, {"hidden": prefix_state, "cos": cos, "sin": sin, "mask": mask,
+                                          "past_key": empty, "past_value": empty})
+        return out, (key, value)
+
+    def _run_chunk(self, sess, states, seqs, chunk, lengths, past, prefix_len) -> tuple[int, int]:
+        """Run one chunk of rows through a layer, in place; returns (real, padded) tokens."""
+        width = int(lengths[chunk].max())
+        B, H = len(chunk), self.shape.hidden
+        x = np.zeros((B, width, H), np.float32)
+        for r, i in enumerate(chunk):
+            x[r, : lengths[i]] = states[i]
+        valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
+        if self.encoder:
+            mask = np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
+            (out,) = sess.run(None, {"hidden": x, "mask": mask})
+        else:
+            causal = np.tril(np.ones((width, width), bool))
+            mask = np.where(causal[None] & valid[:, None, :], 0.0, NEG).astype(np.float32)[:, None, None]
+            pos = prefix_len + np.arange(width)[None].repeat(B, 0)
+            cos, sin = self.rope(pos)
+            if past is None:
+                empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)
+                past = (empty, empty)
+            out, _, _ = sess.run(None, {"hidden": x, "cos": cos, "sin": sin, "mask": mask,
+                                        "past_key": past[0], "past_value": past[1]})
+        for r, i in enumerate(chunk):
+            states[i] = out[r, : lengths[i]]
+        real = int(lengths[chunk].sum())
+        return real, B * width - real
+
+    def close(self) -> None:
+        self.layers.close()
+
+
+def _length_chunks(rows: np.ndarray, lengths: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
+    """Rows grouped by similar length (longest first), each chunk's padded size within
+    ``chunk_tokens``, so little compute goes to padding."""
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    chunks, cur, width = [], [], 0
+    for i in order.tolist():
+        w = max(width, int(lengths[i]))
+        if cur and w * (len(cur) + 1) > chunk_tokens:
+            chunks.append(np.array(cur))
+            cur, w = [], int(lengths[i])
+        cur.append(i)
+        width = w
+    if cur:
+        chunks.append(np.array(cur))
+    return chunks

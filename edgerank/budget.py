@@ -1,0 +1,98 @@
+"""Memory budget: from ``max_memory_mb`` to streaming mode, chunk size and embedding cache.
+
+The budget counts memory the model adds to the process (weights, embedding cache, hidden
+states, activations), not the Python interpreter and libraries already loaded. The plan
+is checked before any work starts: a budget that cannot be met is a
+:class:`MemoryBudgetError` with the smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgerank.errors import EdgerankError
+
+MB = 2**20
+# ONNX Runtime holds a session's weights plus its own bookkeeping; measured ~1.1-1.3x file size.
+SESSION_OVERHEAD = 1.3
+DEFAULT_CHUNK_TOKENS = 4096
+MIN_CACHE_ROWS = 1024
+DEFAULT_CACHE_ROWS = 16384
+
+
+class MemoryBudgetError(EdgerankError, MemoryError):
+    """``max_memory_mb`` is too small for this model or this call."""
+
+
+@dataclass
+class Plan:
+    stream: bool
+    cache_rows: int
+    chunk_tokens: int
+    weights_mb: float  # resident layer weights, estimated
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the budget needs to know about a model."""
+
+    hidden: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    layer_bytes: list[int]
+    head_bytes: int
+
+    def activation_bytes_per_token(self, context: int) -> int:
+        """Peak live activations of one token inside a layer (fp32), attending to ``context`` keys."""
+        return 4 * (3 * self.ffn + 8 * self.hidden + 2 * self.n_heads * context)
+
+    def hidden_bytes(self, tokens: int) -> int:
+        """Hidden states kept between layers (two copies: in and out)."""
+        return 2 * 4 * self.hidden * tokens
+
+    def kv_bytes(self, prefix: int) -> int:
+        return 4 * 2 * self.n_layers * self.n_kv_heads * self.head_dim * prefix
+
+
+def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None) -> Plan:
+    """Streaming mode and cache size for a budget (``None``: unbounded, all resident)."""
+    resident = SESSION_OVERHEAD * sum(shape.layer_bytes) / MB
+    window = SESSION_OVERHEAD * 2 * max(shape.layer_bytes) / MB
+    row_mb = 4 * shape.hidden / MB
+    if max_memory_mb is None:
+        s = bool(stream)
+        return Plan(s, DEFAULT_CACHE_ROWS, DEFAULT_CHUNK_TOKENS, window if s else resident)
+    fixed = shape.head_bytes / MB
+    # the least any call needs: one short chunk of activations
+    least_call = (shape.activation_bytes_per_token(512) * 512 + shape.hidden_bytes(512)) / MB
+    s = stream if stream is not None else (resident + fixed + least_call + MIN_CACHE_ROWS * row_mb > max_memory_mb)
+    weights = window if s else resident
+    spare = max_memory_mb - weights - fixed - least_call
+    if spare < MIN_CACHE_ROWS * row_mb:
+        need = weights + fixed + least_call + MIN_CACHE_ROWS * row_mb
+        raise MemoryBudgetError(
+            f"max_memory_mb={max_memory_mb:g} cannot hold this model: it needs at least ~{need:.0f} MB "
+            f"({'two streamed layers' if s else 'all layers resident'} {weights:.0f} MB, head {fixed:.0f} MB, "
+            f"one chunk of work {least_call:.0f} MB, embedding cache)")
+    cache_rows = int(min(DEFAULT_CACHE_ROWS, max(MIN_CACHE_ROWS, 0.25 * spare / row_mb)))
+    return Plan(s, cache_rows, DEFAULT_CHUNK_TOKENS, weights)
+
+
+def plan_call(shape: Shape, plan: Plan, max_memory_mb: float | None, tokens: int, prefix: int,
+              longest: int, cache_mb: float) -> int:
+    """Tokens per chunk for one call; a clear error before work if the call cannot fit."""
+    per_token = shape.activation_bytes_per_token(prefix + longest)
+    if max_memory_mb is None:
+        return max(plan.chunk_tokens, longest)
+    spare = (max_memory_mb - plan.weights_mb - shape.head_bytes / MB - cache_mb) * MB
+    spare -= shape.hidden_bytes(tokens) + shape.kv_bytes(prefix)
+    chunk = int(spare // per_token) if spare > 0 else 0
+    if chunk < longest:
+        need = max_memory_mb + (longest * per_token - spare) / MB
+        raise MemoryBudgetError(
+            f"max_memory_mb={max_memory_mb:g} is too small for this call ({tokens} tokens, longest sequence "
+            f"{longest}); it needs ~{need:.0f} MB. Rank fewer or shorter documents, or raise the budget")
+    return min(chunk, max(plan.chunk_tokens, longest))

@@ -1,0 +1,100 @@
+"""Progressive cluster pruning (GRATING/PRISM, arXiv 2510.15620): which candidates can stop.
+
+Before a layer (from ``min_depth`` on), every live candidate is scored with the model's
+own head on its intermediate hidden state. Then:
+
+1. the coefficient of variation of the scores; below ``threshold``, prune nothing;
+2. 1-D k-means of the scores (``clusters`` groups, contiguous in score order);
+3. the *boundary* cluster holds the candidate ranked at the K-th free slot;
+4. clusters above it are *selected* (surely in the top-K), clusters below are *dropped*;
+   the boundary cluster is *deferred* to later layers;
+5. once selected + deferred = K, nothing is left to decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.25  # calibrated on TREC DL21 (see bench/RESULTS.md); a precision/latency knob
+DEFAULT_MIN_DEPTH = 0.25  # fraction of the layers computed before the first check
+DEFAULT_CLUSTERS = 3
+
+
+@dataclass
+class Decision:
+    """Indices (into the scores given) that are selected, dropped and deferred."""
+
+    selected: np.ndarray
+    dropped: np.ndarray
+    deferred: np.ndarray
+    cv: float
+
+
+def dispersion(scores: np.ndarray) -> float:
+    """Coefficient of variation std/|mean| (0 for fewer than two scores or a zero mean)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < 2:
+        return 0.0
+    mean = abs(float(s.mean()))
+    return float(s.std()) / mean if mean > 1e-12 else 0.0
+
+
+def kmeans_1d(x: np.ndarray, k: int, iters: int = 50) -> np.ndarray:
+    """Cluster labels of 1-D points, relabelled so 0 is the highest-scoring cluster.
+
+    Deterministic: centroids start at evenly spaced quantiles. In 1-D, clusters are
+    intervals of the sorted scores."""
+    x = np.asarray(x, dtype=np.float64)
+    k = max(1, min(k, len(np.unique(x))))
+    centroids = np.quantile(x, np.linspace(0.0, 1.0, k))
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iters):
+        labels = np.argmin(np.abs(x[:, None] - centroids[None, :]), axis=1)
+        new = np.array([x[labels == c].mean() if np.any(labels == c) else centroids[c] for c in range(k)])
+        if np.allclose(new, centroids):
+            break
+        centroids = new
+    rank = np.argsort(-centroids, kind="stable")  # cluster ids by descending centroid
+    relabel = np.empty(k, dtype=np.int64)
+    relabel[rank] = np.arange(k)
+    return relabel[labels]
+
+
+@dataclass
+class PruningPolicy:
+    """The GRATING policy's knobs. ``enabled=False`` turns pruning off entirely."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    min_depth: float = DEFAULT_MIN_DEPTH  # a fraction of the layers (< 1) or a layer index (>= 1)
+    clusters: int = DEFAULT_CLUSTERS
+    exact_order: bool = True
+    enabled: bool = True
+
+    def first_layer(self, n_layers: int) -> int:
+        """The first layer before which candidates are checked."""
+        d = self.min_depth
+        return max(1, int(round(d * n_layers)) if d < 1 else int(d))
+
+    def decide(self, scores: np.ndarray, k: int) -> Decision:
+        """Split live candidates (``scores``) given ``k`` free top-K slots."""
+        n = len(scores)
+        everything, nothing = np.arange(n), np.array([], dtype=np.int64)
+        if k >= n:
+            return Decision(everything, nothing, nothing, 0.0)
+        cv = dispersion(positive(scores))
+        if cv < self.threshold or k <= 0:
+            return Decision(nothing, nothing, everything, cv)
+        labels = kmeans_1d(scores, self.clusters)
+        kth = np.argsort(-np.asarray(scores), kind="stable")[k - 1]  # the candidate at the last free slot
+        boundary = labels[kth]
+        return Decision(np.flatnonzero(labels < boundary), np.flatnonzero(labels > boundary),
+                        np.flatnonzero(labels == boundary), cv)
+
+
+def positive(scores: np.ndarray) -> np.ndarray:
+    """Scores moved onto a positive scale for the dispersion test: probabilities and
+    expected labels already are; anything with negative values is shifted by its minimum."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s if s.size == 0 or s.min() >= 0 else s - s.min()

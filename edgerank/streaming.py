@@ -1,0 +1,89 @@
+"""Layer sessions: all resident, or a two-layer sliding window streamed from disk.
+
+Streaming (``stream=True``): while layer i computes, a background thread reads layer
+i+1's file and builds its ONNX Runtime session; layer i is released as soon as its work is
+done. At most two layers' weights are resident. The time the compute thread spends
+waiting for a layer that is not ready yet is the I/O wait (``io_wait_s``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import onnxruntime as ort
+
+from edgerank.artifact import Artifact
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No per-session arena: with one session per layer, arenas would each keep their own
+    # peak activations alive. Freed buffers go straight back.
+    opts.enable_cpu_mem_arena = False
+    opts.log_severity_level = 3
+    return opts
+
+
+class LayerSessions:
+    """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
+
+    def __init__(self, artifact: Artifact, stream: bool, threads: int) -> None:
+        self.artifact = artifact
+        self.stream = stream
+        self._opts = session_options(threads)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
+        self.io_wait_s = 0.0
+        self.load_s = 0.0
+        self._resident: dict[int, ort.InferenceSession] = {}
+        if not stream:
+            for i in range(artifact.n_layers):
+                self._resident[i] = self._load(i)
+
+    def _load(self, i: int) -> ort.InferenceSession:
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(str(self.artifact.layer_path(i)), self._opts, providers=["CPUExecutionProvider"])
+        with self._lock:
+            self.load_s += time.perf_counter() - t0
+        return sess
+
+    def prefetch(self, i: int) -> None:
+        """Start loading layer ``i`` in the background (streaming only; no-op otherwise)."""
+        if self.stream and 0 <= i < self.artifact.n_layers and i not in self._pending:
+            self._pending[i] = self._pool.submit(self._load, i)
+
+    def get(self, i: int) -> ort.InferenceSession:
+        if not self.stream:
+            return self._resident[i]
+        self.prefetch(i)
+        t0 = time.perf_counter()
+        sess = self._pending[i].result()
+        self.io_wait_s += time.perf_counter() - t0
+        return sess
+
+    def done(self, i: int) -> None:
+        """Layer ``i`` has no more work in this call: drop it when streaming."""
+        if self.stream:
+            fut = self._pending.pop(i, None)
+            if fut is not None:
+                fut.result()  # let a load in flight finish before dropping it
+
+    def reset_counters(self) -> None:
+        self.io_wait_s = self.load_s = 0.0
+
+    def resident_layers(self) -> int:
+        return len(self._resident) if not self.stream else len(self._pending)
+
+    def close(self) -> None:
+        for i in list(self._pending):
+            self.done(i)
+        self._resident.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
