@@ -23,9 +23,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 from tqdm.auto import tqdm
 
-from converters.onnx_graphs import decoder_layer, encoder_layer
+from converters.onnx_graphs import ACCURACY_LEVEL, decoder_layer, encoder_layer
 from converters.tensors import ArchConfig, TensorReader
 from edgerank.artifact import FORMAT, FORMAT_VERSION, sha256_file
 from edgerank.errors import ModelFormatError, UnsupportedModelError
@@ -33,7 +34,6 @@ from models.specs import ModelSpec
 
 QUANTS = ("int4", "int8", "fp32")
 BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # int8 activations x int4 weights: the fast CPU kernels
 EMBED_ROWS_PER_STEP = 8192
 
 
@@ -61,17 +61,15 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
         p = f"{layer_prefix}{i}."
         w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
+        bits = _bits_picker(reader, quant, p, notes)
         if encoder:
-            model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}")
+            model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}",
+                                  bits=bits, block=BLOCK_SIZE)
         else:
             model = decoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                                   head_dim=cfg.head_dim, eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w,
-                                  name=f"layer_{i}")
+                                  name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
         del w
-        if quant != "fp32":
-            model = _quantize(model, bits=4 if quant == "int4" else 8, notes=notes, layer=i)
-        import onnx
-
         onnx.save_model(model, dest / "layers" / f"layer_{i:02d}.onnx")
         del model
     manifest = _manifest(cfg, spec, quant, src, dest)
@@ -150,19 +148,19 @@ def _encoder_head(reader: TensorReader, prefix: str, spec: ModelSpec) -> dict:
     return head
 
 
-def _quantize(model, bits: int, notes: dict, layer: int):
-    """Every weight MatMul -> MatMulNBits (block 32, asymmetric, accuracy_level 4)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dict):
+    """Storage of each projection: the artifact's quant, except that a 4-bit GGUF source's
+    tensors kept above 4 bits (Q4_K_M keeps some at Q6_K) stay at int8, as a fallback."""
+    base = {"int4": 4, "int8": 8, "fp32": None}[quant]
+    mixed = base == 4 and reader.has_4bit
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
-                             accuracy_level=ACCURACY_LEVEL)
-    q.process()
-    out = q.model.model
-    left = [n.name for n in out.graph.node if n.op_type == "MatMul"
-            and any(i.name == n.input[1] for i in out.graph.initializer)]
-    if left:
-        notes["fallbacks"][f"layer_{layer}"] = f"{len(left)} MatMul kept at fp32 (shape not quantizable)"
-    return out
+    def pick(proj: str) -> int | None:
+        t = reader.source_type(layer_prefix + proj + ".weight") if mixed else None
+        if t is not None and not t.startswith(("Q4", "IQ4", "Q2", "Q3", "IQ2", "IQ3")):
+            notes["fallbacks"][layer_prefix + proj] = f"kept at int8: the source stores it as {t}"
+            return 8
+        return base
+    return pick
 
 
 def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path) -> dict:
@@ -183,7 +181,8 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         "architecture": cfg.arch,
         "dims": dims,
         "quant": {"weights": quant, "op": "MatMulNBits" if quant != "fp32" else "MatMul",
-                  "block_size": BLOCK_SIZE if quant != "fp32" else None, "symmetric": False,
+                  "block_size": BLOCK_SIZE if quant != "fp32" else None,
+                  "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)",
                   "accuracy_level": ACCURACY_LEVEL if quant != "fp32" else None,
                   "embedding": "fp32" if quant == "fp32" else "int8 per-row absmax"},
         "layers": [f"layers/layer_{i:02d}.onnx" for i in range(cfg.n_layers)],

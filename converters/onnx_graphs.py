@@ -18,8 +18,8 @@ Encoder layer (BERT / XLM-R, post-norm)::
     inputs   hidden [B,T,H]  mask [B,1,1,T] (additive, padding)
     outputs  hidden_out [B,T,H]
 
-Weights are fp32 initializers here; ``onnx_export`` then turns every MatMul into
-``MatMulNBits`` for int4/int8 artifacts.
+Weight projections are ``MatMulNBits`` (com.microsoft) with int4/int8 block codes
+(``converters.quantize``), or fp32 ``MatMul`` for fp32 artifacts.
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from converters.quantize import quantize_blocks
+
 OPSET = 17
+ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
 
 
 class _Graph:
     """A small node builder: ``g.op("MatMul", a, b)`` returns the output's name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, bits=None, block: int = 32) -> None:
         self.name = name
+        self.bits = bits or (lambda _name: None)  # weight name -> 4, 8 or None (fp32)
+        self.block = block
+        self.quantized: dict[str, int] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
@@ -54,8 +60,17 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
     def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """``x @ weight.T (+ bias)`` with an HF ``[out, in]`` weight, stored as ``[in, out]``."""
-        y = self.op("MatMul", x, self.const(name + ".weight", weight.T.astype(np.float32)))
+        """``x @ weight.T (+ bias)`` with an HF ``[out, in]`` weight: ``MatMulNBits`` codes
+        when ``bits(name)`` asks for them, else an fp32 ``[in, out]`` MatMul."""
+        bits = self.bits(name)
+        if bits is None:
+            y = self.op("MatMul", x, self.const(name + ".weight", weight.T.astype(np.float32)))
+        else:
+            codes, scales, zeros = quantize_blocks(weight, bits, self.block)
+            y = self.op("MatMulNBits", x, self.const(name + ".qweight", codes), self.const(name + ".scales", scales),
+                        self.const(name + ".zeros", zeros), domain="com.microsoft", K=weight.shape[1],
+                        N=weight.shape[0], bits=bits, block_size=self.block, accuracy_level=ACCURACY_LEVEL)
+            self.quantized[name] = bits
         if bias is not None:
             y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
         return y
@@ -77,7 +92,8 @@ class _Graph:
 
     def model(self, inputs, outputs) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, inputs, outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgerank")
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="edgerank")
         m.ir_version = 8
         return m
 
@@ -87,10 +103,11 @@ def _f32(name: str, dims: list) -> onnx.ValueInfoProto:
 
 
 def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  eps: float, qk_norm: bool, name: str = "layer") -> onnx.ModelProto:
+                  eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
-    ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...)."""
-    g = _Graph(name)
+    ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...).
+    ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32)."""
+    g = _Graph(name, bits, block)
     group = n_heads // n_kv_heads
     x = g.rms_norm("hidden", "input_layernorm", w["input_layernorm.weight"], eps)
 
@@ -147,10 +164,10 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
 
 
 def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: float,
-                  name: str = "layer") -> onnx.ModelProto:
+                  name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One BERT/XLM-R encoder layer. ``w`` holds the layer's HF tensors without the
     ``encoder.layer.N.`` prefix (``attention.self.query.weight``, ...)."""
-    g = _Graph(name)
+    g = _Graph(name, bits, block)
     head_dim = hidden // n_heads
 
     def heads(proj: str) -> str:  # [B,T,H] -> [B,h,T,d]

@@ -145,6 +145,16 @@ class TensorReader:
             for t in reader.tensors:
                 self._index[_hf_name(t.name)] = t
 
+    def source_type(self, name: str) -> str | None:
+        """The GGUF storage type of a tensor (``Q4_K``, ``Q6_K``, ...); None for safetensors."""
+        handle = self._index.get(name)
+        return None if self.src.is_dir() or handle is None else handle.tensor_type.name
+
+    @property
+    def has_4bit(self) -> bool:
+        """A GGUF source with 4-bit tensors (Q4_0/Q4_1/Q4_K...): a deliberate quant mix."""
+        return not self.src.is_dir() and any(str(self.source_type(n)).startswith(("Q4", "IQ4")) for n in self._index)
+
     def names(self) -> list[str]:
         return list(self._index)
 
