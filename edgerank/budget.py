@@ -18,6 +18,7 @@ SESSION_OVERHEAD = 1.3
 DEFAULT_CHUNK_TOKENS = 4096
 MIN_CACHE_ROWS = 1024
 DEFAULT_CACHE_ROWS = 16384
+LEAST_TOKENS = 128  # a budget must fit at least one sequence this long
 
 
 class MemoryBudgetError(EdgerankError, MemoryError):
@@ -66,8 +67,8 @@ def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None) ->
         s = bool(stream)
         return Plan(s, DEFAULT_CACHE_ROWS, DEFAULT_CHUNK_TOKENS, window if s else resident)
     fixed = shape.head_bytes / MB
-    # the least any call needs: one short chunk of activations
-    least_call = (shape.activation_bytes_per_token(512) * 512 + shape.hidden_bytes(512)) / MB
+    # the least any call needs: one short sequence's activations and hidden states
+    least_call = (shape.activation_bytes_per_token(LEAST_TOKENS) * LEAST_TOKENS + shape.hidden_bytes(LEAST_TOKENS)) / MB
     s = stream if stream is not None else (resident + fixed + least_call + MIN_CACHE_ROWS * row_mb > max_memory_mb)
     weights = window if s else resident
     spare = max_memory_mb - weights - fixed - least_call

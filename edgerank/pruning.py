@@ -93,6 +93,57 @@ class PruningPolicy:
                         np.flatnonzero(labels == boundary), cv)
 
 
+class PruningRun:
+    """The policy applied over one call's layers: who is live, selected, dropped, and when.
+
+    The layer-wise backend calls :meth:`check` before each layer with the live candidates'
+    head scores; the calibration tool replays recorded scores through the same object.
+    A candidate's hidden state never depends on its batch-mates, so a replay is exact.
+    """
+
+    def __init__(self, policy: PruningPolicy, n: int, k: int, n_layers: int) -> None:
+        self.policy, self.n, self.k, self.n_layers = policy, n, min(k, n), n_layers
+        self.live = np.arange(n)
+        self.selected: list[int] = []
+        self.dropped_at = np.full(n, -1)  # layer before which each candidate was dropped
+        self.stopped_at = np.full(n, -1)  # selected and stopped (exact_order=False)
+        self.steps: list[dict] = []
+        self.deciding = policy.enabled and self.k < n
+        self.first = policy.first_layer(n_layers) if self.deciding else n_layers + 1
+        self.done = False  # exact_order=False and the top-K is known: stop all compute
+
+    def wants_check(self, layer: int) -> bool:
+        return self.deciding and layer >= self.first
+
+    def check(self, layer: int, live_scores: np.ndarray) -> Decision:
+        """Apply the policy to the live candidates' scores before ``layer``."""
+        d = self.policy.decide(live_scores, self.k - len(self.selected))
+        sel, drop = self.live[d.selected], self.live[d.dropped]
+        self.dropped_at[drop] = layer
+        if not self.policy.exact_order:
+            self.stopped_at[sel] = layer
+        self.selected.extend(sel.tolist())
+        self.live = self.live[d.deferred]
+        self.steps.append({"layer": layer, "cv": round(d.cv, 4), "selected": int(len(sel)),
+                           "dropped": int(len(drop)), "deferred": int(len(self.live))})
+        if len(self.live) + len(self.selected) <= self.k:
+            self.deciding = False
+            if not self.policy.exact_order:
+                self.stopped_at[self.live] = layer
+                self.done = True
+        return d
+
+    def computing(self) -> np.ndarray:
+        """Candidates that run through the next layer, in index order."""
+        keep = self.live if not self.policy.exact_order else np.concatenate(
+            [self.live, np.array(self.selected, dtype=np.int64)])
+        return np.sort(keep.astype(np.int64))
+
+    def tiers(self) -> np.ndarray:
+        """0 for the top-K (or everything unpruned); 1 + layers missed for dropped ones."""
+        return np.where(self.dropped_at >= 0, 1 + self.n_layers - self.dropped_at, 0)
+
+
 def positive(scores: np.ndarray) -> np.ndarray:
     """Scores moved onto a positive scale for the dispersion test: probabilities and
     expected labels already are; anything with negative values is shifted by its minimum."""

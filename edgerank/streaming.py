@@ -42,6 +42,7 @@ class LayerSessions:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
         self.io_wait_s = 0.0
         self.load_s = 0.0
+        self.peak_resident = 0  # most layers held at once (streaming)
         self._resident: dict[int, ort.InferenceSession] = {}
         if not stream:
             for i in range(artifact.n_layers):
@@ -58,6 +59,7 @@ class LayerSessions:
         """Start loading layer ``i`` in the background (streaming only; no-op otherwise)."""
         if self.stream and 0 <= i < self.artifact.n_layers and i not in self._pending:
             self._pending[i] = self._pool.submit(self._load, i)
+            self.peak_resident = max(self.peak_resident, len(self._pending))
 
     def get(self, i: int) -> ort.InferenceSession:
         if not self.stream:

@@ -79,8 +79,9 @@ DECODER_CONFIGS = {
 }
 
 
-def make_decoder(folder: Path, arch: str, tokenizer, seed: int = 0, tie: bool = False) -> Path:
-    """A 2-layer random decoder of ``arch`` saved with ``tokenizer`` as an HF folder."""
+def make_decoder(folder: Path, arch: str, tokenizer, seed: int = 0, tie: bool = False, n_layers: int = 2,
+                 **config) -> Path:
+    """A small random decoder of ``arch`` saved with ``tokenizer`` as an HF folder."""
     import torch
     import transformers
 
@@ -88,8 +89,8 @@ def make_decoder(folder: Path, arch: str, tokenizer, seed: int = 0, tie: bool = 
     torch.manual_seed(seed)
     config = getattr(transformers, cfg_name)(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, tie_word_embeddings=tie, rms_norm_eps=1e-6, **extra)
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, tie_word_embeddings=tie, rms_norm_eps=1e-6, **{**extra, **config})
     model = getattr(transformers, model_name)(config)
     with torch.no_grad():  # larger logits than the default init, so scores spread out
         model.get_output_embeddings().weight.mul_(20)

@@ -129,7 +129,7 @@ def test_unsupported_architectures_and_missing_tokenizers_are_named(tmp_path, wo
         convert(no_tok, "gguf", "q4_0", tmp_path / "n.gguf", family="qwen3-reranker", progress=False)
     assert not (tmp_path / "n.gguf").exists()
     with pytest.raises(ValueError, match="not available"):
-        convert(tiny_qwen3, "onnx", "int4", tmp_path / "x", family="qwen3-reranker")
+        convert(tiny_qwen3, "tflite", "int4", tmp_path / "x", family="qwen3-reranker")
     with pytest.raises(ValueError, match="quant 'q3'"):
         convert(tiny_qwen3, "gguf", "q3", tmp_path / "x.gguf", family="qwen3-reranker")
 

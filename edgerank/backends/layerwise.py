@@ -29,7 +29,7 @@ import psutil
 from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
 from edgerank.embedding import EmbeddingRows
-from edgerank.pruning import PruningPolicy
+from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
 from edgerank.streaming import LayerSessions
@@ -60,7 +60,7 @@ class LayerwiseBackend:
     def __init__(self, source: ModelSource, threads: int | None = None, stream_weights: bool | None = None,
                  max_memory_mb: float | None = None, pruning: bool = True, threshold: float | None = None,
                  min_depth: float | None = None, exact_order: bool = True, shared_prefix: bool = True,
-                 chunk_tokens: int | None = None, verify: bool = True) -> None:
+                 chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / "tokenizer.json")
@@ -73,15 +73,19 @@ class LayerwiseBackend:
                            layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
                            head_bytes=sum(v.nbytes for v in self.head.values()))
         self.max_memory_mb = max_memory_mb
+        self.record_layers = record_layers  # keep every layer's head scores (calibration)
         self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
         if chunk_tokens:
             self.plan.chunk_tokens = int(chunk_tokens)
-        manifest_threshold = (self.artifact.manifest.get("pruning") or {}).get("threshold")
+        if record_layers and pruning:
+            raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
+        # knobs: the call's options, else the artifact's calibrated values, else the defaults
+        calibrated = self.artifact.manifest.get("pruning") or {}
         policy = PruningPolicy(enabled=bool(pruning), exact_order=exact_order)
-        if threshold is not None or manifest_threshold is not None:
-            policy.threshold = float(threshold if threshold is not None else manifest_threshold)
-        if min_depth is not None:
-            policy.min_depth = float(min_depth)
+        for knob, given in (("threshold", threshold), ("min_depth", min_depth)):
+            value = given if given is not None else calibrated.get(knob)
+            if value is not None:
+                setattr(policy, knob, float(value))
         self.policy = policy
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
@@ -134,45 +138,36 @@ class LayerwiseBackend:
         embed_s = time.perf_counter() - t0
 
         L = self.artifact.n_layers
-        policy = self.policy
-        live = np.arange(n)  # candidates still competing for the top-K
-        selected: list[int] = []  # surely in the top-K
-        computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query included)
+        run = PruningRun(self.policy, n, k, L)
+        computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query last)
         scores = np.zeros(n)
-        tier = np.zeros(n, dtype=np.int64)
         provisional = np.zeros(n, dtype=bool)
         layers_done = np.zeros(n, dtype=np.int64)
-        per_layer = []
+        record = [] if self.record_layers else None
         work = pad = 0
-        first_check = policy.first_layer(L) if policy.enabled and k < n else L + 1
-        deciding = True
         t_layers = t_prune = 0.0
         self.layers.prefetch(0)
         for layer in range(L):
-            if deciding and layer >= first_check and len(live) > k - len(selected):
+            if record is not None and layer > 0:
+                record.append(self._head_scores(*self._pool(states, np.arange(n), seqs)))
+            if run.wants_check(layer):
                 tp = time.perf_counter()
-                now = self._head_scores(*self._pool(states, live, seqs))
-                d = policy.decide(now, k - len(selected))
-                sel, drop = live[d.selected], live[d.dropped]
-                scores[drop], tier[drop], provisional[drop] = now[d.dropped], 1 + (L - layer), True
-                if not policy.exact_order:
-                    scores[sel], provisional[sel] = now[d.selected], True
-                selected.extend(sel.tolist())
-                live = live[d.deferred]
-                keep = np.concatenate([live, selected if policy.exact_order else []]).astype(np.int64)
-                if self.spec.kind == "bi-encoder":
-                    keep = np.append(keep, n)
-                computing = np.sort(keep)
-                for i in drop if policy.exact_order else np.concatenate([drop, sel]):
+                now = self._head_scores(*self._pool(states, run.live, seqs))
+                live = run.live
+                d = run.check(layer, now)
+                scores[live], provisional[live] = now, True  # provisional until the last layer
+                stopped = live[d.dropped] if self.policy.exact_order else np.setdiff1d(live, run.computing())
+                if run.done:
+                    stopped = live
+                for i in stopped:
                     states[i] = None
-                per_layer.append({"layer": layer, "cv": round(d.cv, 4), "selected": int(len(sel)),
-                                  "dropped": int(len(drop)), "deferred": int(len(live))})
+                computing = run.computing() if not run.done else np.array([], dtype=np.int64)
+                if self.spec.kind == "bi-encoder":
+                    computing = np.append(computing, n)
+                provisional[computing[computing < n]] = False
                 t_prune += time.perf_counter() - tp
-                if len(live) + len(selected) <= k:
-                    deciding = False
-                    if not policy.exact_order:  # the top-K is known: stop computing
-                        scores[live], provisional[live] = now[d.deferred], True
-                        break
+                if run.done:
+                    break
             tl = time.perf_counter()
             sess = self.layers.get(layer)
             self.layers.prefetch(layer + 1)
@@ -188,6 +183,7 @@ class LayerwiseBackend:
             self.layers.done(layer)
             del sess
             t_layers += time.perf_counter() - tl
+        tier = run.tiers()
 
         final = np.flatnonzero((tier == 0) & ~provisional)
         if len(final):
@@ -195,8 +191,8 @@ class LayerwiseBackend:
         full_work = L * (int(lengths[:n].sum()) + prefix_len + (int(lengths[n]) if self.spec.kind == "bi-encoder" else 0))
         unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
         stats = {
-            "layers": L, "top_k": k, "pruning": policy.enabled, "threshold": policy.threshold,
-            "first_check_layer": first_check if first_check <= L else None,
+            "layers": L, "top_k": k, "pruning": self.policy.enabled, "threshold": self.policy.threshold,
+            "first_check_layer": run.first if run.first <= L else None,
             "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
             "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[:n].sum()),
             "prefix_tokens_saved": (n - 1) * prefix_len if prefix_len else 0,
@@ -205,14 +201,17 @@ class LayerwiseBackend:
             "work_saved_vs_unshared": 1.0 - work / unshared if unshared else 0.0,
             "padding_fraction": pad / (work + pad) if work + pad else 0.0,
             "layers_per_candidate": np.bincount(layers_done, minlength=L + 1).tolist(),
-            "pruning_steps": per_layer, "selected": len(selected),
-            "dropped": int(provisional.sum()) - (0 if policy.exact_order else len(selected)),
+            "pruning_steps": run.steps, "selected": len(run.selected), "dropped": int((run.dropped_at >= 0).sum()),
             "chunk_tokens": plan_chunk, "stream_weights": self.plan.stream,
             "embed_s": embed_s, "layers_s": t_layers, "prune_s": t_prune,
             "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
             "embed_cache_rows": len(self.embed._cache), "rss_start_mb": rss0 / MB,
             "wall_s": time.perf_counter() - t_start,
         }
+        if record is not None:
+            record.append(scores.copy())
+            stats["layer_scores"] = np.stack(record)  # [L, n]: before layers 1..L-1, then final
+            stats["candidate_lengths"] = lengths[:n]
         return Scores(scores, tier, provisional, stats)
 
     # ---- pieces ------------------------------------------------------------------------

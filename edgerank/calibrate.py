@@ -1,0 +1,151 @@
+"""Calibrate the pruning policy: the cheapest (threshold, min_depth) that keeps P@K.
+
+``python -m edgerank.calibrate ARTIFACT --data ../shared/data/trec-dl21 --target 0.99``
+
+Each sample query runs once with pruning off, recording every candidate's head score
+before every layer. Because a candidate's hidden state never depends on the others,
+replaying those scores through :class:`edgerank.pruning.PruningRun` gives exactly what a
+pruned run would return, so a whole grid of settings costs one pass per query. The
+chosen setting is written into the artifact's ``manifest.json`` (or a JSON config file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edgerank.pruning import PruningPolicy, PruningRun
+
+THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+MIN_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class Recording:
+    """One query's unpruned pass: head scores ``[L, n]`` (row l: before layer l+1; last
+    row: final) and the candidates' own token counts."""
+
+    layer_scores: np.ndarray
+    lengths: np.ndarray
+    prefix_len: int
+
+
+def record(reranker, query: str, documents: list[str]) -> Recording:
+    """Run one query unpruned through a ``Reranker(..., pruning=False, record_layers=True)``."""
+    out = reranker.rank(query, documents)
+    ex = out.stats.extra
+    return Recording(ex["layer_scores"], np.asarray(ex["candidate_lengths"]), ex["prefix_tokens"])
+
+
+def simulate(policy: PruningPolicy, rec: Recording, k: int) -> tuple[set[int], float]:
+    """The top-K set a pruned run returns, and the fraction of layer x token work it skips."""
+    L, n = rec.layer_scores.shape
+    run = PruningRun(policy, n, k, L)
+    work, full = 0, L * (int(rec.lengths.sum()) + rec.prefix_len)
+    for layer in range(L):
+        if run.wants_check(layer):
+            run.check(layer, rec.layer_scores[layer - 1][run.live])
+            if run.done:
+                break
+        work += int(rec.lengths[run.computing()].sum()) + rec.prefix_len
+    tiers = run.tiers()
+    final = rec.layer_scores[-1]
+    order = np.lexsort((-final, tiers))  # provisional order does not change the set
+    return set(order[:k].tolist()), 1.0 - work / full
+
+
+def evaluate_grid(recs: list[Recording], k: int, exact_order: bool = True,
+                  thresholds=THRESHOLDS, min_depths=MIN_DEPTHS) -> list[dict]:
+    """Mean P@K (vs unpruned) and work skipped for every setting of the grid."""
+    rows = []
+    for depth in min_depths:
+        for thr in thresholds:
+            policy = PruningPolicy(threshold=thr, min_depth=depth, exact_order=exact_order)
+            prec, skipped = [], []
+            for rec in recs:
+                kk = min(k, rec.layer_scores.shape[1])
+                truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
+                got, skip = simulate(policy, rec, kk)
+                prec.append(len(got & truth) / kk)
+                skipped.append(skip)
+            rows.append({"threshold": thr, "min_depth": depth, "precision": float(np.mean(prec)),
+                         "min_precision": float(np.min(prec)), "work_skipped": float(np.mean(skipped))})
+    return rows
+
+
+def choose(rows: list[dict], target: float) -> dict | None:
+    """The setting that skips the most work while mean P@K stays at or above ``target``."""
+    ok = [r for r in rows if r["precision"] >= target]
+    return max(ok, key=lambda r: (r["work_skipped"], r["threshold"])) if ok else None
+
+
+def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None) -> Path:
+    """Store the chosen knobs in the artifact's manifest (atomically) or a config file."""
+    target = config or artifact / "manifest.json"
+    doc = json.loads(target.read_text()) if target.is_file() else {}
+    doc["pruning"] = {"threshold": setting["threshold"], "min_depth": setting["min_depth"],
+                      "calibrated": True, **meta}
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgerank.api import Reranker
+    from edgerank.datasets import load_beir, load_run
+
+    p = argparse.ArgumentParser(prog="python -m edgerank.calibrate", description=__doc__.splitlines()[0])
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/trec-dl21")
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--depth", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--target", type=float, default=0.99, help="mean P@K against unpruned to keep")
+    p.add_argument("--config", type=Path, default=None, help="write here instead of the artifact's manifest")
+    p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")
+    args = p.parse_args(argv)
+    console = Console()
+    coll = load_beir(args.data)
+    runfile = sorted(args.data.glob("run*.trec"))
+    run = load_run(runfile[0])
+    qids = sorted(run)[: args.queries]
+    recs = []
+    with Reranker(args.artifact, backend="edgerank", pruning=False, record_layers=True) as r:
+        for q in tqdm(qids, desc="recording layer scores", unit="query"):
+            docs = [coll.corpus[d] for d, _ in run[q][: args.depth]]
+            recs.append(record(r, coll.queries[q], docs))
+    rows = evaluate_grid(recs, args.top_k)
+    best = choose(rows, args.target)
+    table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}")
+    for col in ("min_depth", "threshold", "P@K", "min P@K", "work skipped"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: -r["work_skipped"]):
+        if r["precision"] >= args.target - 0.05:
+            mark = " *" if r is best else ""
+            table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", f"{r['precision']:.3f}{mark}",
+                          f"{r['min_precision']:.2f}", f"{r['work_skipped']:.1%}")
+    console.print(table)
+    if best is None:
+        console.print(f"[red]no setting reaches mean P@{args.top_k} >= {args.target}[/]; nothing written")
+        return 1
+    meta = {"target_precision": args.target, "k": args.top_k, "queries": len(recs), "data": args.data.name,
+            "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"]}
+    if not args.dry_run:
+        where = write_setting(args.artifact, best, meta, args.config)
+        console.print(f"wrote threshold={best['threshold']} min_depth={best['min_depth']} to {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The ONNX artifact and the layer-wise runtime, against transformers and against themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+
+import edgerank
+from converters import OutputExistsError, convert, onnx_export
+from converters.quantize import dequantize_blocks, quantize_blocks
+from edgerank.budget import MemoryBudgetError
+from edgerank.errors import ModelFormatError, UnsupportedModelError
+from tests.conftest import PAIRS, make_bert, make_decoder
+
+QUERY = PAIRS[0][0]
+DOCS = [d for _, d in PAIRS] + ["the immune system and the vaccine", "a city of water", "stock market energy"]
+
+
+def to_artifact(src, dest, quant="fp32", family=None):
+    convert(src, "onnx", quant, dest, family=family, verify=False, progress=False)
+    return dest
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen2"])
+def decoder_artifact(request, tmp_path_factory, bpe_tokenizer):
+    root = tmp_path_factory.mktemp(f"art-{request.param}")
+    src = make_decoder(root / "hf", request.param, bpe_tokenizer, n_layers=3)
+    return src, to_artifact(src, root / "fp32", family="qwen3-reranker")
+
+
+def test_fp32_artifact_scores_match_transformers_with_prefix_sharing_on_and_off(decoder_artifact):
+    src, art = decoder_artifact
+    with edgerank.Reranker(src, backend="reference", family="qwen3-reranker") as ref:
+        expected = ref.score(QUERY, DOCS)
+    with edgerank.Reranker(art, pruning=False) as shared, \
+            edgerank.Reranker(art, pruning=False, shared_prefix=False) as unshared:
+        a, b = shared.score(QUERY, DOCS), unshared.score(QUERY, DOCS)
+        stats = shared.last_stats.extra
+    assert np.abs(a - expected).max() < 1e-4
+    assert np.abs(a - b).max() < 1e-4
+    assert stats["prefix_tokens"] > 10 and stats["prefix_tokens_saved"] == (len(DOCS) - 1) * stats["prefix_tokens"]
+
+
+def test_per_layer_hidden_states_match_transformers(tmp_path, bpe_tokenizer):
+    """Each layer graph, run alone on the previous layer's output, gives HF's hidden state."""
+    src = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=3)
+    art = to_artifact(src, tmp_path / "fp32", family="qwen3-reranker")
+    tok = edgerank.tokenization.HFTokenizer.from_file(art / "tokenizer.json")
+    ids = tok.encode("<|im_start|>user\nhow do vaccines work<|im_end|>")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    from edgerank.embedding import EmbeddingRows
+    from edgerank.rope import RopeTable
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    d = manifest["dims"]
+    h = EmbeddingRows(art / "embed.npy", None).rows(np.array(ids))[None]
+    T = len(ids)
+    cos, sin = RopeTable(d["head_dim"], d["rope_theta"])(np.arange(T)[None])
+    mask = np.triu(np.full((T, T), -1e9, np.float32), 1)[None, None, None]
+    empty = np.zeros((1, d["n_kv_heads"], 1, 0, d["head_dim"]), np.float32)
+    for i, rel in enumerate(manifest["layers"]):
+        sess = ort.InferenceSession(str(art / rel))
+        h = sess.run(["hidden_out"], {"hidden": h, "cos": cos, "sin": sin, "mask": mask,
+                                      "past_key": empty, "past_value": empty})[0]
+        if i + 1 < len(hf) - 1:  # HF's last entry has the final norm applied
+            assert np.abs(h[0] - hf[i + 1][0].numpy()).max() < 1e-4, f"layer {i}"
+    norm = np.load(art / "head.npz")["norm"]
+    normed = h[0] / np.sqrt((h[0] ** 2).mean(-1, keepdims=True) + 1e-6) * norm
+    assert np.abs(normed - hf[-1][0].numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("head", ["classifier", "none"])
+def test_bert_artifacts_match_transformers(head, tmp_path, wordpiece_tokenizer):
+    src = make_bert(tmp_path / "hf", wordpiece_tokenizer, head)
+    art = to_artifact(src, tmp_path / "fp32")
+    with edgerank.Reranker(src, backend="reference") as ref, edgerank.Reranker(art, pruning=False) as r:
+        expected, got = ref.score(QUERY, DOCS), r.score(QUERY, DOCS)
+        assert "n/a" in str(r.last_stats.extra["shared_prefix"])
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_int4_runtime_equals_a_plain_one_pair_at_a_time_forward(decoder_artifact, tmp_path):
+    src, _ = decoder_artifact
+    art = to_artifact(src, tmp_path / "int4", quant="int4", family="qwen3-reranker")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quant"]["op"] == "MatMulNBits" and manifest["quant"]["accuracy_level"] == 4
+    with edgerank.Reranker(art, pruning=False, chunk_tokens=64) as batched, \
+            edgerank.Reranker(art, pruning=False, shared_prefix=False) as plain:
+        got = batched.score(QUERY, DOCS)
+        assert batched.last_stats.extra["padding_fraction"] >= 0
+        one_by_one = np.array([plain.score(QUERY, [d])[0] for d in DOCS])
+    assert np.abs(got - one_by_one).max() < 1e-4
+    with edgerank.Reranker(src, backend="reference", family="qwen3-reranker") as ref:
+        expected = ref.score(QUERY, DOCS)
+    assert np.corrcoef(got, expected)[0, 1] > 0.6  # int4 of a random 64-wide model: related, not equal
+
+
+def test_streamed_weights_give_the_resident_scores_with_two_layers_at_most(decoder_artifact):
+    _, art = decoder_artifact
+    with edgerank.Reranker(art, pruning=False) as resident, \
+            edgerank.Reranker(art, pruning=False, stream_weights=True) as streamed:
+        a, b = resident.score(QUERY, DOCS), streamed.score(QUERY, DOCS)
+        extra = streamed.last_stats.extra
+        assert streamed._backend.layers.peak_resident <= 2
+    assert np.abs(a - b).max() < 1e-6
+    assert extra["stream_weights"] and extra["io_wait_s"] >= 0 and extra["layer_load_s"] > 0
+
+
+def test_gguf_to_artifact_round_trip_scores_like_the_hf_model(tmp_path, bpe_tokenizer):
+    src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer)  # llama: q/k rows permuted in GGUF
+    gguf = tmp_path / "m.gguf"
+    convert(src, "gguf", "f16", gguf, family="qwen3-reranker", verify=False, progress=False)
+    art = to_artifact(gguf, tmp_path / "from-gguf", family="qwen3-reranker")
+    with edgerank.Reranker(src, backend="reference", family="qwen3-reranker") as ref, \
+            edgerank.Reranker(art, pruning=False) as r:
+        expected, got = ref.score(QUERY, DOCS), r.score(QUERY, DOCS)
+    assert np.abs(got - expected).max() < 5e-3  # f16 weights
+
+
+def test_quantize_blocks_round_trips_and_a_q4_1_grid_is_lossless():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 70)).astype(np.float32)  # K not a multiple of the block
+    for bits, tol in ((8, 0.01), (4, 0.2)):
+        b, s, z = quantize_blocks(w, bits, 32)
+        back = dequantize_blocks(b, s, z, bits, 70)
+        err = np.abs(back - w).max(axis=1)
+        assert back.shape == w.shape and np.all(err <= tol * np.abs(w).max())
+    # values already on a 16-level affine grid per block (what Q4_1 stores) survive exactly
+    lo, step = rng.normal(size=(8, 2, 1)), rng.uniform(0.01, 0.1, size=(8, 2, 1))
+    codes = rng.integers(0, 16, size=(8, 2, 32))
+    codes[..., 0], codes[..., 1] = 0, 15
+    grid = (lo + codes * step).astype(np.float32).reshape(8, 64)
+    b, s, z = quantize_blocks(grid, 4, 32)
+    assert np.abs(dequantize_blocks(b, s, z, 4, 64) - grid).max() < 1e-5
+
+
+def test_tampered_or_unknown_format_artifacts_are_refused(decoder_artifact, tmp_path):
+    _, art = decoder_artifact
+    bad = tmp_path / "bad"
+    shutil.copytree(art, bad)
+    layer = bad / "layers" / "layer_01.onnx"
+    data = bytearray(layer.read_bytes())
+    data[-10] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="sha256"):
+        edgerank.Reranker(bad)
+    future = tmp_path / "future"
+    shutil.copytree(art, future)
+    manifest = json.loads((future / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (future / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="format version 99"):
+        edgerank.Reranker(future)
+    (future / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        edgerank.Reranker(future)
+
+
+def test_conversion_errors_and_atomicity(tmp_path, bpe_tokenizer, monkeypatch):
+    src = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer)
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    with pytest.raises(OutputExistsError):
+        to_artifact(src, out, family="qwen3-reranker")
+    assert (out / "mine.txt").read_text() == "user data"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export.onnx, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, "onnx", "int4", out, family="qwen3-reranker", verify=False, progress=False, force=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "hf"]
+    assert (out / "mine.txt").read_text() == "user data"
+    with pytest.raises(ValueError, match="quant 'int2'"):
+        convert(src, "onnx", "int2", tmp_path / "x", family="qwen3-reranker")
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(src, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises(ModelFormatError, match="tokenizer.json"):
+        to_artifact(no_tok, tmp_path / "y", family="qwen3-reranker")
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(src, gpt2)
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        to_artifact(gpt2, tmp_path / "z", family="qwen3-reranker")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_a_memory_budget_too_small_is_refused_before_any_work(decoder_artifact):
+    _, art = decoder_artifact
+    with pytest.raises(MemoryBudgetError, match="max_memory_mb=0.01"):
+        edgerank.Reranker(art, max_memory_mb=0.01)
+    with edgerank.Reranker(art, max_memory_mb=6) as r:  # loads, but a huge call cannot fit
+        with pytest.raises(MemoryBudgetError, match="too small for this call"):
+            r.rank(QUERY, ["vaccine " * 900] * 200)
+        assert len(r.rank(QUERY, DOCS[:2])) == 2
+
+
+def test_the_converter_report_compares_int4_with_full_precision(tmp_path, bpe_tokenizer):
+    src = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer)
+    report = convert(src, "onnx", "int4", tmp_path / "art", family="qwen3-reranker", progress=False)
+    saved = json.loads((tmp_path / "art.conversion_report.json").read_text())
+    for key in ("spearman", "pearson", "topk_agreement", "max_abs_diff", "size_bytes", "source_size_bytes",
+                "seconds", "peak_rss_mb"):
+        assert key in saved and saved[key] == report[key]
+    assert report["pairs"] >= 8 and -1 <= report["spearman"] <= 1
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_to_int4_keeps_the_ranking(smollm2_path, tmp_path):
+    report = convert(smollm2_path, "onnx", "int4", tmp_path / "smol", progress=False)
+    assert report["spearman"] >= 0.97 and report["topk_agreement"] >= 0.9
+    with edgerank.Reranker(tmp_path / "smol", pruning=False) as r, \
+            edgerank.Reranker(tmp_path / "smol", pruning=False, shared_prefix=False) as u:
+        docs = DOCS[:4]
+        assert np.abs(r.score(QUERY, docs) - u.score(QUERY, docs)).max() < 1e-4

@@ -1,0 +1,129 @@
+"""Progressive cluster pruning: the policy by hand, and the runtime against its own unpruned run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgerank
+from converters import convert
+from edgerank.calibrate import Recording, choose, evaluate_grid, record, simulate, write_setting
+from edgerank.pruning import PruningPolicy, dispersion, kmeans_1d
+from tests.conftest import make_decoder
+
+QUERY = "how do vaccines work"
+DOCS = [f"{w} vaccine immune system cell" if i % 3 == 0 else f"{w} market price city river energy"
+        for i, w in enumerate("the a of to and in is was for on that with as by at from his her it are".split())]
+
+
+def test_kmeans_1d_finds_contiguous_groups_highest_first():
+    x = np.array([0.12, 0.9, 0.5, 0.88, 0.1, 0.52])
+    assert kmeans_1d(x, 3).tolist() == [2, 0, 1, 0, 2, 1]
+    assert kmeans_1d(np.ones(5), 3).tolist() == [0] * 5
+
+
+def test_decide_selects_above_defers_the_boundary_and_drops_below():
+    policy = PruningPolicy(threshold=0.1)
+    x = np.array([0.12, 0.9, 0.5, 0.88, 0.1, 0.52])
+    d = policy.decide(x, 3)  # 3rd best (0.52) sits in the middle cluster
+    assert (sorted(d.selected), sorted(d.deferred), sorted(d.dropped)) == ([1, 3], [2, 5], [0, 4])
+    d = policy.decide(x, 2)  # the 2nd best is in the top cluster: nothing is sure yet
+    assert (sorted(d.selected), sorted(d.deferred), sorted(d.dropped)) == ([], [1, 3], [0, 2, 4, 5])
+    assert d.cv == pytest.approx(np.std(x) / np.mean(x))
+    flat = policy.decide(np.array([0.50, 0.51, 0.49, 0.5]), 1)  # CV below the threshold
+    assert len(flat.deferred) == 4 and len(flat.dropped) == 0
+    everything = policy.decide(x, 6)
+    assert len(everything.selected) == 6
+    assert dispersion(np.array([1.0])) == 0.0
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, bpe_tokenizer):
+    root = tmp_path_factory.mktemp("prune")
+    src = make_decoder(root / "hf", "qwen3", bpe_tokenizer, n_layers=6, seed=3)
+    convert(src, "onnx", "fp32", root / "art", family="qwen3-reranker", verify=False, progress=False)
+    return root / "art"
+
+
+AGGRESSIVE = dict(threshold=0.0, min_depth=1)  # check before layer 1 on, prune on any dispersion
+
+
+def test_pruned_top_k_keeps_exact_scores_and_dropped_ones_rank_after(artifact):
+    with edgerank.Reranker(artifact, pruning=False) as full, edgerank.Reranker(artifact, **AGGRESSIVE) as pruned:
+        exact = full.score(QUERY, DOCS)
+        out = pruned.rank(QUERY, DOCS, top_k=5)
+        stats = out.stats.extra
+    assert stats["dropped"] > 0 and stats["work_skipped"] > 0
+    assert len(out) == 5 and not any(r.provisional for r in out)
+    for r in out:
+        assert r.score == pytest.approx(exact[r.index], abs=1e-9)  # exact_order: computed to the end
+    with edgerank.Reranker(artifact, **AGGRESSIVE) as pruned:
+        everything = pruned.rank(QUERY, DOCS, top_k=None)  # top_k=None: nothing to prune for
+    assert everything.stats.extra["dropped"] == 0
+    assert sum(stats["layers_per_candidate"]) == len(DOCS)
+    assert stats["layers_per_candidate"][-1] < len(DOCS)  # some stopped before the last layer
+
+
+def test_replaying_recorded_scores_predicts_the_pruned_run_exactly(artifact):
+    with edgerank.Reranker(artifact, pruning=False, record_layers=True) as rec_r:
+        rec = record(rec_r, QUERY, DOCS)
+    for k in (1, 3, 5):
+        policy = PruningPolicy(**AGGRESSIVE)
+        got, skipped = simulate(policy, rec, k)
+        with edgerank.Reranker(artifact, **AGGRESSIVE) as pruned:
+            out = pruned.rank(QUERY, DOCS, top_k=k)
+        assert {r.index for r in out} == got
+        assert out.stats.extra["work_skipped"] == pytest.approx(skipped)
+
+
+def test_calibration_writes_a_setting_the_runtime_then_uses(artifact, tmp_path):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
+        recs = [record(r, q, DOCS) for q in (QUERY, "the river city", "stock market price")]
+    rows = evaluate_grid(recs, 3)
+    best = choose(rows, 1.0)
+    assert best is not None and best["precision"] == 1.0
+    assert all(r["work_skipped"] <= best["work_skipped"] for r in rows if r["precision"] >= 1.0)
+    write_setting(art, best, {"k": 3})
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["pruning"]["calibrated"] and manifest["pruning"]["threshold"] == best["threshold"]
+    with edgerank.Reranker(art) as r:  # still verifies: the manifest is not among the hashed files
+        assert r._backend.policy.threshold == best["threshold"]
+        assert r._backend.policy.min_depth == best["min_depth"]
+
+
+def test_edge_cases_k_above_n_single_and_identical_candidates(artifact):
+    with edgerank.Reranker(artifact, **AGGRESSIVE) as r:
+        out = r.rank(QUERY, DOCS[:4], top_k=10)
+        assert len(out) == 4 and out.stats.extra["dropped"] == 0 and out.stats.extra["pruning_steps"] == []
+        one = r.rank(QUERY, ["a single vaccine document"], top_k=1)
+        assert len(one) == 1 and not one[0].provisional
+        same = r.rank(QUERY, ["the same text"] * 6, top_k=2)
+        assert [x.index for x in same] == [0, 1]
+        full = r.rank(QUERY, ["the same text"] * 6)
+        assert [x.index for x in full] == list(range(6)) and len({x.score for x in full}) == 1
+
+
+def test_exact_order_false_stops_the_top_k_early_with_provisional_scores(artifact):
+    with edgerank.Reranker(artifact, exact_order=False, **AGGRESSIVE) as fast, \
+            edgerank.Reranker(artifact, **AGGRESSIVE) as exact:
+        a, b = fast.rank(QUERY, DOCS, top_k=3), exact.rank(QUERY, DOCS, top_k=3)
+    assert a.stats.extra["layer_token_work"] <= b.stats.extra["layer_token_work"]
+    if a.stats.extra["selected"]:
+        assert any(r.provisional for r in a)
+
+
+def test_recording_needs_pruning_off(artifact):
+    with pytest.raises(ValueError, match="pruning=False"):
+        edgerank.Reranker(artifact, record_layers=True)
+
+
+def test_a_recording_with_one_candidate_or_flat_scores_prunes_nothing():
+    rec = Recording(np.full((4, 5), 0.3), np.full(5, 10), 7)
+    got, skipped = simulate(PruningPolicy(threshold=0.01, min_depth=1), rec, 2)
+    assert got == {0, 1} and skipped == 0.0
