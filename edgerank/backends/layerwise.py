@@ -277,18 +277,21 @@ class LayerwiseBackend:
         self.layers.close()
 
 
-def _length_chunks(rows: np.ndarray, lengths: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
-    """Rows grouped by similar length (longest first), each chunk's padded size within
-    ``chunk_tokens``, so little compute goes to padding."""
+def _length_chunks(rows: np.ndarray, lengths: np.ndarray, chunk_tokens: int,
+                   min_fill: float = 0.75) -> list[np.ndarray]:
+    """Rows grouped by similar length (longest first): a chunk's padded size stays within
+    ``chunk_tokens``, and a row shorter than ``min_fill`` of the chunk's width starts a new
+    chunk, so at most a quarter of any row is padding."""
     order = rows[np.argsort(-lengths[rows], kind="stable")]
     chunks, cur, width = [], [], 0
     for i in order.tolist():
-        w = max(width, int(lengths[i]))
-        if cur and w * (len(cur) + 1) > chunk_tokens:
+        n = int(lengths[i])
+        if cur and (width * (len(cur) + 1) > chunk_tokens or n < min_fill * width):
             chunks.append(np.array(cur))
-            cur, w = [], int(lengths[i])
+            cur = []
+        if not cur:
+            width = n
         cur.append(i)
-        width = w
     if cur:
         chunks.append(np.array(cur))
     return chunks

@@ -1,0 +1,412 @@
+"""``python -m edgerank.bench``: latency, peak memory and ranking quality, side by side.
+
+    python -m edgerank.bench --json out.json --plot out.png
+    python -m edgerank.bench --model smollm2-135m --full
+
+Configurations (``--configs`` picks a subset):
+
+- ``fp32-reference``: full precision, torch (the anchor);
+- ``llamacpp-q4``: the model's 4-bit GGUF, whole model, on llama.cpp (candidates batched);
+- ``onnx-int4-full``: edgerank's int4 artifact, every candidate through every layer;
+- ``edgerank``: the product, with pruning, shared prefix, chunking at their defaults;
+- ``edgerank-lowmem``: the same with streamed weights under ``--lowmem-mb``.
+
+Each configuration runs in its own subprocess (clean peak RSS from the kernel's
+``ru_maxrss``, and a baseline taken after imports so the model's own share can be shown).
+A warm-up query goes first, then the queries interleave across configurations
+(A B C A B C ...), so machine drift hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
+DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
+MARK = "@@bench "  # worker replies are the stdout lines with this prefix
+
+
+# ---- what each configuration loads -------------------------------------------------------
+
+def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, dict]:
+    """Each configuration's Reranker arguments; converts (once, cached) what it needs."""
+    from converters import convert
+    from edgerank.pull import edgerank_home
+    from edgerank.sources import resolve
+
+    source = resolve(model)
+    cache = edgerank_home() / "artifacts"
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = Path(str(model)).name.replace(".gguf", "")
+    out: dict[str, dict] = {}
+    artifact = cache / f"{stem}-int4"
+    if any(c.startswith(("onnx", "edgerank")) for c in configs) and not (artifact / "manifest.json").is_file():
+        convert(model, "onnx", "int4", artifact, force=True, verify=False, progress=progress)
+    for c in configs:
+        if c == "fp32-reference":
+            out[c] = {"model": str(model), "backend": "reference"}
+        elif c == "llamacpp-q4":
+            gguf = source.path if source.kind == "gguf" else cache / f"{stem}-q4.gguf"
+            if not gguf.is_file():
+                quant = "q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m"
+                convert(model, "gguf", quant, gguf, force=True, verify=False, progress=progress)
+            out[c] = {"model": str(gguf), "backend": "llamacpp", "family": source.spec.family}
+        elif c == "onnx-int4-full":
+            out[c] = {"model": str(artifact), "backend": "edgerank", "pruning": False}
+        elif c == "edgerank":
+            out[c] = {"model": str(artifact), "backend": "edgerank"}
+        elif c == "edgerank-lowmem":
+            out[c] = {"model": str(artifact), "backend": "edgerank", "stream_weights": True}
+        else:
+            raise ValueError(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
+    return out
+
+
+def _size_bytes(path: str) -> int:
+    p = Path(path)
+    if not p.exists():
+        from edgerank.sources import resolve
+
+        p = resolve(path).path
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# ---- the worker: one configuration, one process --------------------------------------------
+
+def worker(spec: dict) -> None:
+    """Load one Reranker and answer ranking requests from stdin, one JSON line each."""
+    from edgerank.api import Reranker
+    from edgerank.memory import rss_mb
+
+    def reply(obj: dict) -> None:
+        sys.stdout.write(MARK + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    _import_backend(spec.get("backend"))
+    baseline = rss_mb()  # after the libraries, before the model
+    t0 = time.perf_counter()
+    options = dict(spec)
+    reranker = Reranker(**options)
+    reply({"ready": True, "baseline_rss_mb": baseline, "loaded_rss_mb": rss_mb(), "load_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("stop"):
+            break
+        t = time.perf_counter()
+        ranking = reranker.rank(req["query"], req["documents"], top_k=None)
+        latency = time.perf_counter() - t
+        extra = {k: v for k, v in ranking.stats.extra.items() if k != "layer_scores"}
+        reply({"order": [r.index for r in ranking], "scores": [r.score for r in ranking],
+               "latency_s": latency, "extra": extra, "max_rss_mb": _maxrss_mb()})
+    reranker.close()
+    reply({"done": True, "max_rss_mb": _maxrss_mb()})
+
+
+def _import_backend(backend: str | None) -> None:
+    """Import a backend's libraries up front, so the baseline RSS includes them."""
+    if backend == "reference":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        import edgerank.backends.reference  # noqa: F401
+    elif backend == "llamacpp":
+        import llama_cpp  # noqa: F401
+
+        import edgerank.backends.llamacpp  # noqa: F401
+    else:
+        import edgerank.backends.layerwise  # noqa: F401
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Worker:
+    """The parent's handle on one configuration's subprocess."""
+
+    def __init__(self, name: str, spec: dict) -> None:
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgerank.bench", "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, "TQDM_DISABLE": "1"})
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise RuntimeError(f"configuration {self.name!r}: worker exited with code {self.proc.wait()}")
+
+    def rank(self, query: str, documents: list[str]) -> dict:
+        self.proc.stdin.write(json.dumps({"query": query, "documents": documents}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> dict:
+        self.proc.stdin.write(json.dumps({"stop": True}) + "\n")
+        self.proc.stdin.flush()
+        bye = self._read()
+        self.proc.wait(timeout=60)
+        return bye
+
+
+# ---- data --------------------------------------------------------------------------------
+
+def load_queries(data: Path | None, n: int | None, depth: int) -> tuple[list[dict], str]:
+    """``[{qid, query, docs: [(docid, text)], qrels}]`` from DL19, else the built-in sample."""
+    if data is not None and data.is_dir():
+        from edgerank.datasets import find_run, load_beir, load_run
+
+        coll = load_beir(data)
+        run = load_run(find_run(data))
+        qids = [q for q in run if q in coll.qrels][: n or None]
+        return [{"qid": q, "query": coll.queries[q], "docs": [(d, coll.corpus[d]) for d, _ in run[q][:depth]],
+                 "qrels": coll.qrels[q]} for q in qids], str(data)
+    from converters.verify import BUILTIN_SAMPLE
+
+    out = []
+    for i, (query, docs) in enumerate(BUILTIN_SAMPLE):  # the first document is the relevant one
+        out.append({"qid": str(i), "query": query, "docs": [(str(j), d) for j, d in enumerate(docs)],
+                    "qrels": {"0": 2}})
+    return out, "built-in sample"
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, subset: dict[str, int],
+              lowmem_mb: float | None, progress: bool = True) -> dict[str, Any]:
+    """Run every configuration over ``queries``, interleaved; return the JSON report."""
+    from tqdm.auto import tqdm
+
+    specs = prepare(model, configs, progress)
+    if "edgerank-lowmem" in specs and lowmem_mb:
+        specs["edgerank-lowmem"]["max_memory_mb"] = lowmem_mb
+    workers, results, errors = {}, {c: [] for c in configs}, {}
+    for c in configs:
+        try:
+            workers[c] = Worker(c, specs[c])
+            warm = queries[0]
+            workers[c].rank(warm["query"], [t for _, t in warm["docs"]])  # warm-up, not measured
+        except Exception as e:  # a configuration that cannot run here is reported, not fatal
+            errors[c] = f"{type(e).__name__}: {e}"
+            workers.pop(c, None)
+    steps = [(qi, c) for qi in range(len(queries)) for c in configs
+             if c in workers and qi < subset.get(c, len(queries))]
+    for qi, c in tqdm(steps, desc="bench (interleaved)", unit="query", disable=not progress):
+        q = queries[qi]
+        r = workers[c].rank(q["query"], [t for _, t in q["docs"]])
+        r["qi"] = qi
+        results[c].append(r)
+    finals = {c: w.stop() for c, w in workers.items()}
+    hellos = {c: w.hello for c, w in workers.items()}
+    rows = summarize(configs, results, finals, hellos, specs, queries, top_k, errors)
+    return {"configs": rows, "errors": errors, "machine": machine(),
+            "settings": {"model": str(model), "top_k": top_k, "queries": len(queries),
+                         "depth": max(len(q["docs"]) for q in queries), "subset": subset,
+                         "interleaved": True, "warmup_queries": 1, "lowmem_mb": lowmem_mb}}
+
+
+def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, hellos: dict, specs: dict,
+              queries: list[dict], top_k: int, errors: dict | None = None) -> list[dict]:
+    """One row of metrics per configuration from the workers' raw answers."""
+    from edgerank.metrics import ndcg_at_k, precision_at_k_vs, topk_overlap
+
+    errors = errors or {}
+
+    def order_ids(r, q):
+        return [q["docs"][i][0] for i in r["order"]]
+
+    ref_orders = {r["qi"]: order_ids(r, queries[r["qi"]]) for r in results.get("fp32-reference", [])}
+    full_orders = {r["qi"]: order_ids(r, queries[r["qi"]]) for r in results.get("onnx-int4-full", [])}
+    rows = []
+    for c in configs:
+        if c in errors:
+            rows.append({"name": c, "error": errors[c]})
+            continue
+        rs = results[c]
+        lat = np.array([r["latency_s"] for r in rs]) * 1000
+        pairs = sum(len(queries[r["qi"]]["docs"]) for r in rs)
+        orders = {r["qi"]: order_ids(r, queries[r["qi"]]) for r in rs}
+        row = {
+            "name": c, "queries": len(rs), "options": specs[c],
+            "latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+            "pairs_per_s": pairs / (lat.sum() / 1000) if lat.sum() else 0.0,
+            "peak_rss_mb": finals[c]["max_rss_mb"], "baseline_rss_mb": hellos[c]["baseline_rss_mb"],
+            "model_rss_mb": finals[c]["max_rss_mb"] - hellos[c]["baseline_rss_mb"],
+            "load_s": hellos[c]["load_s"], "size_bytes": _size_bytes(specs[c]["model"]),
+            "ndcg@10": float(np.mean([ndcg_at_k(o, queries[qi]["qrels"], 10) for qi, o in orders.items()])),
+        }
+        both = [qi for qi in orders if qi in ref_orders]
+        if both:
+            row["precision_at_k_vs_fp32"] = float(np.mean([precision_at_k_vs(orders[qi], ref_orders[qi], top_k)
+                                                           for qi in both]))
+            row["topk_overlap_vs_fp32"] = float(np.mean([topk_overlap(orders[qi], ref_orders[qi], top_k)
+                                                         for qi in both]))
+            row["ndcg@10_on_fp32_queries"] = float(np.mean([ndcg_at_k(orders[qi], queries[qi]["qrels"], 10)
+                                                            for qi in both]))
+        same = [qi for qi in orders if qi in full_orders]
+        if same and c.startswith("edgerank"):
+            row["precision_at_k_vs_unpruned"] = float(np.mean(
+                [precision_at_k_vs(orders[qi], full_orders[qi], top_k) for qi in same]))
+        extras = [r["extra"] for r in rs if r.get("extra")]
+        if extras and "work_skipped" in extras[0]:
+            row["work_skipped"] = float(np.mean([e["work_skipped"] for e in extras]))
+            row["work_saved_vs_unshared"] = float(np.mean([e["work_saved_vs_unshared"] for e in extras]))
+            row["padding_fraction"] = float(np.mean([e["padding_fraction"] for e in extras]))
+            row["io_wait_s_mean"] = float(np.mean([e["io_wait_s"] for e in extras]))
+            layers = extras[0]["layers"]
+            hist = np.sum([e["layers_per_candidate"] for e in extras], axis=0)
+            computed = np.array([hist[i + 1:].sum() for i in range(layers)], dtype=float)  # reached layer i
+            row["computed_fraction_per_layer"] = (computed / max(hist.sum(), 1)).tolist()
+        rows.append(row)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    by = {r["name"]: r for r in rows if "error" not in r}
+    for r in by.values():
+        for anchor in ("fp32-reference", "llamacpp-q4"):
+            if anchor in by:
+                a = by[anchor]
+                r[f"latency_vs_{anchor}"] = r["latency_ms_median"] / a["latency_ms_median"]
+                r[f"peak_rss_vs_{anchor}"] = r["peak_rss_mb"] / a["peak_rss_mb"]
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- output ------------------------------------------------------------------------------
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["settings"]
+    t = Table(title=f"{s['model']}: {s['queries']} queries, depth {s['depth']}, K={s['top_k']}")
+    cols = ("config", "median ms", "p90 ms", "pairs/s", "peak MB", "model MB", "size MB", "nDCG@10",
+            f"P@{s['top_k']} vs fp32", "work skipped", "x fp32 lat", "x llama lat")
+    for col in cols:
+        t.add_column(col, justify="right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    for r in report["configs"]:
+        if "error" in r:
+            t.add_row(r["name"], f"[red]{r['error'][:60]}[/]", *[""] * (len(cols) - 2))
+            continue
+        t.add_row(r["name"], f(r["latency_ms_median"], ".0f"), f(r["latency_ms_p90"], ".0f"),
+                  f(r["pairs_per_s"], ".1f"), f(r["peak_rss_mb"], ".0f"), f(r["model_rss_mb"], ".0f"),
+                  f(r["size_bytes"] / 2**20, ".0f"), f(r["ndcg@10"], ".4f"), f(r.get("precision_at_k_vs_fp32"), ".3f"),
+                  f(r.get("work_skipped"), ".1%"), f(r.get("latency_vs_fp32-reference"), ".2f"),
+                  f(r.get("latency_vs_llamacpp-q4"), ".2f"))
+    m = report["machine"]
+    t.caption = f"{m['cpu']}, {m['physical_cores']} cores, {m['ram_gb']} GB RAM, commit {m['commit']}"
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    console.print(t)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["configs"] if "error" not in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        a.scatter(r["peak_rss_mb"], r["latency_ms_median"], s=60)
+        a.annotate(f"{r['name']}\nnDCG@10 {r['ndcg@10']:.3f}", (r["peak_rss_mb"], r["latency_ms_median"]),
+                   textcoords="offset points", xytext=(6, 4), fontsize=8)
+    a.set_xlabel("peak RSS (MB)")
+    a.set_ylabel("median latency per query (ms)")
+    a.set_title(f"{report['settings']['model']}, K={report['settings']['top_k']}")
+    a.grid(alpha=0.3)
+    for r in rows:
+        if "computed_fraction_per_layer" in r:
+            frac = np.array(r["computed_fraction_per_layer"])
+            b.plot(np.arange(len(frac)), 1 - frac, marker="o", ms=3, label=r["name"])
+    b.set_xlabel("layer")
+    b.set_ylabel("fraction of candidates skipping the layer")
+    b.set_title("work skipped per layer")
+    b.set_ylim(0, 1)
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edgerank.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help="built-in name or path (default: the default model)")
+    p.add_argument("--data", type=Path, default=DL19 if DL19.is_dir() else None)
+    p.add_argument("--depth", type=int, default=None, help="candidates per query (default 30; 100 with --full)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--queries", type=int, default=None, help="queries (default 5; all with --full)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--subset", action="append", default=[], metavar="CONFIG=N",
+                   help="run a slow configuration on the first N queries only")
+    p.add_argument("--lowmem-mb", type=float, default=400.0, help="max_memory_mb of edgerank-lowmem")
+    p.add_argument("--full", action="store_true", help="every judged query at depth 100")
+    p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    from models.catalog import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    depth = args.depth or (100 if args.full else 30)
+    n = args.queries or (None if args.full else 5)
+    queries, source = load_queries(args.data, n, depth)
+    subset = {k: int(v) for k, v in (s.split("=", 1) for s in args.subset)}
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb)
+    report["settings"]["data"] = source
+    report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The benchmark harness on a tiny model: JSON schema, subprocess isolation, metric wiring."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from edgerank import bench
+from tests.conftest import make_decoder
+
+REQUIRED = ("name", "latency_ms_median", "latency_ms_p90", "pairs_per_s", "peak_rss_mb", "model_rss_mb",
+            "size_bytes", "ndcg@10", "precision_at_k_vs_fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, bpe_tokenizer):
+    folder = make_decoder(tmp_path_factory.mktemp("bench") / "hf", "qwen3", bpe_tokenizer, n_layers=4)
+    (folder / "edgerank.json").write_text(json.dumps({"family": "qwen3-reranker"}))
+    return folder
+
+
+QUERIES = [
+    {"qid": "q1", "query": "how do vaccines work",
+     "docs": [(f"d{i}", t) for i, t in enumerate(["a vaccine trains the immune system", "the stock market fell",
+                                                  "immune cells and infection", "river city water"])],
+     "qrels": {"d0": 2, "d2": 1}},
+    {"qid": "q2", "query": "stock market price",
+     "docs": [(f"e{i}", t) for i, t in enumerate(["the price of the stock", "a vaccine", "market energy", "city"])],
+     "qrels": {"e0": 2}},
+]
+
+
+def test_bench_report_schema_and_isolated_workers(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    configs = ["fp32-reference", "onnx-int4-full", "edgerank"]
+    report = bench.run_bench(str(tiny_model), configs, QUERIES, top_k=2, subset={}, lowmem_mb=None,
+                             progress=False)
+    json.dumps(report)  # serialisable
+    assert [r["name"] for r in report["configs"]] == configs and not report["errors"]
+    for row in report["configs"]:
+        for key in REQUIRED:
+            assert key in row, (row["name"], key)
+        assert row["queries"] == 2 and row["latency_ms_median"] > 0 and 0 <= row["ndcg@10"] <= 1
+    by = {r["name"]: r for r in report["configs"]}
+    assert by["fp32-reference"]["precision_at_k_vs_fp32"] == 1.0
+    assert "work_skipped" in by["edgerank"] and "precision_at_k_vs_unpruned" in by["edgerank"]
+    # each configuration ran in its own process: the parent never imported torch for them
+    assert by["fp32-reference"]["baseline_rss_mb"] > by["edgerank"]["baseline_rss_mb"]  # torch in its baseline
+    assert {"cpu", "physical_cores", "ram_gb"} <= set(report["machine"])
+    bench.plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_shuffled_ranking_scores_lower_through_the_harness(tiny_model):
+    """The metric wiring: answers in the right order beat the same answers shuffled."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    right, shuffled = [], []
+    for qi, q in enumerate(QUERIES):
+        best = sorted(range(len(q["docs"])), key=lambda i: -q["qrels"].get(q["docs"][i][0], 0))
+        right.append({"qi": qi, "order": best, "latency_s": 0.1, "extra": {}})
+        worst = best[::-1]
+        rng.shuffle(worst[: len(worst) // 2])
+        shuffled.append({"qi": qi, "order": worst, "latency_s": 0.1, "extra": {}})
+    configs = ["fp32-reference", "edgerank"]
+    done = {c: {"max_rss_mb": 100.0} for c in configs}
+    hello = {c: {"baseline_rss_mb": 50.0, "load_s": 0.0} for c in configs}
+    specs = {c: {"model": str(tiny_model)} for c in configs}
+    rows = {r["name"]: r for r in bench.summarize(configs, {"fp32-reference": right, "edgerank": shuffled},
+                                                    done, hello, specs, QUERIES, top_k=1)}
+    assert rows["fp32-reference"]["ndcg@10"] > rows["edgerank"]["ndcg@10"]
+    assert rows["edgerank"]["precision_at_k_vs_fp32"] < 1.0
+    assert rows["fp32-reference"]["model_rss_mb"] == 50.0
+
+
+def test_an_unknown_configuration_is_named(tiny_model):
+    with pytest.raises(ValueError, match="unknown configuration 'gpu-magic'"):
+        bench.prepare(str(tiny_model), ["gpu-magic"], progress=False)
