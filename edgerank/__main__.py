@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")
     parser.add_argument("documents", nargs="*", help="documents to rank")
     parser.add_argument("--model", default=None, help="built-in name, path or hf:ORG/NAME")
-    parser.add_argument("--backend", default=None, help="reference or llamacpp")
+    parser.add_argument("--backend", default=None, help="edgerank (default), reference or llamacpp")
     parser.add_argument("--top-k", type=int, default=None)
     args = parser.parse_args(argv)
     query = args.query or EXAMPLE_QUERY

@@ -91,3 +91,18 @@ class Artifact:
     def head(self) -> dict[str, np.ndarray]:
         with np.load(self.path / "head.npz") as z:
             return {k: z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k] for k in z.files}
+
+
+def cached_artifact(model: str, quant: str = "int4", progress: bool = True) -> Path:
+    """The int4 (or ``quant``) artifact of a built-in model or a model path, converted on
+    first use into ``EDGERANK_HOME/artifacts`` and reused afterwards."""
+    from edgerank.pull import edgerank_home
+
+    stem = Path(str(model)).name.replace(".gguf", "")
+    dest = edgerank_home() / "artifacts" / f"{stem}-{quant}"
+    if not (dest / "manifest.json").is_file():
+        from converters import convert
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        convert(model, "onnx", quant, dest, force=True, verify=False, progress=progress)
+    return dest

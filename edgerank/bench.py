@@ -42,6 +42,7 @@ MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, dict]:
     """Each configuration's Reranker arguments; converts (once, cached) what it needs."""
     from converters import convert
+    from edgerank.artifact import cached_artifact
     from edgerank.pull import edgerank_home
     from edgerank.sources import resolve
 
@@ -51,8 +52,8 @@ def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, 
     stem = Path(str(model)).name.replace(".gguf", "")
     out: dict[str, dict] = {}
     artifact = cache / f"{stem}-int4"
-    if any(c.startswith(("onnx", "edgerank")) for c in configs) and not (artifact / "manifest.json").is_file():
-        convert(model, "onnx", "int4", artifact, force=True, verify=False, progress=progress)
+    if any(c.startswith(("onnx", "edgerank")) for c in configs):
+        artifact = cached_artifact(model, "int4", progress)
     for c in configs:
         if c == "fp32-reference":
             out[c] = {"model": str(model), "backend": "reference"}

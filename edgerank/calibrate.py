@@ -80,6 +80,25 @@ def evaluate_grid(recs: list[Recording], k: int, exact_order: bool = True,
     return rows
 
 
+def layer_agreement(recs: list[Recording], k: int) -> list[dict]:
+    """Per layer: how well the intermediate head scores already rank like the final ones
+    (mean Spearman, and the share of the final top-K inside the layer's top-3K)."""
+    from edgerank.metrics import spearman
+
+    L = recs[0].layer_scores.shape[0]
+    out = []
+    for layer in range(L - 1):
+        rho, kept = [], []
+        for rec in recs:
+            now, final = rec.layer_scores[layer], rec.layer_scores[-1]
+            kk = min(k, len(final))
+            rho.append(spearman(now, final))
+            top = set(np.argsort(-final, kind="stable")[:kk].tolist())
+            kept.append(len(top & set(np.argsort(-now, kind="stable")[: 3 * kk].tolist())) / kk)
+        out.append({"before_layer": layer + 1, "spearman": float(np.mean(rho)), "topk_in_top3k": float(np.mean(kept))})
+    return out
+
+
 def choose(rows: list[dict], target: float) -> dict | None:
     """The setting that skips the most work while mean P@K stays at or above ``target``."""
     ok = [r for r in rows if r["precision"] >= target]
@@ -114,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.99, help="mean P@K against unpruned to keep")
     p.add_argument("--config", type=Path, default=None, help="write here instead of the artifact's manifest")
     p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")
+    p.add_argument("--save", type=Path, default=None, help="also write the grid and per-layer agreement as JSON")
     args = p.parse_args(argv)
     console = Console()
     coll = load_beir(args.data)
@@ -127,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             recs.append(record(r, coll.queries[q], docs))
     rows = evaluate_grid(recs, args.top_k)
     best = choose(rows, args.target)
+    agreement = layer_agreement(recs, args.top_k)
+    console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K):")
+    console.print("  " + "  ".join(f"L{a['before_layer']}:{a['spearman']:.2f}/{a['topk_in_top3k']:.2f}"
+                                   for a in agreement))
+    if args.save:
+        args.save.write_text(json.dumps({"grid": rows, "best": best, "agreement": agreement}, indent=1))
     table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}")
     for col in ("min_depth", "threshold", "P@K", "min P@K", "work skipped"):
         table.add_column(col, justify="right")

@@ -226,3 +226,11 @@ def test_real_smollm2_gguf_to_int4_keeps_the_ranking(smollm2_path, tmp_path):
             edgerank.Reranker(tmp_path / "smol", pruning=False, shared_prefix=False) as u:
         docs = DOCS[:4]
         assert np.abs(r.score(QUERY, docs) - u.score(QUERY, docs)).max() < 1e-4
+
+
+def test_int8_artifact_is_close_to_fp32(decoder_artifact, tmp_path):
+    src, fp32 = decoder_artifact
+    art = to_artifact(src, tmp_path / "int8", quant="int8", family="qwen3-reranker")
+    with edgerank.Reranker(art, pruning=False) as q, edgerank.Reranker(fp32, pruning=False) as f:
+        a, b = q.score(QUERY, DOCS), f.score(QUERY, DOCS)
+    assert np.abs(a - b).max() < 0.05 and np.corrcoef(a, b)[0, 1] > 0.95

@@ -14,7 +14,13 @@ BACKENDS = ("edgerank", "reference", "llamacpp")
 
 
 def default_backend(source: ModelSource) -> str:
-    """The backend a model runs on when none is named."""
+    """The backend a model runs on when none is named: ``edgerank`` for artifacts and
+    built-in models (converted to int4 on first use), ``llamacpp`` for other GGUF files,
+    ``reference`` for HF folders."""
+    from models.catalog import BUILTINS
+
+    if source.kind == "artifact" or source.name in BUILTINS:
+        return "edgerank"
     if source.kind == "gguf":
         return "llamacpp"
     if source.kind == "artifact":
@@ -25,6 +31,16 @@ def default_backend(source: ModelSource) -> str:
 def load_backend(name: str, source: ModelSource, **options):
     """Instantiate backend ``name`` for ``source``; unknown options are an error."""
     if name == "edgerank":
+        from models.catalog import BUILTINS
+
+        if source.kind != "artifact" and source.name in BUILTINS:
+            from edgerank.artifact import cached_artifact
+            from edgerank.sources import resolve
+
+            import dataclasses
+
+            built = resolve(cached_artifact(source.name), family=source.spec.family)
+            source = dataclasses.replace(built, name=source.name)
         if source.kind != "artifact":
             raise BackendUnavailableError(
                 f"backend 'edgerank' runs edgerank artifacts; convert {source.path} first: "

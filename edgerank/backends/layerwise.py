@@ -136,6 +136,7 @@ class LayerwiseBackend:
         states = [self._embed(s, types[i] if types else None) for i, s in enumerate(seqs)]
         prefix_state = self._embed(prefix, None)[None] if prefix_len else None
         embed_s = time.perf_counter() - t0
+        touched = len(set().union(*map(set, seqs), prefix)) / self.embed.vocab
 
         L = self.artifact.n_layers
         run = PruningRun(self.policy, n, k, L)
@@ -205,7 +206,8 @@ class LayerwiseBackend:
             "chunk_tokens": plan_chunk, "stream_weights": self.plan.stream,
             "embed_s": embed_s, "layers_s": t_layers, "prune_s": t_prune,
             "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
-            "embed_cache_rows": len(self.embed._cache), "rss_start_mb": rss0 / MB,
+            "embed_cache_rows": len(self.embed._cache), "vocab_touched_fraction": touched,
+            "rss_start_mb": rss0 / MB,
             "wall_s": time.perf_counter() - t_start,
         }
         if record is not None:
