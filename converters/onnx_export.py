@@ -150,13 +150,15 @@ def _encoder_head(reader: TensorReader, prefix: str, spec: ModelSpec) -> dict:
 
 def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dict):
     """Storage of each projection: the artifact's quant, except that a 4-bit GGUF source's
-    tensors kept above 4 bits (Q4_K_M keeps some at Q6_K) stay at int8, as a fallback."""
+    tensors kept at 6 bits or more (Q4_K_M keeps some at Q6_K or Q8_0) stay at int8, as a
+    reported fallback. 5-bit tensors (Q5_0, Q5_K: llama.cpp's fallback when a row does not
+    fit a K-quant super-block) become int4 like the rest."""
     base = {"int4": 4, "int8": 8, "fp32": None}[quant]
     mixed = base == 4 and reader.has_4bit
 
     def pick(proj: str) -> int | None:
         t = reader.source_type(layer_prefix + proj + ".weight") if mixed else None
-        if t is not None and not t.startswith(("Q4", "IQ4", "Q2", "Q3", "IQ2", "IQ3")):
+        if t is not None and not t.startswith(("Q4", "IQ4", "Q5", "Q2", "Q3", "IQ2", "IQ3")):
             notes["fallbacks"][layer_prefix + proj] = f"kept at int8: the source stores it as {t}"
             return 8
         return base

@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.99, help="mean P@K against unpruned to keep")
     p.add_argument("--config", type=Path, default=None, help="write here instead of the artifact's manifest")
     p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")
-    p.add_argument("--save", type=Path, default=None, help="also write the grid and per-layer agreement as JSON")
+    p.add_argument("--save", type=Path, default=None,
+                   help="also write the grids, per-layer agreement (JSON) and the recordings (.npz beside it)")
+    p.add_argument("--also-k", default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
     coll = load_beir(args.data)
@@ -151,8 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K):")
     console.print("  " + "  ".join(f"L{a['before_layer']}:{a['spearman']:.2f}/{a['topk_in_top3k']:.2f}"
                                    for a in agreement))
+    others = {}
+    for k in [int(x) for x in args.also_k.split(",") if x.strip()]:
+        others[k] = choose(evaluate_grid(recs, k), args.target)
+        console.print(f"K={k}: " + (f"threshold={others[k]['threshold']} min_depth={others[k]['min_depth']} "
+                                    f"P@K={others[k]['precision']:.3f} work skipped {others[k]['work_skipped']:.1%}"
+                                    if others[k] else f"no setting reaches {args.target}"))
     if args.save:
-        args.save.write_text(json.dumps({"grid": rows, "best": best, "agreement": agreement}, indent=1))
+        args.save.write_text(json.dumps({"grid": rows, "best": best, "agreement": agreement,
+                                         "best_other_k": others}, indent=1))
+        np.savez(args.save.with_suffix(".npz"), **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
+                 **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
+                 prefix=np.array([r.prefix_len for r in recs]))
     table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}")
     for col in ("min_depth", "threshold", "P@K", "min P@K", "work skipped"):
         table.add_column(col, justify="right")
