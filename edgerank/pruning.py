@@ -17,8 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.25  # calibrated on TREC DL21 (see bench/RESULTS.md); a precision/latency knob
-DEFAULT_MIN_DEPTH = 0.25  # fraction of the layers computed before the first check
+# Defaults for an artifact nobody calibrated: cautious, because on the zero-shot built-ins
+# the intermediate layers' head scores carry almost no ranking signal before ~70% depth
+# (bench/RESULTS.md, section 5). `python -m edgerank.calibrate` finds an artifact's own.
+DEFAULT_THRESHOLD = 0.3  # coefficient of variation below which nothing is pruned
+DEFAULT_MIN_DEPTH = 0.8  # fraction of the layers computed before the first check
 DEFAULT_CLUSTERS = 3
 
 

@@ -83,9 +83,13 @@ class LayerSessions:
     def resident_layers(self) -> int:
         return len(self._resident) if not self.stream else len(self._pending)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Drop every streamed layer still held (a call ended early, or is over)."""
         for i in list(self._pending):
             self.done(i)
+
+    def close(self) -> None:
+        self.release()
         self._resident.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)

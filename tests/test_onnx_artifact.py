@@ -234,3 +234,11 @@ def test_int8_artifact_is_close_to_fp32(decoder_artifact, tmp_path):
     with edgerank.Reranker(art, pruning=False) as q, edgerank.Reranker(fp32, pruning=False) as f:
         a, b = q.score(QUERY, DOCS), f.score(QUERY, DOCS)
     assert np.abs(a - b).max() < 0.05 and np.corrcoef(a, b)[0, 1] > 0.95
+
+
+@pytest.mark.slow
+def test_real_smollm2_fp32_artifact_equals_the_transformers_reference(smollm2_path, tmp_path):
+    art = to_artifact(smollm2_path, tmp_path / "smol-fp32")
+    docs = DOCS[:6]
+    with edgerank.Reranker(smollm2_path, backend="reference") as ref, edgerank.Reranker(art, pruning=False) as r:
+        assert np.abs(r.score(QUERY, docs) - ref.score(QUERY, docs)).max() < 1e-3

@@ -184,6 +184,7 @@ class LayerwiseBackend:
             self.layers.done(layer)
             del sess
             t_layers += time.perf_counter() - tl
+        self.layers.release()
         tier = run.tiers()
 
         final = np.flatnonzero((tier == 0) & ~provisional)
