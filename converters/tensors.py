@@ -132,17 +132,17 @@ class TensorReader:
             shards = sorted(self.src.glob("*.safetensors"))
             if not shards:
                 raise ModelFormatError(f"{self.src} has no .safetensors weights")
-            self._files = [safe_open(s, framework="pt") for s in shards]
-            for f in self._files:
-                for name in f.keys():
-                    self._index[name] = f
+            for shard in shards:
+                with safe_open(shard, framework="pt") as f:
+                    for name in f.keys():
+                        self._index[name] = shard
             self.config = hf_config(self.src)
         else:
             from gguf import GGUFReader
 
-            reader = GGUFReader(str(self.src))
-            self.config = gguf_config(reader)
-            for t in reader.tensors:
+            self._reader = GGUFReader(str(self.src))
+            self.config = gguf_config(self._reader)
+            for t in self._reader.tensors:
                 self._index[_hf_name(t.name)] = t
 
     def source_type(self, name: str) -> str | None:
@@ -166,14 +166,32 @@ class TensorReader:
         if handle is None:
             raise ModelFormatError(f"{self.src} has no tensor {name!r}")
         if self.src.is_dir():
-            return handle.get_tensor(name).float().numpy()
+            import torch
+            from safetensors import safe_open
+
+            # opened per tensor: a shard's memory map (and the pages it touched, which
+            # count as resident) is released as soon as the tensor is copied out
+            with safe_open(handle, framework="pt") as f:
+                t = f.get_tensor(name)
+                return (t.float() if t.dtype != torch.float32 else t.clone()).numpy()  # own copy
         from gguf.quants import dequantize
 
         data = dequantize(handle.data, handle.tensor_type).astype(np.float32, copy=False)
         w = data.reshape(tuple(int(d) for d in reversed(handle.shape.tolist())))
+        _drop_mapped_pages(self._reader)
         if self.config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rope(w, self.config.n_heads if "q_proj" in name else self.config.n_kv_heads)
         return w
+
+
+def _drop_mapped_pages(reader) -> None:
+    """Let the kernel drop the GGUF file pages this process touched (they are re-read on
+    demand), so reading a large file tensor by tensor does not grow the resident set."""
+    import mmap
+
+    m = getattr(reader.data, "_mmap", None)
+    if m is not None and hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def _hf_name(gguf_name: str) -> str:
