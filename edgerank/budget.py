@@ -15,7 +15,7 @@ from edgerank.errors import EdgerankError
 MB = 2**20
 # ONNX Runtime holds a session's weights plus its own bookkeeping; measured ~1.1-1.3x file size.
 SESSION_OVERHEAD = 1.3
-DEFAULT_CHUNK_TOKENS = 4096
+DEFAULT_CHUNK_TOKENS = 1024  # activations ~0.25 MB/token for a 0.5B model; larger chunks were not faster (bench/RESULTS.md §6.1)
 MIN_CACHE_ROWS = 1024
 DEFAULT_CACHE_ROWS = 16384
 LEAST_TOKENS = 128  # a budget must fit at least one sequence this long
