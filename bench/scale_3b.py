@@ -59,7 +59,7 @@ def make(out: Path, tokenizer_from: Path) -> None:
     (out / "edgerank.json").write_text(json.dumps({"family": "zeroshot-chatml"}))
 
 
-def run(artifact: Path, gguf: Path, budget_mb: float, out: Path | None) -> dict:
+def run(artifact: Path, gguf: Path, budget_mb: float, out: Path | None, only: list[str] | None = None) -> dict:
     from edgerank.bench import Worker, machine
 
     words = ("the immune system responds to a vaccine by training memory cells that remember the "
@@ -74,6 +74,8 @@ def run(artifact: Path, gguf: Path, budget_mb: float, out: Path | None) -> dict:
     }
     report = {"machine": machine(), "candidates": len(docs), "budget_mb": budget_mb, "configs": {}}
     for name, spec in configs.items():
+        if only and name not in only:
+            continue
         w = Worker(name, spec)
         r = w.rank(query, docs)
         bye = w.stop()
@@ -99,11 +101,12 @@ def main() -> int:
     r.add_argument("--gguf", type=Path, required=True)
     r.add_argument("--budget-mb", type=float, default=1000.0)
     r.add_argument("--json", type=Path, default=None)
+    r.add_argument("--configs", default=None, help="comma-separated subset")
     args = p.parse_args()
     if args.cmd == "make":
         make(args.out, args.tokenizer_from)
     else:
-        run(args.artifact, args.gguf, args.budget_mb, args.json)
+        run(args.artifact, args.gguf, args.budget_mb, args.json, args.configs.split(",") if args.configs else None)
     return 0
 
 

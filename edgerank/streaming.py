@@ -26,6 +26,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     # No per-session arena: with one session per layer, arenas would each keep their own
     # peak activations alive. Freed buffers go straight back.
     opts.enable_cpu_mem_arena = False
+    # Every call has new input shapes; ORT's memory-pattern cache keeps a plan per shape
+    # and grew a resident session's RSS from 542 to 982 MB over six DL19 queries
+    # (flat at ~470 MB without it, same speed). See bench/RESULTS.md §6.3.
+    opts.enable_mem_pattern = False
     opts.log_severity_level = 3
     return opts
 
