@@ -10,19 +10,13 @@ import os
 import time
 from pathlib import Path
 
-from converters.output import OutputExistsError, atomic_path
+from converters.output import OutputExistsError, atomic_path, size_on_disk
 from edgerank.errors import ModelFormatError
 from edgerank.memory import PeakRSS
 
 FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
 
 __all__ = ["convert", "OutputExistsError", "FORMATS"]
-
-
-def _source_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str | None = None,
@@ -68,7 +62,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
             "family": source.spec.family, "architecture": source.architecture,
-            "size_bytes": _source_size(staging), "source_size_bytes": _source_size(source.path),
+            "size_bytes": size_on_disk(staging), "source_size_bytes": size_on_disk(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
         if verify:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from converters.onnx_graphs import ACCURACY_LEVEL, decoder_layer, encoder_layer
 from converters.tensors import ArchConfig, TensorReader
-from edgerank.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from edgerank.artifact import FORMAT, FORMAT_VERSION
+from edgerank.pull import sha256_file
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 from models.specs import ModelSpec
 

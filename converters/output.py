@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class OutputExistsError(FileExistsError):
     """The destination exists and ``force`` was not given."""
 

@@ -89,13 +89,18 @@ def safetensors_names(folder: Path) -> list[str]:
 def iter_gguf(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array in numpy row-major shape) for every tensor, dequantized."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
     for t in reader.tensors:
-        data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-        yield t.name, data.reshape(shape)
+        yield t.name, _dequantized(t)
+
+
+def _dequantized(t) -> np.ndarray:
+    """One GGUF tensor as fp32 in numpy row-major shape (GGUF lists dims fastest-first)."""
+    from gguf.quants import dequantize
+
+    data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    return data.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
 
 
 # GGUF tensor names -> HF names, for re-exporting a GGUF decoder in HF layout.
@@ -141,7 +146,7 @@ class TensorReader:
             from gguf import GGUFReader
 
             self._reader = GGUFReader(str(self.src))
-            self.config = gguf_config(self._reader)
+            self.config = gguf_config(self.src, self._reader)
             for t in self._reader.tensors:
                 self._index[_hf_name(t.name)] = t
 
@@ -174,10 +179,7 @@ class TensorReader:
             with safe_open(handle, framework="pt") as f:
                 t = f.get_tensor(name)
                 return (t.float() if t.dtype != torch.float32 else t.clone()).numpy()  # own copy
-        from gguf.quants import dequantize
-
-        data = dequantize(handle.data, handle.tensor_type).astype(np.float32, copy=False)
-        w = data.reshape(tuple(int(d) for d in reversed(handle.shape.tolist())))
+        w = _dequantized(handle)
         _drop_mapped_pages(self._reader)
         if self.config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rope(w, self.config.n_heads if "q_proj" in name else self.config.n_kv_heads)
@@ -203,31 +205,26 @@ def _hf_name(gguf_name: str) -> str:
     return gguf_name
 
 
-def gguf_config(reader) -> ArchConfig:
-    """Dimensions of a GGUF decoder from its metadata."""
-    from gguf import GGUFValueType
+def gguf_config(path: Path, reader) -> ArchConfig:
+    """Dimensions of a GGUF decoder from its metadata (``edgerank.sources.gguf_metadata``)."""
+    from edgerank.sources import gguf_metadata
 
-    def get(key, default=None):
-        fld = reader.fields.get(key)
-        if fld is None:
-            return default
-        value = fld.parts[fld.data[0]]
-        if fld.types[0] == GGUFValueType.STRING:
-            return bytes(value).decode()
-        return value.tolist()[0]
-
-    arch = get("general.architecture")
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
     if arch not in {"llama", "qwen2", "qwen3"}:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} cannot be re-exported; llama, qwen2, qwen3 can")
-    heads = get(f"{arch}.attention.head_count")
-    hidden = get(f"{arch}.embedding_length")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
     tensors = {t.name: t for t in reader.tensors}
-    vocab = int(tensors["token_embd.weight"].shape[-1])
     return ArchConfig(
-        arch=arch, n_layers=get(f"{arch}.block_count"), hidden=hidden, ffn=get(f"{arch}.feed_forward_length"),
-        n_heads=heads, n_kv_heads=get(f"{arch}.attention.head_count_kv", heads),
-        head_dim=get(f"{arch}.attention.key_length", hidden // heads), vocab_size=vocab,
-        context_length=get(f"{arch}.context_length", 2048), rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
-        norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        arch=arch, n_layers=get("block_count"), hidden=hidden, ffn=get("feed_forward_length"),
+        n_heads=heads, n_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads), vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+        context_length=get("context_length", 2048), rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         tied_embeddings="output.weight" not in tensors,
     )

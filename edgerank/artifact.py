@@ -6,7 +6,6 @@ files do not match the sha256 sums in ``manifest.json``, before it loads anythin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from edgerank.errors import ModelFormatError
+from edgerank.pull import sha256_file
 
 FORMAT = "edgerank-artifact"
 FORMAT_VERSION = 1  # what the converter writes
 SUPPORTED_VERSIONS = (1,)  # what the runtime reads
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -83,10 +74,6 @@ class Artifact:
 
     def layer_bytes(self, i: int) -> int:
         return self.manifest["files"][self.manifest["layers"][i]]["size"]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(info["size"] for info in self.manifest["files"].values())
 
     def head(self) -> dict[str, np.ndarray]:
         with np.load(self.path / "head.npz") as z:

@@ -51,7 +51,6 @@ def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, 
     cache.mkdir(parents=True, exist_ok=True)
     stem = Path(str(model)).name.replace(".gguf", "")
     out: dict[str, dict] = {}
-    artifact = cache / f"{stem}-int4"
     if any(c.startswith(("onnx", "edgerank")) for c in configs):
         artifact = cached_artifact(model, "int4", progress)
     for c in configs:
@@ -74,13 +73,13 @@ def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, 
     return out
 
 
-def _size_bytes(path: str) -> int:
-    p = Path(path)
-    if not p.exists():
-        from edgerank.sources import resolve
+def _size_bytes(model: str) -> int:
+    """On-disk size of what a configuration loads (a built-in name resolves to its file)."""
+    from converters.output import size_on_disk
+    from edgerank.sources import resolve
 
-        p = resolve(path).path
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    p = Path(model)
+    return size_on_disk(p if p.exists() else resolve(model).path)
 
 
 # ---- the worker: one configuration, one process --------------------------------------------

@@ -23,7 +23,6 @@ class EmbeddingRows:
         self.vocab = int(self._table.shape[0])
         self.max_rows = int(max_rows)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.hits = self.misses = 0
 
     @property
     def row_bytes(self) -> int:
@@ -43,8 +42,6 @@ class EmbeddingRows:
             else:
                 self._cache.move_to_end(t)
                 out[j] = row
-        self.hits += len(uniq) - len(missing)
-        self.misses += len(missing)
         if missing:
             need = uniq[missing]
             rows = np.asarray(self._table[need], dtype=np.float32)  # fancy index: reads just these rows

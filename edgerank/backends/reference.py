@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgerank.chunking import length_chunks
 from edgerank.errors import ModelFormatError
 from edgerank.sources import ModelSource
 from edgerank.tokenization import EncodedBatch, HFTokenizer, label_token_ids
@@ -55,7 +56,7 @@ class ReferenceBackend:
         if self.spec.kind == "bi-encoder":
             seqs = [batch.query] + seqs
         out = np.zeros((len(seqs), self._head_width()), dtype=np.float64)
-        for chunk in _length_chunks(seqs, self.batch_tokens):
+        for chunk in length_chunks([len(s) for s in seqs], self.batch_tokens):
             out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk)
         if self.spec.kind == "bi-encoder":
             return out[1:] @ out[0]  # cosine: the embeddings are L2-normalised
@@ -105,19 +106,3 @@ class ReferenceBackend:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _length_chunks(seqs: list[list[int]], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped by similar length, each group padded to at most ``batch_tokens``."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
-    chunks, cur, width = [], [], 0
-    for i in order:
-        w = max(width, len(seqs[i]))
-        if cur and w * (len(cur) + 1) > batch_tokens:
-            chunks.append(cur)
-            cur, w = [], len(seqs[i])
-        cur.append(i)
-        width = w
-    if cur:
-        chunks.append(cur)
-    return chunks
