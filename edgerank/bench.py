@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from edgerank.datasets import SHARED_DATA
+
 CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
-DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
+DL19 = SHARED_DATA / "trec-dl19"
 MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 
 

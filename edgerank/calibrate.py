@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgerank.datasets import SHARED_DATA
 from edgerank.pruning import PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m edgerank.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/trec-dl21")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "trec-dl21")
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--depth", type=int, default=100)
     p.add_argument("--top-k", type=int, default=10)

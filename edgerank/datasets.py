@@ -9,6 +9,8 @@ from pathlib import Path
 
 from edgerank.pull import edgerank_home
 
+# The project's judged and training data: ``../shared/data`` beside the repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TREC_DL_NAMES = ("trec-dl", "trec_dl", "dl19", "dl20", "dl21", "msmarco-passage-trec")
 
 

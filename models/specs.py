@@ -53,17 +53,28 @@ class ScoreFormula:
     def apply(self, head_logits: np.ndarray) -> np.ndarray:
         """Scores from head outputs of shape ``[n, len(labels)]`` (or ``[n, num_labels]``)."""
         x = np.asarray(head_logits, dtype=np.float64)
-        if self.kind == "yes_no":
-            return _sigmoid(x[:, 0] - x[:, 1])
+        if self.kind in ("yes_no", "classifier") and not (self.kind == "classifier" and x.shape[1] == 1):
+            return _sigmoid(self.logit(x))
         if self.kind == "expected_label":
             p = np.exp(x - x.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             return p @ np.arange(x.shape[1], dtype=np.float64)
         if self.kind == "classifier":
-            return x[:, 0] if x.shape[1] == 1 else _sigmoid(x[:, -1] - x[:, 0])
+            return x[:, 0]  # one logit: the score itself
         if self.kind == "cosine":
             return x[:, 0]  # backends hand over the cosine itself
         raise ValueError(f"unknown score formula {self.kind!r}")
+
+
+    def logit(self, head_logits):
+        """The pre-sigmoid relevance logit of a binary formula, for numpy or torch arrays
+        alike: what the trainer's losses see (``score = sigmoid(logit)``)."""
+        x = head_logits
+        if self.kind == "yes_no":
+            return x[:, 0] - x[:, 1]
+        if self.kind == "classifier":
+            return x[:, 0] if x.shape[1] == 1 else x[:, -1] - x[:, 0]
+        raise ValueError(f"the {self.kind!r} score formula has no single relevance logit to train")
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ class ReferenceBackend:
         tok = transformers.AutoTokenizer.from_pretrained(folder, **extra)
         if not getattr(tok, "is_fast", False):
             raise ModelFormatError(f"{folder}: no fast tokenizer (tokenizer.json) could be built")
+        self.hf_tokenizer = tok  # kept for saving a trained model (edgerank.train)
         self.tokenizer = HFTokenizer(tok.backend_tokenizer)
         auto = {
             "decoder": transformers.AutoModelForCausalLM,
@@ -40,12 +41,15 @@ class ReferenceBackend:
             "bi-encoder": transformers.AutoModel,
         }[self.spec.kind]
         model = auto.from_pretrained(folder, dtype=torch.float32, **extra).to(self.device).eval()
+        self.full_model = model  # what save_pretrained writes; self.model is the part that scores
+        self.weight_prefix = ""  # self.model's parameter names within full_model's state dict
         if self.spec.kind == "decoder":
             ids = label_token_ids(self.tokenizer, self.spec.score.labels)
             lm_head = model.get_output_embeddings()
             self.head_weight = lm_head.weight[ids].detach().clone()
             self.head_bias = None if lm_head.bias is None else lm_head.bias[ids].detach().clone()
             self.model = model.get_decoder()
+            self.weight_prefix = next(n + "." for n, m in model.named_modules() if m is self.model)
         else:
             self.model = model
 
@@ -70,6 +74,18 @@ class ReferenceBackend:
         return self.model.config.hidden_size
 
     def _forward(self, seqs: list[list[int]], batch: EncodedBatch, index: list[int]) -> np.ndarray:
+        types = None
+        if self.spec.kind != "decoder":
+            all_types = ([batch.query_type_ids] + batch.type_ids) if self.spec.kind == "bi-encoder" else batch.type_ids
+            types = [all_types[i] for i in index]
+        return self.head_outputs(seqs, types).double().cpu().numpy()
+
+    def head_outputs(self, seqs: list[list[int]], type_ids: list[list[int]] | None = None) -> torch.Tensor:
+        """Head outputs ``[n, width]`` of token sequences, with autograd when enabled.
+
+        Decoders: the answer-label logits at each sequence's last token. Cross-encoders:
+        the classifier logits. Bi-encoders: the pooled (normalised) embedding. ``score``
+        and the trainer (``edgerank.train``) both run through here."""
         n, width = len(seqs), max(map(len, seqs))
         ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -80,29 +96,29 @@ class ReferenceBackend:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=pos.to(self.device)).last_hidden_state[:, -1]
-            logits = hidden @ self.head_weight.T
+            logits = hidden @ self.head_weight.T.to(hidden.dtype)
             if self.head_bias is not None:
-                logits = logits + self.head_bias
-            return logits.double().cpu().numpy()
+                logits = logits + self.head_bias.to(hidden.dtype)
+            return logits
         types = torch.zeros((n, width), dtype=torch.long)
-        all_types = ([batch.query_type_ids] + batch.type_ids) if self.spec.kind == "bi-encoder" else batch.type_ids
-        for r, (s, i) in enumerate(zip(seqs, index)):
+        for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-            types[r, : len(s)] = torch.tensor(all_types[i])
+            if type_ids is not None:
+                types[r, : len(s)] = torch.tensor(type_ids[r])
         kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         if getattr(self.model.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = types.to(self.device)
         if self.spec.kind == "cross-encoder":
-            return self.model(**kwargs).logits.double().cpu().numpy()
+            return self.model(**kwargs).logits
         hidden = self.model(**kwargs).last_hidden_state
         m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled.double().cpu().numpy()
+        return pooled
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.full_model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

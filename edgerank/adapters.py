@@ -1,0 +1,115 @@
+"""LoRA adapters: attach them for training, store them small, merge them exactly.
+
+An adapter file is a safetensors file with, per adapted linear layer ``NAME`` (its
+weight's key in the base model's state dict), ``NAME.lora_A`` ``[r, in]`` and
+``NAME.lora_B`` ``[out, r]``, plus metadata ``{"r", "alpha", "base", "family"}``.
+Merging computes ``W + alpha / r * B @ A`` as a float64 sum of ``r`` outer products, in a
+fixed order: the result is bit-identical on every machine, so a merged model can be
+verified by checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ENCODER_TARGETS = ("query", "key", "value", "dense")
+
+
+def attach_lora(module: torch.nn.Module, kind: str, n_layers: int, r: int, alpha: int,
+                upper_layers: int | None = None, dropout: float = 0.0) -> list[str]:
+    """Inject LoRA into ``module`` in place (peft); only the adapters stay trainable.
+
+    ``upper_layers`` limits the adapters to the last N transformer layers (the lower ones
+    then run without autograd). Returns the adapted layers' names within ``module``.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layers = None if upper_layers is None else list(range(max(0, n_layers - upper_layers), n_layers))
+    decoder = kind == "decoder"
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        target_modules=list(DECODER_TARGETS if decoder else ENCODER_TARGETS),
+        layers_to_transform=layers, layers_pattern=None if layers is None else ("layers" if decoder else "layer"),
+    )
+    for p in module.parameters():
+        p.requires_grad_(False)
+    inject_adapter_in_model(config, module)
+    names = []
+    for name, sub in module.named_modules():
+        if hasattr(sub, "lora_A") and "default" in getattr(sub, "lora_A", {}):
+            names.append(name)
+            for p in (sub.lora_A["default"].weight, sub.lora_B["default"].weight):
+                p.requires_grad_(True)
+    if not names:
+        raise ValueError("no layer of this model matched the LoRA target modules")
+    return names
+
+
+def save_adapter(module: torch.nn.Module, prefix: str, path: Path, r: int, alpha: int,
+                 base: str, family: str) -> None:
+    """Write ``module``'s LoRA weights as an adapter file; ``prefix`` maps its names to the
+    base model's state-dict keys (``"model."`` for a decoder inside ``*ForCausalLM``)."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, sub in module.named_modules():
+        if hasattr(sub, "lora_A") and "default" in getattr(sub, "lora_A", {}):
+            key = f"{prefix}{name}.weight"
+            tensors[f"{key}.lora_A"] = sub.lora_A["default"].weight.detach().float().cpu().numpy()
+            tensors[f"{key}.lora_B"] = sub.lora_B["default"].weight.detach().float().cpu().numpy()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"r": str(r), "alpha": str(alpha), "base": base, "family": family})
+    tmp.replace(path)
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """``{weight key: (A, B)}`` and the metadata of an adapter file."""
+    from safetensors import safe_open
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        keys = set(f.keys())
+        for k in sorted(keys):
+            if k.endswith(".lora_A"):
+                base = k[: -len(".lora_A")]
+                if base + ".lora_B" not in keys:
+                    raise ValueError(f"{path}: {base} has lora_A but no lora_B")
+                pairs[base] = (f.get_tensor(k), f.get_tensor(base + ".lora_B"))
+    for need in ("r", "alpha"):
+        if need not in meta:
+            raise ValueError(f"{path} is not an edgerank adapter: metadata {need!r} is missing")
+    return pairs, meta
+
+
+def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:
+    """The base state dict with the adapter merged in (exact, order-fixed float64 sums)."""
+    pairs, meta = read_adapter(adapter)
+    scale = float(meta["alpha"]) / float(meta["r"])
+    merged = dict(state)
+    for key, (a, b) in pairs.items():
+        if key not in state:
+            raise ValueError(f"{adapter} adapts {key}, which the base model does not have: wrong base?")
+        w = state[key].detach().cpu().numpy().astype(np.float64)
+        if w.shape != (b.shape[0], a.shape[1]):
+            raise ValueError(f"{adapter}: {key} is {w.shape} in the base but {b.shape[0]}x{a.shape[1]} in the adapter")
+        a64, b64 = a.astype(np.float64), b.astype(np.float64) * scale
+        for k in range(a.shape[0]):  # fixed summation order: no BLAS, same bits everywhere
+            w += np.multiply.outer(b64[:, k], a64[k])
+        merged[key] = torch.from_numpy(w.astype(np.float32))
+    return merged
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

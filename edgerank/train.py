@@ -1,0 +1,408 @@
+"""``python -m edgerank.train``: fine-tune a reranker on the reference (torch) path.
+
+    python -m edgerank.train --recipe edgerank-minilm-ce          # a recipe from models/recipes.py
+    python -m edgerank.train --base smollm2-135m --family qwen3-reranker \\
+        --data groups.jsonl --loss kl --adapter lora --lora-upper 10 --steps 300 --out DIR
+
+The model is trained exactly as it is scored: ``encode_pairs`` applies the family's
+template and truncation, ``ReferenceBackend.head_outputs`` runs the forward pass, and the
+family's ``ScoreFormula.logit`` (yes/no logit difference, classifier logit) is what the
+losses see. Output is a Hugging Face folder (``edgerank.json`` names its family) that the
+converters and every backend take as input; a LoRA run also leaves its small adapter file.
+
+Runs are reproducible (seeded; the config is saved beside the output) and resumable: a
+checkpoint is written atomically every ``checkpoint_every`` steps into
+``.NAME.partial/`` beside the output, and re-running the same command continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edgerank.data import candidates, labels, read_groups
+from edgerank.tokenization import encode_pairs
+
+LOSSES = ("kl", "bce", "ranknet", "margin")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Saved as ``train_config.json`` next to the output."""
+
+    base: str  # model= of the starting point: built-in name, HF folder or GGUF
+    family: str  # the spec the trained model is scored with
+    data: str  # training JSONL (python -m edgerank.data); kl needs teacher_scores
+    out: str
+    loss: str = "kl"  # kl (listwise distillation) | bce | ranknet | margin
+    label_weight: float = 0.0  # adds label_weight * BCE on the binary labels
+    teacher_temperature: float = 1.0
+    margin: float = 1.0  # the hinge margin of loss="margin"
+    adapter: str = "full"  # full fine-tuning | lora
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_upper: int | None = None  # LoRA on the last N layers only (None: all)
+    steps: int = 1000
+    queries_per_step: int = 8
+    group_size: int = 8  # candidates per query (the positive first, if any)
+    grad_accum: int = 1
+    lr: float = 2e-5
+    warmup: float = 0.1  # fraction of steps with a linear warm-up
+    weight_decay: float = 0.01
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 50
+    device: str | None = None  # cuda when present, else cpu
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA)
+    qlora: bool = False  # CUDA + bitsandbytes: 4-bit frozen base under the LoRA adapters
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.adapter not in ("full", "lora"):
+            raise ValueError(f"adapter must be 'full' or 'lora', not {self.adapter!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.qlora and self.adapter != "lora":
+            raise ValueError("qlora trains LoRA adapters: pass adapter='lora'")
+        for name in ("steps", "queries_per_step", "grad_accum", "max_length", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.group_size < 2 and self.loss != "bce":
+            raise ValueError(f"loss {self.loss!r} compares candidates: group_size must be at least 2")
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> Path | None:
+    """Run (or resume) ``cfg``; returns the output folder, or None when ``stop_after``
+    ended the run early (its checkpoint is kept, and the same call continues it)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    groups = read_groups(cfg.data)
+    if cfg.loss == "kl" and any("teacher_scores" not in g for g in groups):
+        raise ValueError(f"{cfg.data}: loss 'kl' needs teacher_scores: run python -m edgerank.data label")
+    work = _work_dir(out)
+    ckpt_path = work / "checkpoint.pt"
+    state = None
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{work} holds an interrupted run with another config; delete it to start over")
+    work.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)  # the fresh head (cross-encoders) is drawn from here
+    backend = _load(cfg)
+    spec = backend.spec.with_max_length(cfg.max_length)
+    module = backend.model
+    if cfg.adapter == "lora":
+        from edgerank.adapters import attach_lora
+
+        n_layers = backend.full_model.config.num_hidden_layers
+        attach_lora(module, spec.kind, n_layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_upper)
+    params = [p for p in module.parameters() if p.requires_grad]
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+    step, log = 0, []
+    if state is not None:
+        trainable = dict(zip(names, params))
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                trainable[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, log = state["step"], state["log"]
+    module.train()
+    started = time.perf_counter() - (log[-1]["elapsed_s"] if log else 0.0)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {Path(cfg.out).name}", unit="step",
+               disable=not progress)
+    ran = 0
+    while step < cfg.steps:
+        if stop_after is not None and ran >= stop_after:
+            bar.close()
+            return None
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = _batch(groups, cfg, step * cfg.grad_accum + micro)
+            loss = _loss(backend, spec, batch, cfg) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        ran += 1
+        log.append({"step": step, "loss": total, "lr": sched.get_last_lr()[0],
+                    "elapsed_s": time.perf_counter() - started})
+        bar.set_postfix(loss=f"{total:.4f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(ckpt_path, cfg, step, log, dict(zip(names, params)), opt, sched)
+    bar.close()
+    module.eval()
+    return _finish(cfg, backend, work, out, log)
+
+
+def _load(cfg: TrainConfig):
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (cfg.qlora or cfg.precision == "bf16") and not device.startswith("cuda"):
+        raise ValueError("bf16 and QLoRA training need CUDA; on CPU train in fp32")
+    source = resolve(cfg.base, family=cfg.family)
+    backend = ReferenceBackend(source, device=device)
+    if cfg.qlora:
+        _quantize_frozen_base(backend)
+    return backend
+
+
+def _quantize_frozen_base(backend) -> None:
+    """QLoRA: swap the frozen linear layers for bitsandbytes 4-bit (NF4) ones."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("QLoRA needs bitsandbytes: pip install bitsandbytes (CUDA only)") from e
+    from edgerank.adapters import DECODER_TARGETS
+
+    for name, sub in list(backend.model.named_modules()):
+        for child_name, child in list(sub.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name in DECODER_TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(sub, child_name, q.to(backend.device))
+
+
+def _batch(groups: list[dict], cfg: TrainConfig, index: int) -> list[dict]:
+    """The ``index``-th micro-batch: a fixed function of (seed, index), so a resumed run
+    sees exactly the batches the uninterrupted run would have."""
+    per_epoch = max(1, len(groups) // cfg.queries_per_step)
+    epoch, slot = divmod(index, per_epoch)
+    order = list(range(len(groups)))
+    random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+    rng = random.Random(cfg.seed * 7_919 + index)
+    out = []
+    for g in (groups[i] for i in order[slot * cfg.queries_per_step:(slot + 1) * cfg.queries_per_step]):
+        texts, labs = candidates(g), labels(g)
+        teacher = g.get("teacher_scores")
+        keep = list(range(len(texts)))
+        has_pos = g.get("positive") is not None
+        rest = keep[1:] if has_pos else keep
+        if len(keep) > cfg.group_size:
+            rest = rng.sample(rest, cfg.group_size - (1 if has_pos else 0))
+        keep = ([0] if has_pos else []) + rest
+        out.append({"query": g["query"], "texts": [texts[i] for i in keep], "labels": [labs[i] for i in keep],
+                    "teacher": None if teacher is None else [teacher[i] for i in keep]})
+    return out
+
+
+def _loss(backend, spec, batch: list[dict], cfg: TrainConfig) -> torch.Tensor:
+    from edgerank.losses import listwise_kl, pointwise_bce, ranknet
+
+    seqs, types, sizes = [], [], []
+    for g in batch:
+        enc = encode_pairs(spec, backend.tokenizer, g["query"], g["texts"])
+        seqs += enc.sequences
+        types += enc.type_ids or []
+        sizes.append(len(g["texts"]))
+    device = backend.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    with autocast:
+        logits = spec.score.logit(backend.head_outputs(seqs, types or None)).float()
+    width = max(sizes)
+    student = torch.zeros((len(batch), width), device=device)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool, device=device)
+    lab = torch.zeros((len(batch), width), device=device)
+    teach = torch.zeros((len(batch), width), device=device)
+    at = 0
+    for q, (g, n) in enumerate(zip(batch, sizes)):
+        student[q, :n] = logits[at: at + n]
+        mask[q, :n] = True
+        lab[q, :n] = torch.tensor(g["labels"], device=device)
+        if g["teacher"] is not None:
+            teach[q, :n] = torch.tensor(g["teacher"], device=device)
+        at += n
+    target = teach if cfg.loss != "bce" and all(g["teacher"] is not None for g in batch) else lab
+    if cfg.loss == "kl":
+        loss = listwise_kl(student, teach, mask, cfg.teacher_temperature)
+    elif cfg.loss == "bce":
+        loss = pointwise_bce(student, lab, mask)
+    else:
+        loss = ranknet(student, target, mask, cfg.margin if cfg.loss == "margin" else None)
+    if cfg.label_weight and cfg.loss != "bce":
+        loss = loss + cfg.label_weight * pointwise_bce(student, lab, mask)
+    return loss
+
+
+def _checkpoint(path: Path, cfg, step, log, trainable, opt, sched) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": dataclasses.asdict(cfg), "step": step, "log": log,
+                "trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _finish(cfg: TrainConfig, backend, work: Path, out: Path, log: list[dict]) -> Path:
+    """Write the HF folder (LoRA merged exactly) into ``work/model``, then rename it to ``out``."""
+    staging = work / "model"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    if cfg.adapter == "lora":
+        from edgerank.adapters import save_adapter
+
+        adapter = staging / "adapter.safetensors"
+        save_adapter(backend.model, backend.weight_prefix, adapter, cfg.lora_r, cfg.lora_alpha,
+                     cfg.base, cfg.family)
+        backend.close()
+        digest = export_merged(cfg.base, cfg.family, adapter, staging)
+    else:
+        digest = save_model(backend, cfg.family, staging)
+    cost = {"steps": len(log), "train_seconds": round(log[-1]["elapsed_s"], 1) if log else 0.0,
+            "device": str(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            "hardware": _hardware(), "final_loss": log[-1]["loss"] if log else None, "weights_sha256": digest}
+    (staging / "train_config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "cost": cost}, indent=2))
+    with open(staging / "train_log.jsonl", "w") as f:
+        for row in log:
+            f.write(json.dumps(row) + "\n")
+    _plot_loss(log, staging / "loss.png", Path(cfg.out).name)
+    if out.exists():
+        shutil.rmtree(out)  # only reached with force=True
+    os.replace(staging, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def save_model(backend, family: str, folder: Path, extra: dict | None = None) -> str:
+    """Save ``backend``'s model + tokenizer as an HF folder tagged with ``family``;
+    returns the weights' :func:`edgerank.adapters.state_digest`."""
+    from edgerank.adapters import state_digest
+    from edgerank.sources import FAMILY_FILE
+
+    model = backend.full_model.to("cpu")
+    state = model.state_dict()
+    model.save_pretrained(folder)
+    backend.hf_tokenizer.save_pretrained(folder)
+    digest = state_digest(state)
+    (folder / FAMILY_FILE).write_text(json.dumps({"family": family, "weights_sha256": digest, **(extra or {})}, indent=2))
+    return digest
+
+
+def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
+    """Load ``base``, merge ``adapter`` into it exactly, save it into ``folder``."""
+    from edgerank.adapters import merge_lora, read_adapter
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.pull import sha256_file
+    from edgerank.sources import resolve
+
+    _, meta = read_adapter(adapter)
+    backend = ReferenceBackend(resolve(base, family=family), device="cpu")
+    merged = merge_lora(backend.full_model.state_dict(), adapter)
+    backend.full_model.load_state_dict(merged)
+    try:
+        return save_model(backend, family, folder, {"base": base, "adapter_sha256": sha256_file(adapter),
+                                                     "lora_r": int(meta["r"]), "lora_alpha": int(meta["alpha"])})
+    finally:
+        backend.close()
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def _plot_loss(log: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not log:
+        return
+    steps = [r["step"] for r in log]
+    losses = np.array([r["loss"] for r in log])
+    win = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(win) / win, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.3, label="per step")
+    ax.plot(steps[win - 1:], smooth, label=f"mean of {win}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edgerank.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="a recipe from models/recipes.py (data, teacher and config)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--stop-after", type=int, help="run this many steps, checkpoint, and stop (resume later)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            p.add_argument(flag, action="store_true", default=None)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    try:
+        if args.recipe:
+            from models.recipes import run_recipe
+
+            out = run_recipe(args.recipe, overrides=given, force=args.force, stop_after=args.stop_after)
+        else:
+            missing = [n for n in ("base", "family", "data", "out") if n not in given]
+            if missing:
+                print(f"error: give --recipe, or all of {', '.join('--' + m for m in missing)}", file=sys.stderr)
+                return 2
+            out = train(TrainConfig(**given), force=args.force, stop_after=args.stop_after)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"stopped early; re-run the same command to resume" if out is None else f"trained model -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Training recipes: how each of edgerank's own rerankers is made, as data.
+
+``python -m edgerank.train --recipe NAME`` builds the recipe's training groups from
+``../shared/data/train`` (``edgerank.data``), labels them with the teacher, and trains.
+Both recipes share one labelled data set, cached under ``$EDGERANK_HOME/train-data``.
+Budgets are sized for a 2-core laptop CPU (bench/RESULTS.md records the measured cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# (source, path under the data root, queries sampled). WikiQA's Bing queries are the
+# closest to web search; SQuAD gives volume; MedQuAD and SQuAD 2.0 add other domains and
+# unanswerable-question hard negatives.
+MIXED_SOURCES = (
+    ("squad", "squad", 1200),
+    ("wikiqa", "wikiqa-pairs", None),
+    ("medquad", "medquad-pairs", 300),
+    ("squad2", "squad2-dev-pairs", 300),
+)
+TEACHER = "minilm-l6"  # all-MiniLM-L6-v2, the strongest ranker obtainable here (DL19 0.642)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    config: dict  # TrainConfig fields other than data and out
+    sources: tuple = MIXED_SOURCES
+    negatives: int = 7
+    teacher: str | None = TEACHER
+    seed: int = 0
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="edgerank-minilm-ce",
+            description="cross-encoder from all-MiniLM-L6-v2's encoder plus a fresh classifier, full fine-tuning",
+            config=dict(base="minilm-l6", family="cross-encoder", loss="kl", teacher_temperature=0.05,
+                        label_weight=0.2, adapter="full", steps=300, queries_per_step=8, group_size=8,
+                        lr=5e-5, max_length=160, checkpoint_every=50),
+        ),
+        Recipe(
+            name="edgerank-smollm2-rerank",
+            description="yes/no LLM reranker (Qwen3-Reranker template) from SmolLM2-135M-Instruct, LoRA r16 on the top 10 of 30 layers",
+            config=dict(base="smollm2-135m", family="qwen3-reranker", loss="kl", teacher_temperature=0.05,
+                        label_weight=0.2, adapter="lora", lora_r=16, lora_alpha=32, lora_upper=10,
+                        steps=160, queries_per_step=4, group_size=8, lr=2e-4, max_length=192,
+                        checkpoint_every=20),
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}") from None
+
+
+def training_data(recipe: Recipe, data_root: Path | None = None, progress: bool = True) -> Path:
+    """The recipe's labelled training groups, built and labelled once, then cached."""
+    from edgerank.data import build_groups, label_groups, write_jsonl
+    from edgerank.datasets import SHARED_DATA
+    from edgerank.pull import edgerank_home
+
+    root = Path(data_root) if data_root else SHARED_DATA / "train"
+    key = hashlib.sha256(json.dumps([recipe.sources, recipe.negatives, recipe.teacher, recipe.seed,
+                                     str(root.resolve())]).encode()).hexdigest()[:12]
+    path = edgerank_home() / "train-data" / f"groups-{key}.jsonl"
+    if path.is_file():
+        return path
+    groups = []
+    for n, (source, rel, limit) in enumerate(recipe.sources):
+        groups += build_groups(source, root / rel, recipe.negatives, limit, recipe.seed + n)
+    import random
+
+    random.Random(recipe.seed).shuffle(groups)
+    if recipe.teacher:
+        groups = label_groups(groups, recipe.teacher, backend="reference", progress=progress)
+    write_jsonl(groups, path)
+    return path
+
+
+def run_recipe(name: str, overrides: dict | None = None, force: bool = False,
+               stop_after: int | None = None, data_root: Path | None = None) -> Path | None:
+    """Build the data, then train; ``overrides`` replace TrainConfig fields."""
+    from edgerank.pull import edgerank_home
+    from edgerank.train import TrainConfig, train
+
+    recipe = get_recipe(name)
+    overrides = dict(overrides or {})
+    fields = {**recipe.config, "seed": recipe.seed, **overrides}
+    fields.setdefault("data", str(training_data(recipe, data_root)))
+    fields.setdefault("out", str(edgerank_home() / "trained" / name))
+    return train(TrainConfig(**fields), force=force, stop_after=stop_after)

@@ -1,0 +1,228 @@
+"""The training path: losses, data guard, LoRA merge, loss reduction and resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgerank.data import TrainingDataError, build_groups, read_groups, write_jsonl
+from edgerank.losses import listwise_kl, pointwise_bce, ranknet
+from edgerank.train import TrainConfig, train
+from tests.conftest import DATA, make_bert, make_decoder
+
+TOPICS = [
+    ("how does a vaccine train the immune system", "a vaccine trains the immune system against infection",
+     ["the stock market price fell", "the river city has water", "energy price of the market"]),
+    ("what is the price of the stock", "the stock price was higher on the market",
+     ["a vaccine for the body", "the river has water and energy", "immune cell of the body"]),
+    ("where does the river flow in the city", "the river flows through the city with water",
+     ["the stock market closed", "vaccine and immune system", "price of energy was higher"]),
+]
+
+
+def _groups(teacher: bool = True) -> list[dict]:
+    out = []
+    for q, pos, negs in TOPICS:
+        g = {"query": q, "positive": pos, "negatives": negs, "source": "test"}
+        if teacher:
+            g["teacher_scores"] = [0.9, 0.1, 0.2, 0.05]
+        out.append(g)
+    return out
+
+
+# ---------------------------------------------------------------- losses, hand-computed
+
+def test_listwise_kl_is_zero_when_student_matches_teacher():
+    s = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.3, 0.1, 9.0, 9.0]])
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    assert float(listwise_kl(s, s.clone(), mask)) == pytest.approx(0.0, abs=1e-6)
+    # a temperature rescales the teacher: student = teacher / T is again a perfect match
+    assert float(listwise_kl(s / 0.05, s, mask, temperature=0.05)) == pytest.approx(0.0, abs=1e-5)
+    # padded slots never count: changing them changes nothing
+    s2 = s.clone()
+    s2[1, 2:] = -50.0
+    assert float(listwise_kl(s2, s, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_listwise_kl_matches_hand_computation():
+    s = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    p = np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum()
+    q = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+    expected = float((p * np.log(p / q)).sum())
+    assert float(listwise_kl(s, t, torch.ones_like(s, dtype=torch.bool))) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bce_and_ranknet_match_hand_computation():
+    s = torch.tensor([[2.0, -1.0, 0.5]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    mask = torch.ones_like(s, dtype=torch.bool)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    bce = -(math.log(sig(2.0)) + math.log(1 - sig(-1.0)) + math.log(1 - sig(0.5))) / 3
+    assert float(pointwise_bce(s, y, mask)) == pytest.approx(bce, rel=1e-5)
+    rn = (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(-1.5))) / 2
+    assert float(ranknet(s, y, mask)) == pytest.approx(rn, rel=1e-5)
+    hinge = (max(0.0, 2.0 - 3.0) + max(0.0, 2.0 - 1.5)) / 2
+    assert float(ranknet(s, y, mask, margin=2.0)) == pytest.approx(hinge, rel=1e-5)
+    assert float(ranknet(s, torch.zeros_like(y), mask)) == 0.0  # nothing ordered
+
+
+# ---------------------------------------------------------------- data
+
+def test_data_builder_refuses_trec_dl(tmp_path):
+    for name in ("trec-dl19", "trec-dl21"):
+        with pytest.raises(TrainingDataError, match="never for training"):
+            build_groups("squad", DATA / name)
+    dl = tmp_path / "trec-dl21" / "groups.jsonl"
+    write_jsonl(_groups(), tmp_path / "ok.jsonl")
+    dl.parent.mkdir()
+    dl.write_text((tmp_path / "ok.jsonl").read_text())
+    with pytest.raises(TrainingDataError):
+        read_groups(dl)
+    from edgerank.data import main
+
+    assert main(["build-train", "--source", "squad", str(DATA / "trec-dl19"), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_read_groups_checks_teacher_length(tmp_path):
+    bad = _groups()
+    bad[1]["teacher_scores"] = [0.1, 0.2]
+    write_jsonl(bad, tmp_path / "bad.jsonl")
+    with pytest.raises(TrainingDataError, match="2 entries for 4"):
+        read_groups(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.skipif(not (DATA / "train" / "wikiqa-pairs").is_dir(), reason="shared training data absent")
+def test_build_groups_from_wikiqa_and_squad2():
+    groups = build_groups("wikiqa", DATA / "train" / "wikiqa-pairs", negatives=3, max_queries=5)
+    assert len(groups) == 5 and all(g["positive"] and 1 <= len(g["negatives"]) <= 3 for g in groups)
+    groups = build_groups("squad2", DATA / "train" / "squad2-dev-pairs", negatives=4, max_queries=30)
+    unanswerable = [g for g in groups if g["positive"] is None]
+    assert unanswerable and all(len(g["negatives"]) == 4 for g in groups)
+    for g in groups:  # mined negatives never repeat the positive
+        assert g["positive"] not in g["negatives"]
+
+
+# ---------------------------------------------------------------- training
+
+def _eval_loss(folder: Path, data: Path, family: str) -> float:
+    """The kl loss of a saved model on the whole (fixed) data set, in eval mode."""
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.train import _batch, _loss
+
+    cfg = TrainConfig(base=str(folder), family=family, data=str(data), out="unused",
+                      queries_per_step=len(TOPICS), group_size=8, teacher_temperature=0.2)
+    backend = ReferenceBackend(resolve(str(folder), family=family), device="cpu")
+    with torch.no_grad():
+        return float(_loss(backend, backend.spec.with_max_length(cfg.max_length),
+                           _batch(read_groups(data), cfg, 0), cfg))
+
+
+def test_lora_training_reduces_loss_and_merges_exactly(tmp_path, bpe_tokenizer):
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=3)
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    before = _eval_loss(base, data, "qwen3-reranker")
+    cfg = TrainConfig(base=str(base), family="qwen3-reranker", data=str(data), out=str(tmp_path / "out"),
+                      loss="kl", teacher_temperature=0.2, adapter="lora", lora_r=4, lora_alpha=8,
+                      lora_upper=2, steps=12, queries_per_step=len(TOPICS), lr=5e-3, warmup=0.0,
+                      checkpoint_every=100, device="cpu")
+    out = train(cfg, progress=False)
+    after = _eval_loss(out, data, "qwen3-reranker")
+    assert after < 0.5 * before, (before, after)
+    # the adapter covers only the top 2 of 3 layers, and it is small
+    from edgerank.adapters import read_adapter
+
+    pairs, meta = read_adapter(out / "adapter.safetensors")
+    layers = {k.split(".")[2] for k in pairs}
+    assert layers == {"1", "2"} and meta["family"] == "qwen3-reranker"
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["config"]["seed"] == 0 and saved["cost"]["steps"] == 12
+    assert json.loads((out / "edgerank.json").read_text())["family"] == "qwen3-reranker"
+    assert (out / "loss.png").is_file() and not (tmp_path / ".out.partial").exists()
+
+
+def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
+    """save_adapter + merge (the pull path) reproduce the in-memory LoRA model's outputs."""
+    from edgerank.adapters import attach_lora, merge_lora, save_adapter, state_digest
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.tokenization import encode_pairs
+    from edgerank.train import export_merged
+
+    base = make_decoder(tmp_path / "base", "qwen3", bpe_tokenizer, n_layers=2)
+    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    attach_lora(backend.model, "decoder", 2, r=4, alpha=8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    q, pos, negs = TOPICS[0]
+    enc = encode_pairs(backend.spec, backend.tokenizer, q, [pos] + negs)
+    with torch.no_grad():
+        attached = backend.head_outputs(enc.sequences).numpy()
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(backend.model, backend.weight_prefix, adapter, 4, 8, str(base), "qwen3-reranker")
+    digest = export_merged(str(base), "qwen3-reranker", adapter, tmp_path / "merged")
+    merged = ReferenceBackend(resolve(str(tmp_path / "merged")), device="cpu")
+    assert merged.spec.family == "qwen3-reranker"
+    with torch.no_grad():
+        got = merged.head_outputs(enc.sequences).numpy()
+    np.testing.assert_allclose(got, attached, atol=1e-4)
+    assert not np.allclose(got, ReferenceBackend(resolve(str(base), family="qwen3-reranker"),
+                                                 device="cpu").head_outputs(enc.sequences).detach().numpy(), atol=1e-3)
+    # the merge is deterministic: merging again gives the same digest
+    again = merge_lora(ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+                       .full_model.state_dict(), adapter)
+    assert state_digest(again) == digest
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece_tokenizer):
+    base = make_bert(tmp_path / "bert", wordpiece_tokenizer, "none")  # a fresh classifier is drawn
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    common = dict(base=str(base), family="cross-encoder", data=str(data), loss="ranknet", label_weight=0.5,
+                  adapter="full", steps=5, queries_per_step=2, group_size=3, lr=1e-3,
+                  checkpoint_every=2, device="cpu")
+    full = train(TrainConfig(out=str(tmp_path / "a"), **common), progress=False)
+    cfg_b = TrainConfig(out=str(tmp_path / "b"), **common)
+    assert train(cfg_b, stop_after=3, progress=False) is None  # interrupted after step 3
+    assert not (tmp_path / "b").exists()
+    ckpt = torch.load(tmp_path / ".b.partial" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2  # the last checkpoint before the interruption
+    with pytest.raises(ValueError, match="another config"):
+        train(TrainConfig(out=str(tmp_path / "b"), **{**common, "lr": 1e-2}), progress=False)
+    resumed = train(cfg_b, progress=False)
+    log_a = [json.loads(l) for l in open(full / "train_log.jsonl")]
+    log_b = [json.loads(l) for l in open(resumed / "train_log.jsonl")]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([r["loss"] for r in log_b], [r["loss"] for r in log_a], rtol=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    with pytest.raises(FileExistsError):
+        train(cfg_b, progress=False)
+
+
+def test_bad_configs_are_refused(tmp_path):
+    data = tmp_path / "g.jsonl"
+    write_jsonl(_groups(teacher=False), data)
+    with pytest.raises(ValueError, match="loss must be"):
+        train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="mse"))
+    with pytest.raises(ValueError, match="teacher_scores"):
+        train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="kl"))
+    with pytest.raises(ValueError, match="need CUDA"):
+        from edgerank.train import _load
+
+        _load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", precision="bf16", device="cpu"))
