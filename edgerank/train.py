@@ -309,6 +309,7 @@ def save_model(backend, family: str, folder: Path, extra: dict | None = None) ->
 
     from safetensors.torch import save_file
 
+    folder.mkdir(parents=True, exist_ok=True)
     model = backend.full_model.to("cpu")
     state = model.state_dict()
     # Written by hand, not save_pretrained: transformers refuses to save a model it loaded
