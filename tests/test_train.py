@@ -226,3 +226,64 @@ def test_bad_configs_are_refused(tmp_path):
         from edgerank.train import _load
 
         _load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", precision="bf16", device="cpu"))
+
+
+def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer, monkeypatch):
+    """A catalogued adapter model: merged on pull, verified by digest; tampering refused."""
+    import dataclasses
+
+    import models.catalog as catalog
+    from edgerank import pull as pulling
+    from edgerank.adapters import attach_lora, save_adapter
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.errors import ModelFormatError
+    from edgerank.sources import resolve
+    from edgerank.train import export_merged
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
+    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    attach_lora(backend.model, "decoder", 2, r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    save_adapter(backend.model, backend.weight_prefix, adapters / "t.safetensors", 2, 4, str(base), "qwen3-reranker")
+    digest = export_merged(str(base), "qwen3-reranker", adapters / "t.safetensors", tmp_path / "ref")
+    from edgerank.pull import sha256_file
+
+    entry = catalog.BuiltinModel(
+        name="tiny-rerank", family="qwen3-reranker", licence="test", description="test", made_by="test",
+        wheels=(), files=(), entry="", size_bytes=0, base=str(base), adapter="t.safetensors",
+        adapter_sha256=sha256_file(adapters / "t.safetensors"), weights_sha256=digest, recipe="none")
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(catalog, "ADAPTERS", adapters)
+    monkeypatch.setitem(catalog.BUILTINS, "tiny-rerank", entry)
+    path = pulling.pull("tiny-rerank", progress=False)
+    assert pulling.is_present("tiny-rerank")
+    assert json.loads((path / "edgerank.json").read_text())["weights_sha256"] == digest
+    # a wrong pinned digest (another base, another merge) is refused, and nothing is left
+    monkeypatch.setitem(catalog.BUILTINS, "tiny-bad", dataclasses.replace(entry, name="tiny-bad", weights_sha256="0" * 64))
+    with pytest.raises(ModelFormatError, match="digest"):
+        pulling.pull("tiny-bad", progress=False)
+    assert not pulling.is_present("tiny-bad")
+    # a modified adapter file is refused before any merge
+    (adapters / "t.safetensors").write_bytes((adapters / "t.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setitem(catalog.BUILTINS, "tiny-tampered", dataclasses.replace(entry, name="tiny-tampered"))
+    with pytest.raises(ModelFormatError, match="sha256"):
+        pulling.pull("tiny-tampered", progress=False)
+
+
+def test_recipe_model_not_trained_yet_says_how_to_make_it(tmp_path, monkeypatch):
+    from edgerank import pull as pulling
+    from edgerank.errors import ModelNotFoundError
+
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path))
+    assert not pulling.is_present("edgerank-minilm-ce")
+    with pytest.raises(ModelNotFoundError, match="--recipe edgerank-minilm-ce"):
+        pulling.pull("edgerank-minilm-ce", progress=False)
+    trained = tmp_path / "trained" / "edgerank-minilm-ce"  # what the recipe writes
+    trained.mkdir(parents=True)
+    (trained / "edgerank.json").write_text('{"family": "cross-encoder"}')
+    assert pulling.is_present("edgerank-minilm-ce") and pulling.entry_path("edgerank-minilm-ce") == trained
