@@ -63,8 +63,8 @@ def build_groups(source: str, path: str | Path, negatives: int = 7, max_queries:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such training data")
     rng = random.Random(seed)
-    reader = {"squad": _squad, "squad2": _squad2, "wikiqa": _wikiqa, "medquad": _medquad,
-              "scifact": _scifact}[source]
+    reader = {"squad": _beir, "squad2": _squad2, "wikiqa": _wikiqa, "medquad": _medquad,
+              "scifact": _beir}[source]
     groups = reader(path, negatives, max_queries, rng)
     for g in groups:
         g["source"] = source
@@ -100,7 +100,9 @@ class _Miner:
         return out
 
 
-def _squad(path: Path, negatives: int, max_queries: int | None, rng: random.Random) -> list[dict]:
+def _beir(path: Path, negatives: int, max_queries: int | None, rng: random.Random) -> list[dict]:
+    """A BEIR folder's train split (SQuAD, SciFact); ``same_article_negatives.jsonl``
+    (SQuAD) supplies half the negatives when present, BM25 the rest."""
     coll = load_beir(path, split="train")
     qids = _sample(sorted(q for q in coll.qrels if q in coll.queries), max_queries, rng)
     same_article = {}
@@ -116,6 +118,8 @@ def _squad(path: Path, negatives: int, max_queries: int | None, rng: random.Rand
     mined = miner.mine([coll.queries[q] for q in qids], [set(p) for p in positives], negatives)
     groups = []
     for q, pos, bm25 in zip(qids, positives, mined):
+        if not pos:
+            continue
         negs = bm25[:n_bm25]
         for d in same_article.get(q, []):
             text = coll.corpus.get(d)
@@ -174,17 +178,6 @@ def _medquad(path: Path, negatives: int, max_queries: int | None, rng: random.Ra
     mined = miner.mine([rows[i]["query"] for i in picked], [set(chunks[i]) for i in picked], negatives)
     return [{"query": rows[i]["query"], "positive": chunks[i][0], "negatives": negs}
             for i, negs in zip(picked, mined)]
-
-
-def _scifact(path: Path, negatives: int, max_queries: int | None, rng: random.Random) -> list[dict]:
-    coll = load_beir(path, split="train")
-    qids = _sample(sorted(q for q in coll.qrels if q in coll.queries), max_queries, rng)
-    ids = list(coll.corpus)
-    miner = _Miner([coll.corpus[i] for i in ids])
-    positives = [[coll.corpus[d] for d, rel in coll.qrels[q].items() if rel > 0] for q in qids]
-    mined = miner.mine([coll.queries[q] for q in qids], [set(p) for p in positives], negatives)
-    return [{"query": coll.queries[q], "positive": pos[0], "negatives": negs}
-            for q, pos, negs in zip(qids, positives, mined) if pos]
 
 
 def candidates(group: dict) -> list[str]:
