@@ -351,7 +351,12 @@ def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
 def _hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def _plot_loss(log: list[dict], path: Path, title: str) -> None:
