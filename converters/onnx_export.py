@@ -59,9 +59,13 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
     np.savez(dest / "head.npz", **head)
     layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
+    lora = _adapter_tensors(src) if quant != "fp32" else {}
+    if lora:
+        notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
     for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
         p = f"{layer_prefix}{i}."
         w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
+        w.update({n[len(p):]: t for n, t in lora.items() if n.startswith(p)})
         bits = _bits_picker(reader, quant, p, notes)
         if encoder:
             model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}",
@@ -77,6 +81,22 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
     notes["format_version"] = FORMAT_VERSION
     return notes
+
+
+def _adapter_tensors(src: Path) -> dict[str, np.ndarray]:
+    """The LoRA adapter a trained folder carries (``adapter.safetensors``, written by
+    ``edgerank.train``), as ``{weight key}.lora_A`` / ``.lora_B`` with B scaled by alpha/r."""
+    path = src / "adapter.safetensors" if src.is_dir() else None
+    if path is None or not path.is_file():
+        return {}
+    from edgerank.adapters import read_adapter
+
+    pairs, meta = read_adapter(path)
+    scale = float(meta["alpha"]) / float(meta["r"])
+    out = {}
+    for key, (a, b) in pairs.items():
+        out[key + ".lora_A"], out[key + ".lora_B"] = a, (b * scale).astype(np.float32)
+    return out
 
 
 def _encoder_prefix(reader: TensorReader) -> str:

@@ -37,8 +37,9 @@ ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
 class _Graph:
     """A small node builder: ``g.op("MatMul", a, b)`` returns the output's name."""
 
-    def __init__(self, name: str, bits=None, block: int = 32) -> None:
+    def __init__(self, name: str, bits=None, block: int = 32, lora: dict | None = None) -> None:
         self.name = name
+        self.lora = lora or {}  # projection name -> (A [r,in], B [out,r] already scaled)
         self.bits = bits or (lambda _name: None)  # weight name -> 4, 8 or None (fp32)
         self.block = block
         self.quantized: dict[str, int] = {}
@@ -63,14 +64,24 @@ class _Graph:
         """``x @ weight.T (+ bias)`` with an HF ``[out, in]`` weight: ``MatMulNBits`` codes
         when ``bits(name)`` asks for them, else an fp32 ``[in, out]`` MatMul."""
         bits = self.bits(name)
-        if bits is None:
+        lora = self.lora.get(name) if bits is not None else None
+        if bits is None:  # fp32: the merged weight is exact as it is
             y = self.op("MatMul", x, self.const(name + ".weight", weight.T.astype(np.float32)))
         else:
+            if lora is not None:
+                # A LoRA delta is far smaller than a 4-bit step: quantizing the merged weight
+                # would round it away. Quantize the base (merged - B@A, back on its grid) and
+                # run the low-rank update beside it in fp32.
+                a, b = lora
+                weight = (weight.astype(np.float64) - b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
             codes, scales, zeros = quantize_blocks(weight, bits, self.block)
             y = self.op("MatMulNBits", x, self.const(name + ".qweight", codes), self.const(name + ".scales", scales),
                         self.const(name + ".zeros", zeros), domain="com.microsoft", K=weight.shape[1],
                         N=weight.shape[0], bits=bits, block_size=self.block, accuracy_level=ACCURACY_LEVEL)
             self.quantized[name] = bits
+            if lora is not None:
+                low = self.op("MatMul", x, self.const(name + ".lora_A", lora[0].T.astype(np.float32)))
+                y = self.op("Add", y, self.op("MatMul", low, self.const(name + ".lora_B", lora[1].T.astype(np.float32))))
         if bias is not None:
             y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
         return y
@@ -98,6 +109,11 @@ class _Graph:
         return m
 
 
+def _lora(w: dict[str, np.ndarray]) -> dict:
+    suffix = ".weight.lora_A"
+    return {n[: -len(suffix)]: (w[n], w[n[:-1] + "B"]) for n in w if n.endswith(suffix)}
+
+
 def _f32(name: str, dims: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
@@ -106,8 +122,9 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
                   eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
     ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...).
-    ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32)."""
-    g = _Graph(name, bits, block)
+    ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32).
+    ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter."""
+    g = _Graph(name, bits, block, _lora(w))
     group = n_heads // n_kv_heads
     x = g.rms_norm("hidden", "input_layernorm", w["input_layernorm.weight"], eps)
 
@@ -167,7 +184,7 @@ def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: f
                   name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One BERT/XLM-R encoder layer. ``w`` holds the layer's HF tensors without the
     ``encoder.layer.N.`` prefix (``attention.self.query.weight``, ...)."""
-    g = _Graph(name, bits, block)
+    g = _Graph(name, bits, block, _lora(w))
     head_dim = hidden // n_heads
 
     def heads(proj: str) -> str:  # [B,T,H] -> [B,h,T,d]

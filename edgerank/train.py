@@ -338,6 +338,9 @@ def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
     from edgerank.sources import resolve
 
     _, meta = read_adapter(adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "adapter.safetensors").resolve() != Path(adapter).resolve():
+        shutil.copyfile(adapter, folder / "adapter.safetensors")  # the converters keep it unmerged
     backend = ReferenceBackend(resolve(base, family=family), device="cpu")
     merged = merge_lora(backend.full_model.state_dict(), adapter)
     backend.full_model.load_state_dict(merged)

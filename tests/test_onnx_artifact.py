@@ -242,3 +242,52 @@ def test_real_smollm2_fp32_artifact_equals_the_transformers_reference(smollm2_pa
     docs = DOCS[:6]
     with edgerank.Reranker(smollm2_path, backend="reference") as ref, edgerank.Reranker(art, pruning=False) as r:
         assert np.abs(r.score(QUERY, docs) - ref.score(QUERY, docs)).max() < 1e-3
+
+
+def test_int4_artifact_keeps_a_lora_update_that_merging_would_round_away(tmp_path, bpe_tokenizer):
+    """A fine-tuned LoRA delta is far below a 4-bit step: the converter quantizes the base
+    and keeps the low-rank update beside it, so int4 follows what the adapter changed."""
+    from edgerank.adapters import attach_lora, save_adapter
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.train import export_merged
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
+    # put the base's projections on a 4-bit grid, as a Q4_1 GGUF base (SmolLM2) has them
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                b, s, z = quantize_blocks(p.numpy(), 4, 32)
+                p.copy_(torch.from_numpy(dequantize_blocks(b, s, z, 4, p.shape[1])))
+    model.save_pretrained(base)
+    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    attach_lora(backend.model, "decoder", 2, r=4, alpha=8)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    save_adapter(backend.model, backend.weight_prefix, tmp_path / "a.safetensors", 4, 8, str(base), "qwen3-reranker")
+    trained = tmp_path / "trained"
+    export_merged(str(base), "qwen3-reranker", tmp_path / "a.safetensors", trained)
+    merged_only = tmp_path / "merged-only"  # the same weights without the adapter file
+    shutil.copytree(trained, merged_only)
+    (merged_only / "adapter.safetensors").unlink()
+
+    def scores(model, **kw):  # as yes/no logits: sigmoid scores saturate
+        with edgerank.Reranker(model, family="qwen3-reranker", **kw) as r:
+            p = np.clip(r.score(QUERY, DOCS), 1e-12, 1 - 1e-12)
+        return np.log(p / (1 - p))
+
+    effect = scores(trained, backend="reference") - scores(base, backend="reference")
+    art_base = scores(to_artifact(base, tmp_path / "b4", "int4", "qwen3-reranker"), pruning=False)
+    art_lora = scores(to_artifact(trained, tmp_path / "t4", "int4", "qwen3-reranker"), pruning=False)
+    art_merged = scores(to_artifact(merged_only, tmp_path / "m4", "int4", "qwen3-reranker"), pruning=False)
+    assert np.abs(effect).max() > 0.02  # the adapter matters
+    kept = art_lora - art_base
+    assert np.abs(kept - effect).max() < 0.1 * np.abs(effect).max(), (kept, effect)
+    # quantizing the merged weights instead loses most of it
+    assert np.abs((art_merged - art_base) - effect).max() > 3 * np.abs(kept - effect).max()
+    manifest = json.loads((tmp_path / "t4" / "manifest.json").read_text())
+    assert "adapter.safetensors" not in manifest["files"]  # the update lives inside the layers
