@@ -318,10 +318,10 @@ def save_model(backend, family: str, folder: Path, extra: dict | None = None) ->
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
     config["dtype"] = "float32"
-    tied = config.get("tie_word_embeddings") and model.get_output_embeddings() is not None
-    out_key = next((k for k in state if k.endswith("weight") and state[k] is getattr(
-        model.get_output_embeddings(), "weight", None)), None) if tied else None
-    tensors = {k: v.contiguous().clone() for k, v in state.items() if k != out_key}
+    head = model.get_output_embeddings() if config.get("tie_word_embeddings") else None
+    out_key = next((k for k, v in state.items() if v.data_ptr() == head.weight.data_ptr()
+                    and k.startswith(("lm_head", "output"))), None) if head is not None else None
+    tensors = {k: v.contiguous().clone() for k, v in state.items() if k != out_key}  # tied: stored once
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     backend.hf_tokenizer.save_pretrained(folder)

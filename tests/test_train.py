@@ -287,3 +287,21 @@ def test_recipe_model_not_trained_yet_says_how_to_make_it(tmp_path, monkeypatch)
     trained.mkdir(parents=True)
     (trained / "edgerank.json").write_text('{"family": "cross-encoder"}')
     assert pulling.is_present("edgerank-minilm-ce") and pulling.entry_path("edgerank-minilm-ce") == trained
+
+
+def test_saved_model_stores_tied_embeddings_once_and_reloads_identically(tmp_path, bpe_tokenizer):
+    from safetensors import safe_open
+
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.train import save_model
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, tie=True)
+    before = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    save_model(before, "qwen3-reranker", tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    after = ReferenceBackend(resolve(str(tmp_path / "out")), device="cpu")
+    seqs = [[5, 6, 7, 8], [9, 10]]
+    with torch.no_grad():
+        torch.testing.assert_close(after.head_outputs(seqs), before.head_outputs(seqs), atol=0, rtol=0)
