@@ -126,7 +126,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
             description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct + LoRA r16 (top 10 layers)",
             made_by="edgerank recipe edgerank-smollm2-rerank; pulled as base + committed 6.5 MB adapter",
-            wheels=(), files=(), entry="", size_bytes=661_471_841,
+            wheels=(), files=(), entry="", size_bytes=548_200_000,
             base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",
             adapter_sha256="44f21a2e2ea9849fb0a2242a28e1aa1205be6d27b079c0604bfc47a5db573df9",
             weights_sha256="d21d42236172059b7aff6363ac258d613ac5bfe04557cfb6e5547edbb7aae028",
