@@ -153,3 +153,23 @@ PAIRS = [
     ("what is the river city", "  leading spaces and trailing spaces   "),
     ("stock price {braces} today", "market price of the stock was higher\n"),
 ]
+
+
+def attach_random_lora(base: Path, r: int, alpha: int, std: float, params: str = "lora_B", seed: int = 1):
+    """A reference backend on ``base`` with LoRA attached to every decoder layer and the
+    ``params`` matrices ("lora_B" or "lora_" for both) drawn from N(0, std): a stand-in
+    for a trained adapter. Save it with ``edgerank.adapters.save_adapter``."""
+    import torch
+
+    from edgerank.adapters import attach_lora
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+
+    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    attach_lora(backend.model, "decoder", backend.full_model.config.num_hidden_layers, r=r, alpha=alpha)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if params in name:
+                p.normal_(0, std)
+    return backend

@@ -16,7 +16,7 @@ from converters import OutputExistsError, convert, onnx_export
 from converters.quantize import dequantize_blocks, quantize_blocks
 from edgerank.budget import MemoryBudgetError
 from edgerank.errors import ModelFormatError, UnsupportedModelError
-from tests.conftest import PAIRS, make_bert, make_decoder
+from tests.conftest import PAIRS, attach_random_lora, make_bert, make_decoder
 
 QUERY = PAIRS[0][0]
 DOCS = [d for _, d in PAIRS] + ["the immune system and the vaccine", "a city of water", "stock market energy"]
@@ -247,9 +247,7 @@ def test_real_smollm2_fp32_artifact_equals_the_transformers_reference(smollm2_pa
 def test_int4_artifact_keeps_a_lora_update_that_merging_would_round_away(tmp_path, bpe_tokenizer):
     """A fine-tuned LoRA delta is far below a 4-bit step: the converter quantizes the base
     and keeps the low-rank update beside it, so int4 follows what the adapter changed."""
-    from edgerank.adapters import attach_lora, save_adapter
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
+    from edgerank.adapters import save_adapter
     from edgerank.train import export_merged
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
@@ -261,13 +259,7 @@ def test_int4_artifact_keeps_a_lora_update_that_merging_would_round_away(tmp_pat
                 b, s, z = quantize_blocks(p.numpy(), 4, 32)
                 p.copy_(torch.from_numpy(dequantize_blocks(b, s, z, 4, p.shape[1])))
     model.save_pretrained(base)
-    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
-    attach_lora(backend.model, "decoder", 2, r=4, alpha=8)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
+    backend = attach_random_lora(base, r=4, alpha=8, std=0.01, seed=3)
     save_adapter(backend.model, backend.weight_prefix, tmp_path / "a.safetensors", 4, 8, str(base), "qwen3-reranker")
     trained = tmp_path / "trained"
     export_merged(str(base), "qwen3-reranker", tmp_path / "a.safetensors", trained)

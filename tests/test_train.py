@@ -13,7 +13,7 @@ import torch
 from edgerank.data import TrainingDataError, build_groups, read_groups, write_jsonl
 from edgerank.losses import listwise_kl, pointwise_bce, ranknet
 from edgerank.train import TrainConfig, train
-from tests.conftest import DATA, make_bert, make_decoder
+from tests.conftest import DATA, attach_random_lora, make_bert, make_decoder
 
 TOPICS = [
     ("how does a vaccine train the immune system", "a vaccine trains the immune system against infection",
@@ -151,20 +151,14 @@ def test_lora_training_reduces_loss_and_merges_exactly(tmp_path, bpe_tokenizer):
 
 def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
     """save_adapter + merge (the pull path) reproduce the in-memory LoRA model's outputs."""
-    from edgerank.adapters import attach_lora, merge_lora, save_adapter, state_digest
+    from edgerank.adapters import merge_lora, save_adapter, state_digest
     from edgerank.backends.reference import ReferenceBackend
     from edgerank.sources import resolve
     from edgerank.tokenization import encode_pairs
     from edgerank.train import export_merged
 
     base = make_decoder(tmp_path / "base", "qwen3", bpe_tokenizer, n_layers=2)
-    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
-    attach_lora(backend.model, "decoder", 2, r=4, alpha=8)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in backend.model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.05)
+    backend = attach_random_lora(base, r=4, alpha=8, std=0.05, params="lora_")
     q, pos, negs = TOPICS[0]
     enc = encode_pairs(backend.spec, backend.tokenizer, q, [pos] + negs)
     with torch.no_grad():
@@ -234,19 +228,12 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
 
     import models.catalog as catalog
     from edgerank import pull as pulling
-    from edgerank.adapters import attach_lora, save_adapter
-    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.adapters import save_adapter
     from edgerank.errors import ModelFormatError
-    from edgerank.sources import resolve
     from edgerank.train import export_merged
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
-    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
-    attach_lora(backend.model, "decoder", 2, r=2, alpha=4)
-    with torch.no_grad():
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.01)
+    backend = attach_random_lora(base, r=2, alpha=4, std=0.01)
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     save_adapter(backend.model, backend.weight_prefix, adapters / "t.safetensors", 2, 4, str(base), "qwen3-reranker")
