@@ -141,7 +141,8 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
                disable=not progress)
     ran = 0
     while step < cfg.steps:
-        if stop_after is not None and ran >= stop_after:
+        if stop_after is not None and ran >= stop_after:  # a deliberate stop keeps every step
+            _checkpoint(ckpt_path, cfg, step, log, dict(zip(names, params)), opt, sched)
             bar.close()
             return None
         opt.zero_grad(set_to_none=True)

@@ -179,7 +179,7 @@ def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
     assert state_digest(again) == digest
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece_tokenizer):
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece_tokenizer, monkeypatch):
     base = make_bert(tmp_path / "bert", wordpiece_tokenizer, "none")  # a fresh classifier is drawn
     data = tmp_path / "groups.jsonl"
     write_jsonl(_groups(), data)
@@ -188,10 +188,23 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece
                   checkpoint_every=2, device="cpu")
     full = train(TrainConfig(out=str(tmp_path / "a"), **common), progress=False)
     cfg_b = TrainConfig(out=str(tmp_path / "b"), **common)
-    assert train(cfg_b, stop_after=3, progress=False) is None  # interrupted after step 3
+    import edgerank.train as training
+
+    real_loss, calls = training._loss, []
+
+    def crash_in_step_4(*args):  # Ctrl-C in the middle of step 4
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "_loss", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_b, progress=False)
+    monkeypatch.setattr(training, "_loss", real_loss)
     assert not (tmp_path / "b").exists()
     ckpt = torch.load(tmp_path / ".b.partial" / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 2  # the last checkpoint before the interruption
+    assert ckpt["step"] == 2  # the last checkpoint before the interruption: step 3 is redone
     with pytest.raises(ValueError, match="another config"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**common, "lr": 1e-2}), progress=False)
     resumed = train(cfg_b, progress=False)
@@ -207,6 +220,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
     with pytest.raises(FileExistsError):
         train(cfg_b, progress=False)
+    # a deliberate --stop-after checkpoints the step it stopped at, and the rerun finishes
+    cfg_c = TrainConfig(out=str(tmp_path / "c"), **common)
+    assert train(cfg_c, stop_after=3, progress=False) is None
+    assert torch.load(tmp_path / ".c.partial" / "checkpoint.pt", weights_only=False)["step"] == 3
+    wc = load_file(train(cfg_c, progress=False) / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=1e-6, rtol=0)
 
 
 def test_bad_configs_are_refused(tmp_path):
