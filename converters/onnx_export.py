@@ -89,13 +89,11 @@ def _adapter_tensors(src: Path) -> dict[str, np.ndarray]:
     path = src / "adapter.safetensors" if src.is_dir() else None
     if path is None or not path.is_file():
         return {}
-    from edgerank.adapters import read_adapter
+    from edgerank.adapters import lora_updates
 
-    pairs, meta = read_adapter(path)
-    scale = float(meta["alpha"]) / float(meta["r"])
     out = {}
-    for key, (a, b) in pairs.items():
-        out[key + ".lora_A"], out[key + ".lora_B"] = a, (b * scale).astype(np.float32)
+    for key, (a, b) in lora_updates(path).items():
+        out[key + ".lora_A"], out[key + ".lora_B"] = a, b
     return out
 
 

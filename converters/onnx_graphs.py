@@ -125,7 +125,6 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32).
     ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter."""
     g = _Graph(name, bits, block, _lora(w))
-    group = n_heads // n_kv_heads
     x = g.rms_norm("hidden", "input_layernorm", w["input_layernorm.weight"], eps)
 
     def heads(proj: str, n: int) -> str:  # [B,T,n*D] -> [B,KVH,n/KVH,T,D]

@@ -87,18 +87,24 @@ def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarr
     return pairs, meta
 
 
+def lora_updates(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{weight key: (A, alpha / r * B)}``, B scaled in float64: each update is ``B @ A``.
+    The merge below and the converters (which keep the update unmerged) both read this."""
+    pairs, meta = read_adapter(path)
+    scale = float(meta["alpha"]) / float(meta["r"])
+    return {key: (a, b.astype(np.float64) * scale) for key, (a, b) in pairs.items()}
+
+
 def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:
     """The base state dict with the adapter merged in (exact, order-fixed float64 sums)."""
-    pairs, meta = read_adapter(adapter)
-    scale = float(meta["alpha"]) / float(meta["r"])
     merged = dict(state)
-    for key, (a, b) in pairs.items():
+    for key, (a, b64) in lora_updates(adapter).items():
         if key not in state:
             raise ValueError(f"{adapter} adapts {key}, which the base model does not have: wrong base?")
         w = state[key].detach().cpu().numpy().astype(np.float64)
-        if w.shape != (b.shape[0], a.shape[1]):
-            raise ValueError(f"{adapter}: {key} is {w.shape} in the base but {b.shape[0]}x{a.shape[1]} in the adapter")
-        a64, b64 = a.astype(np.float64), b.astype(np.float64) * scale
+        if w.shape != (b64.shape[0], a.shape[1]):
+            raise ValueError(f"{adapter}: {key} is {w.shape} in the base but {b64.shape[0]}x{a.shape[1]} in the adapter")
+        a64 = a.astype(np.float64)
         for k in range(a.shape[0]):  # fixed summation order: no BLAS, same bits everywhere
             w += np.multiply.outer(b64[:, k], a64[k])
         merged[key] = torch.from_numpy(w.astype(np.float32))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -423,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"stopped early; re-run the same command to resume" if out is None else f"trained model -> {out}")
+    print("stopped early; re-run the same command to resume" if out is None else f"trained model -> {out}")
     return 0
 
 

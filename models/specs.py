@@ -53,7 +53,7 @@ class ScoreFormula:
     def apply(self, head_logits: np.ndarray) -> np.ndarray:
         """Scores from head outputs of shape ``[n, len(labels)]`` (or ``[n, num_labels]``)."""
         x = np.asarray(head_logits, dtype=np.float64)
-        if self.kind in ("yes_no", "classifier") and not (self.kind == "classifier" and x.shape[1] == 1):
+        if self.kind == "yes_no" or self.kind == "classifier" and x.shape[1] > 1:
             return _sigmoid(self.logit(x))
         if self.kind == "expected_label":
             p = np.exp(x - x.max(axis=1, keepdims=True))
@@ -64,7 +64,6 @@ class ScoreFormula:
         if self.kind == "cosine":
             return x[:, 0]  # backends hand over the cosine itself
         raise ValueError(f"unknown score formula {self.kind!r}")
-
 
     def logit(self, head_logits):
         """The pre-sigmoid relevance logit of a binary formula, for numpy or torch arrays

@@ -73,6 +73,9 @@ class LayerwiseBackend:
                            n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
                            layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
                            head_bytes=sum(v.nbytes for v in self.head.values()))
+        # "No earlier tokens": the past K/V fed to the prefix pass, and to every chunk when no
+        # shared prefix applies (decoders only).
+        self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's head scores (calibration)
         self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
@@ -148,8 +151,6 @@ class LayerwiseBackend:
         record = [] if self.record_layers else None
         work = pad = 0
         t_layers = t_prune = 0.0
-        no_prefix = None if self.encoder else (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim),
-                                                        np.float32),) * 2
         self.layers.prefetch(0)
         for layer in range(L):
             if record is not None and layer > 0:
@@ -175,7 +176,7 @@ class LayerwiseBackend:
             tl = time.perf_counter()
             sess = self.layers.get(layer)
             self.layers.prefetch(layer + 1)
-            past = no_prefix
+            past = None if self.encoder else self._no_past
             if prefix_state is not None:
                 prefix_state, past = self._run_prefix(sess, prefix_state)
                 work += prefix_len
@@ -248,9 +249,8 @@ class LayerwiseBackend:
         P = prefix_state.shape[1]
         cos, sin = self.rope(np.arange(P)[None])
         mask = np.triu(np.full((P, P), NEG, np.float32), 1)[None, None, None]
-        empty = np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32)  # nothing before it
         out, key, value = sess.run(None, {"hidden": prefix_state, "cos": cos, "sin": sin, "mask": mask,
-                                          "past_key": empty, "past_value": empty})
+                                          "past_key": self._no_past[0], "past_value": self._no_past[1]})
         return out, (key, value)
 
     def _run_chunk(self, sess, states, seqs, chunk, lengths, past, prefix_len) -> tuple[int, int]:
