@@ -144,8 +144,9 @@ def _pairs_file(path: Path) -> Path:
 
 
 def _squad2(path: Path, negatives: int, max_queries: int | None, rng: random.Random) -> list[dict]:
-    rows = _sample(list(_read_jsonl(_pairs_file(path))), max_queries, rng)
-    pool = sorted({r["passage"] for r in _read_jsonl(_pairs_file(path))})
+    every = list(_read_jsonl(_pairs_file(path)))
+    rows = _sample(every, max_queries, rng)
+    pool = sorted({r["passage"] for r in every})
     miner = _Miner(pool)
     mined = miner.mine([r["query"] for r in rows], [{r["passage"]} for r in rows], negatives)
     groups = []
