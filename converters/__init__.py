@@ -45,16 +45,29 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         raise ValueError(
             f"GGUF conversion covers decoder rerankers and bi-encoders; {source.path} is a cross-encoder, "
             "and llama.cpp has no BERT pooler+classifier head, so it would score it wrongly")
+    if source.adapter is not None:
+        raise ModelFormatError(
+            f"{source.path} is a base model plus the LoRA adapter {source.adapter.name}; "
+            "convert from the trained HF folder it came from")
     label_ids = None
     if to == "gguf" and source.kind == "hf" and source.spec.kind == "decoder":
         label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
+    # a trained LoRA stays unmerged beside a quantized GGUF (see converters/gguf_export.py)
+    adapter_name = None
+    if to == "gguf" and quant != "f16" and source.kind == "hf":
+        from converters.gguf_export import adapter_file
+
+        if adapter_file(source.path) is not None:
+            adapter_name = f"{out.stem}.lora.gguf"
     t0 = time.perf_counter()
-    with atomic_path(out, force=force, is_dir=(to == "onnx")) as staging:
+    with atomic_path(out, force=force, is_dir=(to == "onnx"), companions=(adapter_name,) if adapter_name else ()
+                     ) as staging:
         with PeakRSS() as mem:
             if to == "gguf":
                 from converters.gguf_export import write_gguf
 
-                notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress)
+                notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress,
+                                   adapter_dest=staging.with_name(adapter_name) if adapter_name else None)
             else:
                 from converters.onnx_export import write_artifact
 
@@ -62,7 +75,8 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
             "family": source.spec.family, "architecture": source.architecture,
-            "size_bytes": size_on_disk(staging), "source_size_bytes": size_on_disk(source.path),
+            "size_bytes": size_on_disk(staging) + (size_on_disk(staging.with_name(adapter_name)) if adapter_name else 0),
+            "source_size_bytes": size_on_disk(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
         if verify:

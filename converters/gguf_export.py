@@ -5,6 +5,14 @@ data streamed in the same order, so one tensor is in memory at a time. HF names 
 GGUF names through gguf's own ``TensorNameMap``. For yes/no rerankers it also writes what
 llama.cpp's rank pooling needs: pooling type RANK, the labels, and ``cls.output``, the
 label rows of the LM head.
+
+A model trained with a LoRA adapter (a folder with ``adapter.safetensors``, from
+``edgerank.train``) is split for the quantized types: a fine-tuned update is far smaller
+than a 4-bit (or 8-bit) step, so quantizing the merged weights would round the training
+away. The model file then holds the base (merged - B@A) and names, in
+``edgerank.lora_adapter``, a llama.cpp LoRA adapter GGUF beside it that holds A and B in
+fp32. llama.cpp applies it at run time (``llama-server --lora FILE``; the llamacpp backend
+loads it by itself). f16 keeps the merged weights: an f16 step is small enough.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from tqdm.auto import tqdm
 from converters.tensors import ArchConfig, hf_config, iter_gguf, iter_safetensors
 from converters.vocab import add_tokenizer
 from edgerank.errors import UnsupportedModelError
+from edgerank.sources import FAMILY_KEY, LORA_KEY
 from models.specs import ModelSpec
 
 QUANTS = {
@@ -46,19 +55,34 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids: list[int] | None
-                ) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, fp32 array) from an HF folder, plus cls.output for rank pooling."""
+def _gguf_name(names, hf_name: str, arch: str) -> str:
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise UnsupportedModelError(f"tensor {hf_name!r} has no GGUF name for arch {arch}")
+    return name
+
+
+def _for_llama_cpp(name: str, w: np.ndarray, cfg: ArchConfig) -> np.ndarray:
+    """llama's q/k rows in llama.cpp's rope order (applies to a LoRA B as to the weight)."""
+    if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        return permute_rope(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+    return w
+
+
+def _hf_tensors(folder: Path, cfg: ArchConfig, spec: ModelSpec | None, label_ids: list[int] | None,
+                lora: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array) from an HF folder, plus cls.output for rank pooling.
+    Weights with an entry in ``lora`` come out as the base, merged - B@A."""
     names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.n_layers)
     head = None
     for hf_name, w in iter_safetensors(folder):
         if any(part in hf_name for part in SKIPPED):
             continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UnsupportedModelError(f"tensor {hf_name!r} has no GGUF name for arch {cfg.arch}")
-        if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = permute_rope(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+        name = _gguf_name(names, hf_name, cfg.arch)
+        if hf_name in lora:
+            a, b = lora[hf_name]
+            w = (w.astype(np.float64) - b @ a.astype(np.float64)).astype(np.float32)
+        w = _for_llama_cpp(name, w, cfg)
         if name == "output.weight" or (name == "token_embd.weight" and cfg.tied_embeddings):
             head = w[label_ids].copy() if label_ids else None
         yield name, w
@@ -94,17 +118,27 @@ def _encode(w: np.ndarray, qtype) -> np.ndarray:
     return quantize(w.astype(np.float32), qtype)
 
 
+def adapter_file(src: Path) -> Path | None:
+    """The LoRA adapter a trained HF folder carries, if any."""
+    path = Path(src) / "adapter.safetensors"
+    return path if Path(src).is_dir() and path.is_file() else None
+
+
 def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_ids: list[int] | None,
-               progress: bool = True) -> dict:
-    """Convert ``src`` (HF folder or .gguf) to ``dest``; returns notes for the report."""
+               progress: bool = True, adapter_dest: Path | None = None) -> dict:
+    """Convert ``src`` (HF folder or .gguf) to ``dest``; returns notes for the report.
+
+    With ``adapter_dest``, ``src``'s LoRA adapter stays unmerged: ``dest`` gets the base
+    weights and ``adapter_dest`` (a sibling of ``dest``) the adapter, as llama.cpp reads it.
+    """
     if quant not in QUANTS:
         raise ValueError(f"GGUF quant {quant!r} not supported; choose from {', '.join(QUANTS)}")
     qtype, ftype = QUANTS[quant]
     if qtype is None:  # K-quants: an f16 GGUF first, then llama.cpp's own quantizer
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             f16 = Path(tmp) / "f16.gguf"
-            notes = write_gguf(src, f16, "f16", spec, label_ids, progress)
-            _llama_quantize(f16, dest, ftype)
+            notes = write_gguf(src, f16, "f16", spec, label_ids, progress, adapter_dest)
+            _llama_quantize(f16, dest, ftype)  # metadata (the adapter's name too) carries over
         notes["quantizer"] = "llama_cpp.llama_model_quantize"
         return notes
     if src.is_dir():
@@ -120,14 +154,25 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
 
         arch = gguf_metadata(src)["general.architecture"]
 
+    lora = {}
+    if adapter_dest is not None:
+        from edgerank.adapters import lora_updates
+
+        lora = lora_updates(adapter_file(src))
+
     def make() -> Iterator[tuple[str, np.ndarray]]:  # read twice: shapes first, then data
-        return _hf_tensors(src, cfg, spec, label_ids) if src.is_dir() else iter_gguf(src)
+        return _hf_tensors(src, cfg, spec, label_ids, lora) if src.is_dir() else iter_gguf(src)
     writer = gguf.GGUFWriter(str(dest), arch)
     notes: dict = {"fallbacks": {}}
     if src.is_dir():
         _add_hf_metadata(writer, cfg, src, spec, ftype, notes)
     else:
         _copy_gguf_metadata(writer, src, ftype)
+    if lora:
+        writer.add_string(LORA_KEY, adapter_dest.name)
+        _write_lora_gguf(lora, cfg, adapter_dest)
+        notes["lora"] = (f"{len(lora)} projections: base weights quantized, LoRA update kept unmerged in fp32 "
+                         f"in {adapter_dest.name} ({adapter_dest.stat().st_size} bytes)")
     # pass 1: shapes and types only (each tensor is read, then dropped)
     plan = []
     for name, w in make():
@@ -150,8 +195,32 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
     return notes
 
 
+def _write_lora_gguf(lora: dict, cfg: ArchConfig, dest: Path) -> None:
+    """A llama.cpp LoRA adapter: ``NAME.lora_a`` [r, in] and ``NAME.lora_b`` [out, r] per
+    adapted weight. B already carries alpha/r, so ``adapter.lora.alpha`` = r (scale 1)."""
+    names = gguf.get_tensor_name_map(ARCHS[cfg.arch], cfg.n_layers)
+    writer = gguf.GGUFWriter(str(dest), cfg.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    ranks = {a.shape[0] for a, _ in lora.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter mixes LoRA ranks {sorted(ranks)}")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ranks.pop()))
+    for hf_name in sorted(lora):
+        a, b = lora[hf_name]
+        name = _gguf_name(names, hf_name, cfg.arch)
+        writer.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
+        writer.add_tensor(name + ".lora_b", np.ascontiguousarray(_for_llama_cpp(name, b, cfg), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _add_hf_metadata(writer, cfg: ArchConfig, src: Path, spec, ftype, notes: dict) -> None:
     writer.add_name(src.name)
+    if spec is not None:
+        writer.add_string(FAMILY_KEY, spec.family)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.hidden)
     writer.add_block_count(cfg.n_layers)

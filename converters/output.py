@@ -23,20 +23,25 @@ class OutputExistsError(FileExistsError):
 
 
 @contextmanager
-def atomic_path(dest: Path, force: bool, is_dir: bool) -> Iterator[Path]:
+def atomic_path(dest: Path, force: bool, is_dir: bool, companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging path next to ``dest``; on success it replaces ``dest`` in one rename.
 
-    On any exception (Ctrl-C included) the staging path is removed and ``dest`` is left
-    exactly as it was.
+    ``companions`` names files that belong beside a file ``dest`` (a GGUF's LoRA adapter):
+    they are written next to the staging file and moved beside ``dest`` just before it, so
+    ``dest`` appearing means its companions are in place. On any exception (Ctrl-C
+    included) the staging path is removed and ``dest`` is left exactly as it was.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise OutputExistsError(f"{dest} exists; pass --force (force=True) to replace it")
+    for path in (dest, *(dest.with_name(n) for n in companions)):
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists; pass --force (force=True) to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     target = staging if is_dir else staging / dest.name
     try:
         yield target
+        for name in companions:
+            os.replace(staging / name, dest.with_name(name))
         if dest.exists():  # force: move the old one aside first, so a failure keeps it
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)

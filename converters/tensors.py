@@ -63,14 +63,20 @@ def hf_config(folder: Path) -> ArchConfig:
     )
 
 
+def weight_shards(folder: Path) -> list[Path]:
+    """An HF folder's safetensors weight shards; a trained model's LoRA adapter file
+    (``adapter.safetensors``, which the converters read on their own) is not one."""
+    shards = sorted(p for p in Path(folder).glob("*.safetensors") if p.name != "adapter.safetensors")
+    if not shards:
+        raise ModelFormatError(f"{folder} has no .safetensors weights")
+    return shards
+
+
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, fp32 array) for every tensor of every shard, one at a time."""
     from safetensors import safe_open
 
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise ModelFormatError(f"{folder} has no .safetensors weights")
-    for shard in shards:
+    for shard in weight_shards(folder):
         with safe_open(shard, framework="pt") as f:  # torch reads bf16, numpy cannot
             for name in f.keys():
                 yield name, f.get_tensor(name).float().numpy()
@@ -80,7 +86,7 @@ def safetensors_names(folder: Path) -> list[str]:
     from safetensors import safe_open
 
     names = []
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in weight_shards(folder):
         with safe_open(shard, framework="pt") as f:
             names.extend(f.keys())
     return names
@@ -134,10 +140,7 @@ class TensorReader:
         if self.src.is_dir():
             from safetensors import safe_open
 
-            shards = sorted(self.src.glob("*.safetensors"))
-            if not shards:
-                raise ModelFormatError(f"{self.src} has no .safetensors weights")
-            for shard in shards:
+            for shard in weight_shards(self.src):
                 with safe_open(shard, framework="pt") as f:
                     for name in f.keys():
                         self._index[name] = shard

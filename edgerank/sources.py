@@ -17,6 +17,10 @@ ENCODER_TYPES = {"bert", "xlm-roberta", "roberta"}
 GGUF_MAGIC = b"GGUF"
 # Set in a fine-tuned model's folder by edgerank's trainer, read back here.
 FAMILY_FILE = "edgerank.json"
+# edgerank's own GGUF keys (llama.cpp ignores them), written by converters/gguf_export.py:
+# the reranker family, and the LoRA adapter file that must sit beside the model.
+FAMILY_KEY = "edgerank.family"
+LORA_KEY = "edgerank.lora_adapter"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ModelSource:
     spec: ModelSpec
     name: str
     architecture: str
+    adapter: Path | None = None  # a GGUF's LoRA adapter file (llama.cpp applies it at run time)
 
 
 def resolve(model: str | Path | None = None, family: str | None = None, pull: bool = True) -> ModelSource:
@@ -94,6 +99,16 @@ def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
             f"GGUF architecture {arch!r} is not supported; edgerank runs {', '.join(sorted(DECODER_ARCHS))} "
             f"decoders and {', '.join(sorted(GGUF_ENCODER_ARCHS))} embedding models from GGUF"
         )
+    adapter = None
+    if LORA_KEY in meta:
+        if Path(meta[LORA_KEY]).name != meta[LORA_KEY]:
+            raise ModelFormatError(f"{str(path)!r}: {LORA_KEY} must be a file name, not {meta[LORA_KEY]!r}")
+        adapter = path.parent / meta[LORA_KEY]
+        if not adapter.is_file():
+            raise ModelFormatError(
+                f"{str(path)!r} holds base weights whose fine-tuned update is the LoRA adapter "
+                f"{meta[LORA_KEY]!r}, which must sit beside it: {str(adapter)!r} is missing")
+    family = family or meta.get(FAMILY_KEY)
     if family is None:
         pooling = meta.get(f"{arch}.pooling_type")
         label = str(meta.get("general.name", "")).lower()
@@ -106,7 +121,7 @@ def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
                 f"cannot tell which reranker family {str(path)!r} is; pass family= "
                 "(qwen3-reranker, rank1, interank, zeroshot-chatml)"
             )
-    return ModelSource("gguf", path, get_spec(family), name, arch)
+    return ModelSource("gguf", path, get_spec(family), name, arch, adapter)
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -161,3 +161,80 @@ def test_a_cross_encoder_is_not_converted_to_gguf(tiny_cross_encoder, tmp_path):
 def test_real_minilm_gguf_ranks_like_the_fp32_model(minilm_path, tmp_path):
     report = convert("minilm-l6", "gguf", "f16", tmp_path / "minilm.gguf", progress=False)
     assert report["spearman"] >= 0.99 and report["max_abs_diff"] < 0.01
+
+
+def test_a_trained_lora_stays_unmerged_beside_a_quantized_gguf(tmp_path, bpe_tokenizer):
+    """A fine-tuned LoRA delta is below a 4-bit step: the GGUF holds the base weights and a
+    llama.cpp LoRA adapter beside it holds the update, which llama.cpp applies at run time."""
+    import shutil
+
+    import gguf
+    import torch
+    import transformers
+
+    from edgerank.adapters import save_adapter
+    from edgerank.train import export_merged
+    from tests.conftest import attach_random_lora
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    with torch.no_grad():  # every matrix on the Q4_0 grid (row-wise, so rope's row order is moot)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q4), q4)))
+    model.save_pretrained(base)
+    backend = attach_random_lora(base, r=4, alpha=8, std=0.01, seed=3)
+    save_adapter(backend.model, backend.weight_prefix, tmp_path / "a.safetensors", 4, 8, str(base), "qwen3-reranker")
+    trained = tmp_path / "trained"
+    export_merged(str(base), "qwen3-reranker", tmp_path / "a.safetensors", trained)
+    merged_only = tmp_path / "merged-only"
+    shutil.copytree(trained, merged_only)
+    (merged_only / "adapter.safetensors").unlink()
+
+    def logits(model, **kw):  # yes/no logits: sigmoid scores saturate
+        with edgerank.Reranker(model, **kw) as r:
+            p = np.clip(r.score(PAIRS[0][0], [d for _, d in PAIRS]), 1e-12, 1 - 1e-12)
+        return np.log(p / (1 - p))
+
+    def to_gguf(src, name):
+        out = tmp_path / f"{name}.gguf"
+        report = convert(src, to="gguf", quant="q4_0", out=out, family="qwen3-reranker", verify=False, progress=False)
+        return out, report
+
+    ref_trained = logits(trained, backend="reference")
+    effect = ref_trained - logits(base, backend="reference", family="qwen3-reranker")
+    assert np.abs(effect).max() > 0.05  # the adapter matters
+    # the adapter file itself, beside f16 base weights: llama.cpp applies it as transformers
+    # does (a larger update here, so that every projection's part of it shows)
+    from converters.gguf_export import write_gguf
+    from models.specs import get_spec
+
+    strong = attach_random_lora(base, r=4, alpha=8, std=0.05, seed=4)
+    save_adapter(strong.model, strong.weight_prefix, tmp_path / "s.safetensors", 4, 8, str(base), "qwen3-reranker")
+    export_merged(str(base), "qwen3-reranker", tmp_path / "s.safetensors", tmp_path / "strong")
+    write_gguf(tmp_path / "strong", tmp_path / "s16.gguf", "f16", get_spec("qwen3-reranker"), None, progress=False,
+               adapter_dest=tmp_path / "s16.lora.gguf")
+    ref_strong = logits(tmp_path / "strong", backend="reference")
+    assert np.abs(ref_strong - logits(base, backend="reference", family="qwen3-reranker")).max() > 0.3
+    assert np.abs(logits(tmp_path / "s16.gguf") - ref_strong).max() < 0.01
+
+    # end to end at 4 bits: the base quantizes exactly (it is on the grid), the update rides beside it
+    t_gguf, report = to_gguf(trained, "t")
+    assert (tmp_path / "t.lora.gguf").is_file() and "lora" in report
+    assert report["size_bytes"] == t_gguf.stat().st_size + (tmp_path / "t.lora.gguf").stat().st_size
+    kept = logits(t_gguf) - logits(to_gguf(base, "b")[0])  # the family comes from the GGUF's metadata
+    merged = logits(to_gguf(merged_only, "m")[0]) - logits(tmp_path / "b.gguf")
+    # (llama.cpp rounds activations to 8 bits for a 4-bit matmul: differences carry ~0.03 noise)
+    assert np.abs(kept - effect).mean() < 0.5 * np.abs(effect).mean(), (kept, effect)
+    # quantizing the merged weights instead loses it
+    assert np.abs(merged - effect).mean() > 3 * np.abs(kept - effect).mean(), (merged, kept, effect)
+
+    # the model names its adapter; without it, a clear error (not the base model's scores)
+    (tmp_path / "t.lora.gguf").rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(ModelFormatError, match="t.lora.gguf"):
+        edgerank.Reranker(t_gguf)
+    # a GGUF that needs an adapter is not a conversion source (its training would be lost)
+    (tmp_path / "elsewhere.gguf").rename(tmp_path / "t.lora.gguf")
+    with pytest.raises(ModelFormatError, match="LoRA adapter"):
+        convert(t_gguf, to="onnx", quant="int4", out=tmp_path / "x", verify=False, progress=False)

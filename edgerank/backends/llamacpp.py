@@ -80,6 +80,16 @@ class LlamaCppBackend:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise ModelFormatError(f"llama.cpp could not create a context for {source.path}")
+        self._adapter = None
+        if source.adapter is not None:  # a fine-tuned update kept beside quantized base weights
+            self._adapter = llama_cpp.llama_adapter_lora_init(self._model, str(source.adapter).encode())
+            if not self._adapter:
+                self.close()
+                raise ModelFormatError(f"llama.cpp could not load the LoRA adapter {source.adapter} for {source.path}")
+            one = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            if llama_cpp.llama_set_adapters_lora(self._ctx, one, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                self.close()
+                raise ModelFormatError(f"llama.cpp could not apply the LoRA adapter {source.adapter}")
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
@@ -146,6 +156,9 @@ class LlamaCppBackend:
         if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
             self._ctx = None
+        if getattr(self, "_adapter", None):
+            lib.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
             self._model = None
