@@ -80,13 +80,33 @@ class Artifact:
             return {k: z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k] for k in z.files}
 
 
+def cache_name(model: str) -> str:
+    """The name under which conversions of ``model`` are cached: its name plus a digest of
+    where its files are, their sizes and modification times. Two models of one name, or a
+    model retrained in place, never share a cached conversion."""
+    import hashlib
+
+    from edgerank import pull
+    from models.catalog import BUILTINS
+
+    if str(model) in BUILTINS:
+        if not pull.is_present(str(model)):
+            pull.pull(str(model))
+        path = pull.entry_path(str(model)).resolve()
+    else:
+        path = Path(model).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamp = [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]
+    return f"{Path(str(model)).name.removesuffix('.gguf')}-{digest}"
+
+
 def cached_artifact(model: str, quant: str = "int4", progress: bool = True) -> Path:
     """The int4 (or ``quant``) artifact of a built-in model or a model path, converted on
     first use into ``EDGERANK_HOME/artifacts`` and reused afterwards."""
     from edgerank.pull import edgerank_home
 
-    stem = Path(str(model)).name.replace(".gguf", "")
-    dest = edgerank_home() / "artifacts" / f"{stem}-{quant}"
+    dest = edgerank_home() / "artifacts" / f"{cache_name(model)}-{quant}"
     if not (dest / "manifest.json").is_file():
         from converters import convert
 

@@ -44,14 +44,13 @@ MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, dict]:
     """Each configuration's Reranker arguments; converts (once, cached) what it needs."""
     from converters import convert
-    from edgerank.artifact import cached_artifact
+    from edgerank.artifact import cache_name, cached_artifact
     from edgerank.pull import edgerank_home
     from edgerank.sources import resolve
 
     source = resolve(model)
     cache = edgerank_home() / "artifacts"
     cache.mkdir(parents=True, exist_ok=True)
-    stem = Path(str(model)).name.replace(".gguf", "")
     out: dict[str, dict] = {}
     if any(c.startswith(("onnx", "edgerank")) for c in configs):
         artifact = cached_artifact(model, "int4", progress)
@@ -59,7 +58,7 @@ def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, 
         if c == "fp32-reference":
             out[c] = {"model": str(model), "backend": "reference"}
         elif c == "llamacpp-q4":
-            gguf = source.path if source.kind == "gguf" else cache / f"{stem}-q4.gguf"
+            gguf = source.path if source.kind == "gguf" else cache / f"{cache_name(model)}-q4.gguf"
             if not gguf.is_file():
                 quant = "q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m"
                 convert(model, "gguf", quant, gguf, force=True, verify=False, progress=progress)

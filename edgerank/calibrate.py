@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgerank.datasets import load_beir, load_run
 
     p = argparse.ArgumentParser(prog="python -m edgerank.calibrate", description=__doc__.splitlines()[0])
-    p.add_argument("artifact", type=Path)
+    p.add_argument("model", help="an artifact folder, or a built-in name / HF folder / GGUF: its cached "
+                                 "int4 artifact (the one edgerank and the benchmark use) is calibrated")
     p.add_argument("--data", type=Path, default=SHARED_DATA / "trec-dl21")
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--depth", type=int, default=100)
@@ -139,12 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-k", default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
+    artifact = Path(args.model).expanduser()
+    if not (artifact / "manifest.json").is_file():
+        from edgerank.artifact import cached_artifact
+
+        artifact = cached_artifact(args.model)
+        console.print(f"calibrating {artifact}")
     coll = load_beir(args.data)
     runfile = sorted(args.data.glob("run*.trec"))
     run = load_run(runfile[0])
     qids = sorted(run)[: args.queries]
     recs = []
-    with Reranker(args.artifact, backend="edgerank", pruning=False, record_layers=True) as r:
+    with Reranker(artifact, backend="edgerank", pruning=False, record_layers=True) as r:
         for q in tqdm(qids, desc="recording layer scores", unit="query"):
             docs = [coll.corpus[d] for d, _ in run[q][: args.depth]]
             recs.append(record(r, coll.queries[q], docs))
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"target_precision": args.target, "k": args.top_k, "queries": len(recs), "data": args.data.name,
             "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"]}
     if not args.dry_run:
-        where = write_setting(args.artifact, best, meta, args.config)
+        where = write_setting(artifact, best, meta, args.config)
         console.print(f"wrote threshold={best['threshold']} min_depth={best['min_depth']} to {where}")
     return 0
 

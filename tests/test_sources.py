@@ -139,3 +139,24 @@ def test_family_detection_from_hf_config(tiny_qwen3, tiny_cross_encoder, tmp_pat
         assert resolve(tiny_qwen3).spec.family == "rank1"
     finally:
         (tiny_qwen3 / "edgerank.json").unlink()
+
+
+def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tiny_qwen3, tmp_path):
+    """Two folders of one name, or a model retrained in place, must not share a cached
+    artifact (the benchmark and calibration would silently run the wrong model)."""
+    import os
+    import shutil
+
+    from edgerank.artifact import cache_name
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_qwen3, a)
+    shutil.copytree(tiny_qwen3, b)
+    assert cache_name(str(a)).startswith("model-")
+    assert cache_name(str(a)) != cache_name(str(b))
+    assert cache_name(str(a)) == cache_name(str(a))
+    before = cache_name(str(a))
+    weights = a / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "retrained"
+    assert cache_name(str(a)) != before
