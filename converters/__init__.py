@@ -14,7 +14,7 @@ from converters.output import OutputExistsError, atomic_path, size_on_disk
 from edgerank.errors import ModelFormatError
 from edgerank.memory import PeakRSS
 
-FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
+FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
 
 __all__ = ["convert", "OutputExistsError", "FORMATS"]
 

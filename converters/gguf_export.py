@@ -1,4 +1,4 @@
-"""HF folder or GGUF file -> llama.cpp GGUF (f16, q8_0, q4_0 directly; q4_k_m via llama.cpp).
+"""HF folder or GGUF file -> llama.cpp GGUF (f16, q8_0, q4_0, q4_1 directly; q4_k_m via llama.cpp).
 
 Written with the ``gguf`` package's writer: all tensor infos first, then each tensor's
 data streamed in the same order, so one tensor is in memory at a time. HF names become
@@ -36,6 +36,9 @@ QUANTS = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    # min + q * d per block of 32: the grid the edgerank int4 artifact uses, and the one a
+    # Q4_1 base model (SmolLM2) already sits on, so such a base re-exports without loss
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "q4_k_m": (None, gguf.LlamaFileType.MOSTLY_Q4_K_M),  # llama.cpp's quantizer, from f16
 }
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,

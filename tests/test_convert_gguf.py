@@ -86,6 +86,23 @@ def test_q4_0_reports_tensors_kept_at_higher_precision(tmp_path, bpe_tokenizer):
     assert report["fallbacks"] == {}  # every 2-D tensor's rows are multiples of 32
 
 
+def test_a_q4_1_gguf_re_exports_to_q4_1_without_loss(tmp_path, bpe_tokenizer):
+    """GGUF -> q4_1 -> GGUF (dequantized) -> q4_1: every quantized tensor comes back bit for bit."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer)
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    convert(src, "gguf", "q4_1", first, family="zeroshot-chatml", verify=False, progress=False)
+    convert(first, "gguf", "q4_1", second, verify=False, progress=False)
+    a = {t.name: t for t in GGUFReader(str(first)).tensors}
+    b = {t.name: t for t in GGUFReader(str(second)).tensors}
+    quantized = [n for n, t in a.items() if t.tensor_type == GGMLQuantizationType.Q4_1]
+    assert len(quantized) >= 14 and a.keys() == b.keys()
+    for name in quantized:
+        assert b[name].tensor_type == GGMLQuantizationType.Q4_1
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
 @pytest.mark.slow
 def test_gguf_round_trip_smollm2_to_q8_0_keeps_the_ranking(smollm2_path, tmp_path):
     report = convert(smollm2_path, "gguf", "q8_0", tmp_path / "s.gguf", progress=False)
