@@ -41,8 +41,11 @@ MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 
 # ---- what each configuration loads -------------------------------------------------------
 
-def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, dict]:
-    """Each configuration's Reranker arguments; converts (once, cached) what it needs."""
+def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: str | None = None
+            ) -> dict[str, dict]:
+    """Each configuration's Reranker arguments; converts (once, cached) what it needs.
+    ``llamacpp-q4`` runs a GGUF model as it is, else a ``gguf_quant`` conversion (default
+    q4_k_m; q4_0 for bi-encoders; q4_1 suits a model whose base ships as Q4_1)."""
     from converters import convert
     from edgerank.artifact import cache_name, cached_artifact
     from edgerank.pull import edgerank_home
@@ -58,9 +61,9 @@ def prepare(model: str, configs: list[str], progress: bool = True) -> dict[str, 
         if c == "fp32-reference":
             out[c] = {"model": str(model), "backend": "reference"}
         elif c == "llamacpp-q4":
-            gguf = source.path if source.kind == "gguf" else cache / f"{cache_name(model)}-q4.gguf"
+            quant = gguf_quant or ("q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m")
+            gguf = source.path if source.kind == "gguf" else cache / f"{cache_name(model)}-{quant}.gguf"
             if not gguf.is_file():
-                quant = "q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m"
                 convert(model, "gguf", quant, gguf, force=True, verify=False, progress=progress)
             out[c] = {"model": str(gguf), "backend": "llamacpp", "family": source.spec.family}
         elif c == "onnx-int4-full":
@@ -186,11 +189,11 @@ def load_queries(data: Path | None, n: int | None, depth: int) -> tuple[list[dic
 # ---- the run -----------------------------------------------------------------------------
 
 def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, subset: dict[str, int],
-              lowmem_mb: float | None, progress: bool = True) -> dict[str, Any]:
+              lowmem_mb: float | None, progress: bool = True, gguf_quant: str | None = None) -> dict[str, Any]:
     """Run every configuration over ``queries``, interleaved; return the JSON report."""
     from tqdm.auto import tqdm
 
-    specs = prepare(model, configs, progress)
+    specs = prepare(model, configs, progress, gguf_quant)
     if "edgerank-lowmem" in specs and lowmem_mb:
         specs["edgerank-lowmem"]["max_memory_mb"] = lowmem_mb
     workers, results, errors = {}, {c: [] for c in configs}, {}
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", action="append", default=[], metavar="CONFIG=N",
                    help="run a slow configuration on the first N queries only")
     p.add_argument("--lowmem-mb", type=float, default=400.0, help="max_memory_mb of edgerank-lowmem")
+    p.add_argument("--gguf-quant", default=None, choices=("q4_0", "q4_1", "q4_k_m"),
+                   help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders)")
     p.add_argument("--full", action="store_true", help="every judged query at depth 100")
     p.add_argument("--json", default=None, metavar="OUT")
     p.add_argument("--plot", default=None, metavar="OUT.png")
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     queries, source = load_queries(args.data, n, depth)
     subset = {k: int(v) for k, v in (s.split("=", 1) for s in args.subset)}
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb)
+    report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
     report["settings"]["data"] = source
     report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(report)
