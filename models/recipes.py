@@ -45,8 +45,8 @@ RECIPES: dict[str, Recipe] = {
             name="edgerank-minilm-ce",
             description="cross-encoder from all-MiniLM-L6-v2's encoder plus a fresh classifier, full fine-tuning",
             config=dict(base="minilm-l6", family="cross-encoder", loss="kl", teacher_temperature=0.05,
-                        label_weight=0.2, adapter="full", steps=300, queries_per_step=8, group_size=8,
-                        lr=5e-5, max_length=160, checkpoint_every=50),
+                        label_weight=0.2, adapter="full", steps=700, queries_per_step=8, group_size=8,
+                        lr=1e-4, max_length=160, checkpoint_every=50),
         ),
         Recipe(
             name="edgerank-smollm2-rerank",
