@@ -94,7 +94,12 @@ def cache_name(model: str) -> str:
             pull.pull(str(model))
         path = pull.entry_path(str(model)).resolve()
     else:
-        path = Path(model).expanduser().resolve()
+        path = Path(model).expanduser()
+        if not path.exists():  # an hf:ORG/NAME id, or a clear error for a wrong path
+            from edgerank.sources import resolve
+
+            path = resolve(model).path
+        path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]

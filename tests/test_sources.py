@@ -160,3 +160,5 @@ def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tin
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "retrained"
     assert cache_name(str(a)) != before
+    with pytest.raises(ModelNotFoundError):
+        cache_name(str(tmp_path / "nowhere"))
