@@ -245,6 +245,7 @@ def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, 
         row = {
             "name": c, "queries": len(rs), "options": specs[c],
             "latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+            "latency_ms_per_query": {int(r["qi"]): float(ms) for r, ms in zip(rs, lat)},
             "pairs_per_s": pairs / (lat.sum() / 1000) if lat.sum() else 0.0,
             "peak_rss_mb": finals[c]["max_rss_mb"], "baseline_rss_mb": hellos[c]["baseline_rss_mb"],
             "model_rss_mb": finals[c]["max_rss_mb"] - hellos[c]["baseline_rss_mb"],
@@ -279,12 +280,19 @@ def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, 
 
 
 def _add_ratios(rows: list[dict]) -> None:
+    """Latency ratios are paired: medians over the queries both configurations ran (a
+    ``--subset`` configuration ran only the first N), so they compare like with like."""
     by = {r["name"]: r for r in rows if "error" not in r}
     for r in by.values():
         for anchor in ("fp32-reference", "llamacpp-q4"):
             if anchor in by:
                 a = by[anchor]
-                r[f"latency_vs_{anchor}"] = r["latency_ms_median"] / a["latency_ms_median"]
+                mine, theirs = r["latency_ms_per_query"], a["latency_ms_per_query"]
+                both = [qi for qi in mine if qi in theirs]
+                if both:
+                    r[f"latency_vs_{anchor}"] = (float(np.median([mine[qi] for qi in both]))
+                                                 / float(np.median([theirs[qi] for qi in both])))
+                    r[f"latency_vs_{anchor}_queries"] = len(both)
                 r[f"peak_rss_vs_{anchor}"] = r["peak_rss_mb"] / a["peak_rss_mb"]
 
 

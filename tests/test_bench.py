@@ -76,6 +76,23 @@ def test_a_shuffled_ranking_scores_lower_through_the_harness(tiny_model):
     assert rows["fp32-reference"]["model_rss_mb"] == 50.0
 
 
+def test_latency_ratios_pair_the_queries_both_configurations_ran(tiny_model):
+    """A --subset configuration ran only the first queries: its ratio must compare the same
+    queries, not its median against a median over a different set."""
+    configs = ["llamacpp-q4", "edgerank"]
+    slow = [{"qi": 0, "order": [0, 1, 2, 3], "latency_s": 4.0, "extra": {}}]  # subset: query 0 only
+    fast = [{"qi": 0, "order": [0, 1, 2, 3], "latency_s": 1.0, "extra": {}},
+            {"qi": 1, "order": [0, 1, 2, 3], "latency_s": 9.0, "extra": {}}]
+    done = {c: {"max_rss_mb": 100.0} for c in configs}
+    hello = {c: {"baseline_rss_mb": 50.0, "load_s": 0.0} for c in configs}
+    specs = {c: {"model": str(tiny_model)} for c in configs}
+    rows = {r["name"]: r for r in bench.summarize(configs, {"llamacpp-q4": slow, "edgerank": fast},
+                                                    done, hello, specs, QUERIES, top_k=1)}
+    assert rows["edgerank"]["latency_ms_median"] == 5000.0  # its own median, over both queries
+    assert rows["edgerank"]["latency_vs_llamacpp-q4"] == 0.25  # 1 s vs 4 s on query 0
+    assert rows["edgerank"]["latency_vs_llamacpp-q4_queries"] == 1
+
+
 def test_an_unknown_configuration_is_named(tiny_model):
     with pytest.raises(ValueError, match="unknown configuration 'gpu-magic'"):
         bench.prepare(str(tiny_model), ["gpu-magic"], progress=False)
