@@ -55,7 +55,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     # a trained LoRA stays unmerged beside a quantized GGUF (see converters/gguf_export.py)
     adapter_name = None
     if to == "gguf" and quant != "f16" and source.kind == "hf":
-        from converters.gguf_export import adapter_file
+        from edgerank.adapters import adapter_file
 
         if adapter_file(source.path) is not None:
             adapter_name = f"{out.stem}.lora.gguf"

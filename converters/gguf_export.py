@@ -121,12 +121,6 @@ def _encode(w: np.ndarray, qtype) -> np.ndarray:
     return quantize(w.astype(np.float32), qtype)
 
 
-def adapter_file(src: Path) -> Path | None:
-    """The LoRA adapter a trained HF folder carries, if any."""
-    path = Path(src) / "adapter.safetensors"
-    return path if Path(src).is_dir() and path.is_file() else None
-
-
 def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_ids: list[int] | None,
                progress: bool = True, adapter_dest: Path | None = None) -> dict:
     """Convert ``src`` (HF folder or .gguf) to ``dest``; returns notes for the report.
@@ -159,7 +153,7 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
 
     lora = {}
     if adapter_dest is not None:
-        from edgerank.adapters import lora_updates
+        from edgerank.adapters import adapter_file, lora_updates
 
         lora = lora_updates(adapter_file(src))
 

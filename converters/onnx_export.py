@@ -86,11 +86,11 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
 def _adapter_tensors(src: Path) -> dict[str, np.ndarray]:
     """The LoRA adapter a trained folder carries (``adapter.safetensors``, written by
     ``edgerank.train``), as ``{weight key}.lora_A`` / ``.lora_B`` with B scaled by alpha/r."""
-    path = src / "adapter.safetensors" if src.is_dir() else None
-    if path is None or not path.is_file():
-        return {}
-    from edgerank.adapters import lora_updates
+    from edgerank.adapters import adapter_file, lora_updates
 
+    path = adapter_file(src)
+    if path is None:
+        return {}
     out = {}
     for key, (a, b) in lora_updates(path).items():
         out[key + ".lora_A"], out[key + ".lora_B"] = a, b

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edgerank.adapters import ADAPTER_FILE
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3", "bert", "xlm-roberta"}
@@ -66,7 +67,7 @@ def hf_config(folder: Path) -> ArchConfig:
 def weight_shards(folder: Path) -> list[Path]:
     """An HF folder's safetensors weight shards; a trained model's LoRA adapter file
     (``adapter.safetensors``, which the converters read on their own) is not one."""
-    shards = sorted(p for p in Path(folder).glob("*.safetensors") if p.name != "adapter.safetensors")
+    shards = sorted(p for p in Path(folder).glob("*.safetensors") if p.name != ADAPTER_FILE)
     if not shards:
         raise ModelFormatError(f"{folder} has no .safetensors weights")
     return shards

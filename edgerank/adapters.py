@@ -13,9 +13,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used: the converters read adapters without it
+    import torch
+
+ADAPTER_FILE = "adapter.safetensors"  # beside a LoRA-trained model's merged weights
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_TARGETS = ("query", "key", "value", "dense")
 
@@ -87,6 +92,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarr
     return pairs, meta
 
 
+def adapter_file(folder: str | Path) -> Path | None:
+    """The LoRA adapter a trained HF folder carries (written by ``edgerank.train``), if any."""
+    path = Path(folder) / ADAPTER_FILE
+    return path if Path(folder).is_dir() and path.is_file() else None
+
+
 def lora_updates(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{weight key: (A, alpha / r * B)}``, B scaled in float64: each update is ``B @ A``.
     The merge below and the converters (which keep the update unmerged) both read this."""
@@ -97,6 +108,8 @@ def lora_updates(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:
     """The base state dict with the adapter merged in (exact, order-fixed float64 sums)."""
+    import torch
+
     merged = dict(state)
     for key, (a, b64) in lora_updates(adapter).items():
         if key not in state:
@@ -113,6 +126,8 @@ def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str,
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's names, dtypes, shapes and bytes, in sorted name order."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from edgerank.adapters import ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
 from edgerank.tokenization import encode_pairs
 
@@ -279,7 +280,7 @@ def _finish(cfg: TrainConfig, backend, work: Path, out: Path, log: list[dict]) -
     if cfg.adapter == "lora":
         from edgerank.adapters import save_adapter
 
-        adapter = staging / "adapter.safetensors"
+        adapter = staging / ADAPTER_FILE
         save_adapter(backend.model, backend.weight_prefix, adapter, cfg.lora_r, cfg.lora_alpha,
                      cfg.base, cfg.family)
         backend.close()
@@ -339,8 +340,8 @@ def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
 
     _, meta = read_adapter(adapter)
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "adapter.safetensors").resolve() != Path(adapter).resolve():
-        shutil.copyfile(adapter, folder / "adapter.safetensors")  # the converters keep it unmerged
+    if (folder / ADAPTER_FILE).resolve() != Path(adapter).resolve():
+        shutil.copyfile(adapter, folder / ADAPTER_FILE)  # the converters keep it unmerged
     backend = ReferenceBackend(resolve(base, family=family), device="cpu")
     merged = merge_lora(backend.full_model.state_dict(), adapter)
     backend.full_model.load_state_dict(merged)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -173,3 +174,41 @@ def attach_random_lora(base: Path, r: int, alpha: int, std: float, params: str =
             if params in name:
                 p.normal_(0, std)
     return backend
+
+
+def snap_weights(folder: Path, snap) -> None:
+    """Rewrite the HF model in ``folder`` with each parameter replaced by ``snap(name, array)``
+    (a quantize-dequantize round trip puts a base on a quantization grid)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(snap(name, p.numpy()), dtype=np.float32)))
+    model.save_pretrained(folder)
+
+
+def train_random_lora(base: Path, out: Path, std: float, seed: int, r: int = 4, alpha: int = 8) -> Path:
+    """``out``: what ``edgerank.train`` leaves for a LoRA run on ``base`` (merged weights plus
+    ``adapter.safetensors``), with a random adapter standing in for a trained one."""
+    from edgerank.adapters import save_adapter
+    from edgerank.train import export_merged
+
+    backend = attach_random_lora(base, r=r, alpha=alpha, std=std, seed=seed)
+    adapter = out.with_name(out.name + "-adapter.safetensors")
+    save_adapter(backend.model, backend.weight_prefix, adapter, r, alpha, str(base), "qwen3-reranker")
+    backend.close()
+    export_merged(str(base), "qwen3-reranker", adapter, out)
+    return out
+
+
+def without_adapter(trained: Path, out: Path) -> Path:
+    """A copy of a LoRA-trained folder without its adapter file: the merged weights only."""
+    import shutil
+
+    from edgerank.adapters import ADAPTER_FILE
+
+    shutil.copytree(trained, out)
+    (out / ADAPTER_FILE).unlink()
+    return out

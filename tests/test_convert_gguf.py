@@ -183,31 +183,16 @@ def test_real_minilm_gguf_ranks_like_the_fp32_model(minilm_path, tmp_path):
 def test_a_trained_lora_stays_unmerged_beside_a_quantized_gguf(tmp_path, bpe_tokenizer):
     """A fine-tuned LoRA delta is below a 4-bit step: the GGUF holds the base weights and a
     llama.cpp LoRA adapter beside it holds the update, which llama.cpp applies at run time."""
-    import shutil
-
     import gguf
-    import torch
-    import transformers
 
-    from edgerank.adapters import save_adapter
-    from edgerank.train import export_merged
-    from tests.conftest import attach_random_lora
+    from tests.conftest import snap_weights, train_random_lora, without_adapter
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base)
     q4 = gguf.GGMLQuantizationType.Q4_0
-    with torch.no_grad():  # every matrix on the Q4_0 grid (row-wise, so rope's row order is moot)
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q4), q4)))
-    model.save_pretrained(base)
-    backend = attach_random_lora(base, r=4, alpha=8, std=0.01, seed=3)
-    save_adapter(backend.model, backend.weight_prefix, tmp_path / "a.safetensors", 4, 8, str(base), "qwen3-reranker")
-    trained = tmp_path / "trained"
-    export_merged(str(base), "qwen3-reranker", tmp_path / "a.safetensors", trained)
-    merged_only = tmp_path / "merged-only"
-    shutil.copytree(trained, merged_only)
-    (merged_only / "adapter.safetensors").unlink()
+    # every matrix on the Q4_0 grid (row-wise, so rope's row order is moot)
+    snap_weights(base, lambda name, w: gguf.quants.dequantize(gguf.quants.quantize(w, q4), q4) if w.ndim == 2 else w)
+    trained = train_random_lora(base, tmp_path / "trained", std=0.01, seed=3)
+    merged_only = without_adapter(trained, tmp_path / "merged-only")
 
     def logits(model, **kw):  # yes/no logits: sigmoid scores saturate
         with edgerank.Reranker(model, **kw) as r:
@@ -227,9 +212,7 @@ def test_a_trained_lora_stays_unmerged_beside_a_quantized_gguf(tmp_path, bpe_tok
     from converters.gguf_export import write_gguf
     from models.specs import get_spec
 
-    strong = attach_random_lora(base, r=4, alpha=8, std=0.05, seed=4)
-    save_adapter(strong.model, strong.weight_prefix, tmp_path / "s.safetensors", 4, 8, str(base), "qwen3-reranker")
-    export_merged(str(base), "qwen3-reranker", tmp_path / "s.safetensors", tmp_path / "strong")
+    train_random_lora(base, tmp_path / "strong", std=0.05, seed=4)
     write_gguf(tmp_path / "strong", tmp_path / "s16.gguf", "f16", get_spec("qwen3-reranker"), None, progress=False,
                adapter_dest=tmp_path / "s16.lora.gguf")
     ref_strong = logits(tmp_path / "strong", backend="reference")

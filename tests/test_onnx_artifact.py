@@ -16,7 +16,7 @@ from converters import OutputExistsError, convert, onnx_export
 from converters.quantize import dequantize_blocks, quantize_blocks
 from edgerank.budget import MemoryBudgetError
 from edgerank.errors import ModelFormatError, UnsupportedModelError
-from tests.conftest import PAIRS, attach_random_lora, make_bert, make_decoder
+from tests.conftest import PAIRS, make_bert, make_decoder, snap_weights, train_random_lora, without_adapter
 
 QUERY = PAIRS[0][0]
 DOCS = [d for _, d in PAIRS] + ["the immune system and the vaccine", "a city of water", "stock market energy"]
@@ -247,25 +247,13 @@ def test_real_smollm2_fp32_artifact_equals_the_transformers_reference(smollm2_pa
 def test_int4_artifact_keeps_a_lora_update_that_merging_would_round_away(tmp_path, bpe_tokenizer):
     """A fine-tuned LoRA delta is far below a 4-bit step: the converter quantizes the base
     and keeps the low-rank update beside it, so int4 follows what the adapter changed."""
-    from edgerank.adapters import save_adapter
-    from edgerank.train import export_merged
-
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
-    # put the base's projections on a 4-bit grid, as a Q4_1 GGUF base (SmolLM2) has them
-    model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".layers." in name and p.dim() == 2:
-                b, s, z = quantize_blocks(p.numpy(), 4, 32)
-                p.copy_(torch.from_numpy(dequantize_blocks(b, s, z, 4, p.shape[1])))
-    model.save_pretrained(base)
-    backend = attach_random_lora(base, r=4, alpha=8, std=0.01, seed=3)
-    save_adapter(backend.model, backend.weight_prefix, tmp_path / "a.safetensors", 4, 8, str(base), "qwen3-reranker")
-    trained = tmp_path / "trained"
-    export_merged(str(base), "qwen3-reranker", tmp_path / "a.safetensors", trained)
-    merged_only = tmp_path / "merged-only"  # the same weights without the adapter file
-    shutil.copytree(trained, merged_only)
-    (merged_only / "adapter.safetensors").unlink()
+
+    def on_grid(name, w):  # the base's projections on a 4-bit grid, as a Q4_1 GGUF base (SmolLM2) has them
+        return dequantize_blocks(*quantize_blocks(w, 4, 32), 4, w.shape[1]) if ".layers." in name and w.ndim == 2 else w
+    snap_weights(base, on_grid)
+    trained = train_random_lora(base, tmp_path / "trained", std=0.01, seed=3)
+    merged_only = without_adapter(trained, tmp_path / "merged-only")
 
     def scores(model, **kw):  # as yes/no logits: sigmoid scores saturate
         with edgerank.Reranker(model, family="qwen3-reranker", **kw) as r:
