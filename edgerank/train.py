@@ -52,6 +52,11 @@ class TrainConfig:
     label_weight: float = 0.0  # adds label_weight * BCE on the binary labels
     teacher_temperature: float = 1.0
     margin: float = 1.0  # the hinge margin of loss="margin"
+    # Early-layer ranking (for the pruning runtime): adds layer_weight * the mean of the
+    # same loss on the model's own head read from the hidden state entering each layer
+    # from layer_min_depth of the depth on, as the runtime scores candidates before pruning.
+    layer_weight: float = 0.0
+    layer_min_depth: float = 0.3
     adapter: str = "full"  # full fine-tuning | lora
     lora_r: int = 16
     lora_alpha: int = 32
@@ -82,6 +87,8 @@ class TrainConfig:
         for name in ("steps", "queries_per_step", "grad_accum", "max_length", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.layer_weight < 0 or not 0.0 < self.layer_min_depth < 1.0:
+            raise ValueError("layer_weight must be >= 0 and layer_min_depth within (0, 1)")
         if self.group_size < 2 and self.loss != "bce":
             raise ValueError(f"loss {self.loss!r} compares candidates: group_size must be at least 2")
 
@@ -224,6 +231,14 @@ def _batch(groups: list[dict], cfg: TrainConfig, index: int) -> list[dict]:
     return out
 
 
+def supervised_layers(n_layers: int, min_depth: float) -> tuple[int, ...]:
+    """The layers whose incoming hidden state ``layer_weight`` trains the head on: every
+    layer the pruning runtime checks before at ``min_depth``, up to the last."""
+    from edgerank.pruning import PruningPolicy
+
+    return tuple(range(PruningPolicy(min_depth=min_depth).first_layer(n_layers), n_layers))
+
+
 def _loss(backend, spec, batch: list[dict], cfg: TrainConfig) -> torch.Tensor:
     from edgerank.losses import listwise_kl, pointwise_bce, ranknet
 
@@ -234,31 +249,40 @@ def _loss(backend, spec, batch: list[dict], cfg: TrainConfig) -> torch.Tensor:
         types += enc.type_ids or []
         sizes.append(len(g["texts"]))
     device = backend.device
+    layers = ()
+    if cfg.layer_weight:
+        layers = supervised_layers(backend.full_model.config.num_hidden_layers, cfg.layer_min_depth)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with autocast:
-        logits = spec.score.logit(backend.head_outputs(seqs, types or None)).float()
+        outputs = backend.head_outputs_by_layer(seqs, types or None, layers)
     width = max(sizes)
-    student = torch.zeros((len(batch), width), device=device)
     mask = torch.zeros((len(batch), width), dtype=torch.bool, device=device)
     lab = torch.zeros((len(batch), width), device=device)
     teach = torch.zeros((len(batch), width), device=device)
-    at = 0
     for q, (g, n) in enumerate(zip(batch, sizes)):
-        student[q, :n] = logits[at: at + n]
         mask[q, :n] = True
         lab[q, :n] = torch.tensor(g["labels"], device=device)
         if g["teacher"] is not None:
             teach[q, :n] = torch.tensor(g["teacher"], device=device)
-        at += n
     target = teach if cfg.loss != "bce" and all(g["teacher"] is not None for g in batch) else lab
-    if cfg.loss == "kl":
-        loss = listwise_kl(student, teach, mask, cfg.teacher_temperature)
-    elif cfg.loss == "bce":
-        loss = pointwise_bce(student, lab, mask)
-    else:
-        loss = ranknet(student, target, mask, cfg.margin if cfg.loss == "margin" else None)
-    if cfg.label_weight and cfg.loss != "bce":
-        loss = loss + cfg.label_weight * pointwise_bce(student, lab, mask)
+
+    def group_loss(logits: torch.Tensor) -> torch.Tensor:
+        student = torch.zeros((len(batch), width), device=device)
+        student[mask] = logits  # row-major: each query's candidates in order
+        if cfg.loss == "kl":
+            loss = listwise_kl(student, teach, mask, cfg.teacher_temperature)
+        elif cfg.loss == "bce":
+            loss = pointwise_bce(student, lab, mask)
+        else:
+            loss = ranknet(student, target, mask, cfg.margin if cfg.loss == "margin" else None)
+        if cfg.label_weight and cfg.loss != "bce":
+            loss = loss + cfg.label_weight * pointwise_bce(student, lab, mask)
+        return loss
+
+    logits = [spec.score.logit(o).float() for o in outputs]
+    loss = group_loss(logits[0])
+    if layers:
+        loss = loss + cfg.layer_weight * torch.stack([group_loss(x) for x in logits[1:]]).mean()
     return loss
 
 

@@ -312,3 +312,76 @@ def test_saved_model_stores_tied_embeddings_once_and_reloads_identically(tmp_pat
     seqs = [[5, 6, 7, 8], [9, 10]]
     with torch.no_grad():
         torch.testing.assert_close(after.head_outputs(seqs), before.head_outputs(seqs), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- early-layer ranking
+
+@pytest.mark.parametrize("kind", ["qwen3", "cross-encoder"])
+def test_the_trainer_reads_each_layer_as_the_pruning_runtime_scores_it(kind, tmp_path, bpe_tokenizer,
+                                                                       wordpiece_tokenizer):
+    """``layer_weight`` trains exactly the readout pruning uses: the reference backend's
+    per-layer head outputs (transformers' hidden states) equal the layer-wise runtime's
+    recorded scores on an fp32 artifact, layer by layer."""
+    import edgerank
+    from converters import convert
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.tokenization import encode_pairs
+
+    if kind == "qwen3":
+        src, family = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=4), "qwen3-reranker"
+    else:
+        src, family = make_bert(tmp_path / "hf", wordpiece_tokenizer, "classifier", n_layers=4), None
+    art = tmp_path / "fp32"
+    convert(src, "onnx", "fp32", art, family=family, verify=False, progress=False)
+    q, pos, negs = TOPICS[0]
+    docs = [pos] + negs + [TOPICS[1][1]]
+    with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
+        r.score(q, docs)
+        recorded = r.last_stats.extra["layer_scores"]  # [L, n]: before layers 1..L-1, then final
+    ref = ReferenceBackend(resolve(str(src), family=family), device="cpu")
+    enc = encode_pairs(ref.spec, ref.tokenizer, q, docs)
+    with torch.no_grad():
+        outs = ref.head_outputs_by_layer(enc.sequences, enc.type_ids, layers=(1, 2, 3)).double().numpy()
+    mine = np.stack([ref.spec.score.apply(o) for o in list(outs[1:]) + [outs[0]]])
+    assert recorded.shape == mine.shape == (4, len(docs))
+    np.testing.assert_allclose(mine, recorded, rtol=1e-3, atol=1e-6)
+    assert not np.allclose(recorded[0], recorded[-1], rtol=1e-2)  # the layers' scores do differ
+
+
+def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_tokenizer):
+    """With ``layer_weight``, the head read from a middle layer learns the teacher's order;
+    without it, only the last layer does."""
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.losses import listwise_kl
+    from edgerank.sources import resolve
+    from edgerank.tokenization import encode_pairs
+    from edgerank.train import supervised_layers
+
+    assert supervised_layers(4, 0.5) == (2, 3) and supervised_layers(6, 0.3) == (2, 3, 4, 5)
+    base = make_bert(tmp_path / "bert", wordpiece_tokenizer, "classifier", n_layers=4)
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    common = dict(base=str(base), family="cross-encoder", data=str(data), loss="kl", teacher_temperature=0.2,
+                  adapter="full", steps=30, queries_per_step=len(TOPICS), lr=2e-3, warmup=0.0,
+                  checkpoint_every=100, device="cpu", layer_min_depth=0.25)
+
+    def layer_losses(folder: Path) -> np.ndarray:
+        backend = ReferenceBackend(resolve(str(folder), family="cross-encoder"), device="cpu")
+        teacher = torch.tensor([g["teacher_scores"] for g in _groups()])
+        out = []
+        with torch.no_grad():
+            for g, t in zip(_groups(), teacher):
+                enc = encode_pairs(backend.spec, backend.tokenizer, g["query"], [g["positive"]] + g["negatives"])
+                logits = backend.head_outputs_by_layer(enc.sequences, enc.type_ids, (1,))[:, :, 0]
+                out.append([float(listwise_kl(x[None], t[None], torch.ones(1, 4, dtype=torch.bool), 0.2))
+                            for x in logits])
+        return np.mean(out, axis=0)  # final, then read before layer 1 (after the first of 4)
+
+    plain = layer_losses(train(TrainConfig(out=str(tmp_path / "plain"), **common), progress=False))
+    deep = layer_losses(train(TrainConfig(out=str(tmp_path / "deep"), layer_weight=3.0, **common),
+                              progress=False))
+    assert deep[1] < 0.3 * plain[1], (plain, deep)  # measured 0.018 against 0.131
+    assert deep[0] < 0.1 * layer_losses(base)[0]  # and the final layer still learned (0.009 from 1.1)
+    with pytest.raises(ValueError, match="layer_min_depth"):
+        TrainConfig(out="x", **{**common, "layer_min_depth": 1.5}).validate()

@@ -86,19 +86,30 @@ class ReferenceBackend:
         Decoders: the answer-label logits at each sequence's last token. Cross-encoders:
         the classifier logits. Bi-encoders: the pooled (normalised) embedding. ``score``
         and the trainer (``edgerank.train``) both run through here."""
+        return self.head_outputs_by_layer(seqs, type_ids)[0]
+
+    def head_outputs_by_layer(self, seqs: list[list[int]], type_ids: list[list[int]] | None = None,
+                              layers: tuple[int, ...] = ()) -> torch.Tensor:
+        """``[1 + len(layers), n, width]``: the final head outputs, then the model's own head
+        applied to the hidden state *entering* each of ``layers`` (1 .. L-1), which is what
+        the pruning runtime scores before that layer (final norm + label rows, or pooler +
+        classifier, or mean pooling). The trainer's ``layer_weight`` trains on these."""
         n, width = len(seqs), max(map(len, seqs))
         ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
+        want = bool(layers)
         if self.spec.kind == "decoder":  # left padding: every last token sits at -1
             for r, s in enumerate(seqs):
                 ids[r, width - len(s):] = torch.tensor(s)
                 mask[r, width - len(s):] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=pos.to(self.device)).last_hidden_state[:, -1]
-            logits = hidden @ self.head_weight.T.to(hidden.dtype)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=pos.to(self.device), output_hidden_states=want)
+            last = [out.last_hidden_state[:, -1]]  # final norm already applied
+            last += [self.model.norm(out.hidden_states[layer][:, -1]) for layer in layers]
+            logits = torch.stack(last) @ self.head_weight.T.to(last[0].dtype)
             if self.head_bias is not None:
-                logits = logits + self.head_bias.to(hidden.dtype)
+                logits = logits + self.head_bias.to(logits.dtype)
             return logits
         types = torch.zeros((n, width), dtype=torch.long)
         for r, s in enumerate(seqs):
@@ -106,17 +117,26 @@ class ReferenceBackend:
             mask[r, : len(s)] = 1
             if type_ids is not None:
                 types[r, : len(s)] = torch.tensor(type_ids[r])
-        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=want)
         if getattr(self.model.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = types.to(self.device)
+        out = self.model(**kwargs)
         if self.spec.kind == "cross-encoder":
-            return self.model(**kwargs).logits
-        hidden = self.model(**kwargs).last_hidden_state
-        m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.stack([out.logits] + [self._classify(out.hidden_states[layer]) for layer in layers])
+        m = mask.to(self.device).unsqueeze(-1).to(out.last_hidden_state.dtype)
+        hidden = [out.last_hidden_state] + [out.hidden_states[layer] for layer in layers]
+        pooled = torch.stack([(h * m).sum(1) / m.sum(1).clamp(min=1e-9) for h in hidden])
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
+
+    def _classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A cross-encoder's head on a ``[n, T, d]`` hidden state: BERT's pooler + dropout +
+        classifier, or a RoBERTa-style classifier that reads [CLS] itself."""
+        pooler = getattr(self.model.base_model, "pooler", None)
+        if pooler is not None:
+            return self.model.classifier(self.model.dropout(pooler(hidden)))
+        return self.model.classifier(hidden)
 
     def close(self) -> None:
         self.model = self.full_model = None
