@@ -361,11 +361,12 @@ def plot(report: dict, path: str) -> None:
 
     rows = [r for r in report["configs"] if "error" not in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        a.scatter(r["peak_rss_mb"], r["latency_ms_median"], s=60)
+    for r in rows:  # a legend, not labels beside the points: close points would overlap
         ndcg = r.get("ndcg@10_on_fp32_queries", r["ndcg@10"])  # same queries for every point
-        a.annotate(f"{r['name']}\nnDCG@10 {ndcg:.3f}", (r["peak_rss_mb"], r["latency_ms_median"]),
-                   textcoords="offset points", xytext=(6, 4), fontsize=8)
+        a.scatter(r["peak_rss_mb"], r["latency_ms_median"], s=60,
+                  label=f"{r['name']}: {r['latency_ms_median'] / 1000:.2f} s, {r['peak_rss_mb']:.0f} MB, "
+                        f"nDCG@10 {ndcg:.3f}")
+    a.legend(fontsize=8, loc="best")
     a.set_xlabel("peak RSS (MB)")
     a.set_ylabel("median latency per query (ms)")
     a.set_title(f"{report['settings']['model']}, K={report['settings']['top_k']} (nDCG@10 on the fp32 queries)")

@@ -141,6 +141,15 @@ BUILTINS: dict[str, BuiltinModel] = {
             wheels=(), files=(), entry="", size_bytes=90_900_000,
             base="minilm-l6", recipe="edgerank-minilm-ce",
         ),
+        BuiltinModel(
+            name="edgerank-minilm-ce-early",
+            family="cross-encoder",
+            licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
+            description="edgerank-minilm-ce whose own head also ranks from layer 2 of 6, so pruning can skip work",
+            made_by="edgerank recipe edgerank-minilm-ce-early (trained locally, from edgerank-minilm-ce)",
+            wheels=(), files=(), entry="", size_bytes=90_900_000,
+            base="edgerank-minilm-ce", recipe="edgerank-minilm-ce-early",
+        ),
     )
 }
 

@@ -49,6 +49,14 @@ RECIPES: dict[str, Recipe] = {
                         lr=1e-4, max_length=160, checkpoint_every=50),
         ),
         Recipe(
+            name="edgerank-minilm-ce-early",
+            description="edgerank-minilm-ce trained on so that its own head also ranks from layer 2 of 6 "
+                        "(layer_weight: the readout progressive pruning uses), for pruned reranking",
+            config=dict(base="edgerank-minilm-ce", family="cross-encoder", loss="kl", teacher_temperature=0.05,
+                        label_weight=0.2, adapter="full", steps=200, queries_per_step=8, group_size=8,
+                        lr=5e-5, max_length=160, checkpoint_every=50, layer_weight=1.0, layer_min_depth=0.3),
+        ),
+        Recipe(
             name="edgerank-smollm2-rerank",
             description="yes/no LLM reranker (Qwen3-Reranker template) from SmolLM2-135M-Instruct, LoRA r16 on the top 10 of 30 layers",
             config=dict(base="smollm2-135m", family="qwen3-reranker", loss="kl", teacher_temperature=0.05,
