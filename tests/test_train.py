@@ -385,3 +385,14 @@ def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_to
     assert deep[0] < 0.1 * layer_losses(base)[0]  # and the final layer still learned (0.009 from 1.1)
     with pytest.raises(ValueError, match="layer_min_depth"):
         TrainConfig(out="x", **{**common, "layer_min_depth": 1.5}).validate()
+
+
+def test_every_recipe_is_a_valid_training_config_of_a_listed_model():
+    from models.catalog import BUILTINS
+    from models.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        TrainConfig(data="groups.jsonl", out="out", seed=recipe.seed, **recipe.config).validate()
+        assert BUILTINS[recipe.name].recipe == recipe.name
+        base = recipe.config["base"]
+        assert base in BUILTINS and (BUILTINS[base].recipe is None or base in RECIPES)  # a base can be made
