@@ -125,6 +125,13 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
         from edgerank.adapters import attach_lora
 
         n_layers = backend.full_model.config.num_hidden_layers
+        layers = supervised_layers(n_layers, cfg.layer_min_depth) if cfg.layer_weight else ()
+        if cfg.lora_upper and layers and layers[0] <= n_layers - cfg.lora_upper:
+            # the readout before layer l depends on layers < l only: it can learn once l-1 is adapted
+            first = n_layers - cfg.lora_upper + 1
+            raise ValueError(f"layer_weight trains the readouts before layers {layers[0]}..{n_layers - 1}, but LoRA "
+                             f"adapts only the last {cfg.lora_upper} of {n_layers} layers, so readouts before layer "
+                             f"{first} cannot change: raise layer_min_depth to {first / n_layers:.2f} or lora_upper")
         attach_lora(module, spec.kind, n_layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_upper)
     params = [p for p in module.parameters() if p.requires_grad]
     names = [n for n, p in module.named_parameters() if p.requires_grad]

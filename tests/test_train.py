@@ -349,7 +349,7 @@ def test_the_trainer_reads_each_layer_as_the_pruning_runtime_scores_it(kind, tmp
     assert not np.allclose(recorded[0], recorded[-1], rtol=1e-2)  # the layers' scores do differ
 
 
-def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_tokenizer):
+def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_tokenizer, bpe_tokenizer):
     """With ``layer_weight``, the head read from a middle layer learns the teacher's order;
     without it, only the last layer does."""
     from edgerank.backends.reference import ReferenceBackend
@@ -385,6 +385,11 @@ def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_to
     assert deep[0] < 0.1 * layer_losses(base)[0]  # and the final layer still learned (0.009 from 1.1)
     with pytest.raises(ValueError, match="layer_min_depth"):
         TrainConfig(out="x", **{**common, "layer_min_depth": 1.5}).validate()
+    lora_top = make_decoder(tmp_path / "dec", "llama", bpe_tokenizer, n_layers=4)
+    with pytest.raises(ValueError, match="cannot change: raise layer_min_depth to 0.75"):
+        train(TrainConfig(out=str(tmp_path / "lora"), **{**common, "base": str(lora_top), "family": "qwen3-reranker",
+                                                          "adapter": "lora", "lora_upper": 2, "layer_weight": 1.0}),
+              progress=False)
 
 
 def test_every_recipe_is_a_valid_training_config_of_a_listed_model():
