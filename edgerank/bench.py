@@ -133,7 +133,14 @@ def _import_backend(backend: str | None) -> None:
 
 
 def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS. Linux's ``VmHWM`` belongs to the process's own memory map;
+    ``ru_maxrss`` also keeps the parent's peak across fork + exec, so a worker spawned after
+    the parent converted a model would report the parent's memory as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Worker:
