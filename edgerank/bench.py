@@ -11,8 +11,9 @@ Configurations (``--configs`` picks a subset):
 - ``edgerank``: the product, with pruning, shared prefix, chunking at their defaults;
 - ``edgerank-lowmem``: the same with streamed weights under ``--lowmem-mb``.
 
-Each configuration runs in its own subprocess (clean peak RSS from the kernel's
-``ru_maxrss``, and a baseline taken after imports so the model's own share can be shown).
+Each configuration runs in its own subprocess (its own lifetime peak RSS, see
+:func:`edgerank.memory.process_peak_mb`, and a baseline taken after imports so the
+model's own share can be shown).
 A warm-up query goes first, then the queries interleave across configurations
 (A B C A B C ...), so machine drift hits all of them alike.
 """
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -91,7 +91,7 @@ def _size_bytes(model: str) -> int:
 def worker(spec: dict) -> None:
     """Load one Reranker and answer ranking requests from stdin, one JSON line each."""
     from edgerank.api import Reranker
-    from edgerank.memory import rss_mb
+    from edgerank.memory import process_peak_mb, rss_mb
 
     def reply(obj: dict) -> None:
         sys.stdout.write(MARK + json.dumps(obj) + "\n")
@@ -112,9 +112,9 @@ def worker(spec: dict) -> None:
         latency = time.perf_counter() - t
         extra = {k: v for k, v in ranking.stats.extra.items() if k != "layer_scores"}
         reply({"order": [r.index for r in ranking], "scores": [r.score for r in ranking],
-               "latency_s": latency, "extra": extra, "max_rss_mb": _maxrss_mb()})
+               "latency_s": latency, "extra": extra, "max_rss_mb": process_peak_mb()})
     reranker.close()
-    reply({"done": True, "max_rss_mb": _maxrss_mb()})
+    reply({"done": True, "max_rss_mb": process_peak_mb()})
 
 
 def _import_backend(backend: str | None) -> None:
@@ -130,17 +130,6 @@ def _import_backend(backend: str | None) -> None:
         import edgerank.backends.llamacpp  # noqa: F401
     else:
         import edgerank.backends.layerwise  # noqa: F401
-
-
-def _maxrss_mb() -> float:
-    """This process's peak RSS. Linux's ``VmHWM`` belongs to the process's own memory map;
-    ``ru_maxrss`` also keeps the parent's peak across fork + exec, so a worker spawned after
-    the parent converted a model would report the parent's memory as its own."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-    except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Worker:

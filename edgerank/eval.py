@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
 from edgerank.datasets import bm25_run, find_run, load_beir, load_run
+from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
 
@@ -86,7 +86,7 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
             "load_s": load_s, "rerank_s": total_s, "pairs_per_s": pairs / total_s if total_s else 0.0,
             "latency_ms_median": float(np.median(latencies) * 1000) if latencies else 0.0,
             "peak_rss_mb": max(peaks, default=0.0),
-            "max_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "max_rss_mb_process": process_peak_mb(),
         },
         "config": {
             "data": str(coll.path), "run": str(run_path) if run_path else "bm25s (cached)",

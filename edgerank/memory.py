@@ -27,6 +27,27 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
+# The largest VmHWM seen before PeakRSS reset it: resetting the kernel's high-water mark
+# for one call must not lose the process's peak before that call.
+_peak_before_resets_mb = 0.0
+
+
+def process_peak_mb() -> float:
+    """This process's peak RSS over its whole life, in MiB.
+
+    On Linux this is ``VmHWM`` (of this process's own memory map) combined with what it
+    was before each :class:`PeakRSS` reset it. ``ru_maxrss`` is not used there because it
+    keeps the parent's peak across fork + exec: a worker spawned by a parent that had just
+    converted a model would report the parent's memory as its own.
+    """
+    hwm = _vm_hwm_mb()
+    if hwm is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return max(hwm, _peak_before_resets_mb)
+
+
 class PeakRSS:
     """Peak RSS inside a ``with`` block, in MiB (``.peak_mb``, ``.baseline_mb``).
 
@@ -44,7 +65,9 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakRSS":
+        global _peak_before_resets_mb
         self.baseline_mb = rss_mb()
+        _peak_before_resets_mb = max(_peak_before_resets_mb, _vm_hwm_mb() or 0.0)
         try:
             _CLEAR_REFS.write_text("5")
             self._exact = _vm_hwm_mb() is not None
