@@ -46,14 +46,10 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
     """Each configuration's Reranker arguments; converts (once, cached) what it needs.
     ``llamacpp-q4`` runs a GGUF model as it is, else a ``gguf_quant`` conversion (default
     q4_k_m; q4_0 for bi-encoders; q4_1 suits a model whose base ships as Q4_1)."""
-    from converters import convert
-    from edgerank.artifact import cache_name, cached_artifact
-    from edgerank.pull import edgerank_home
+    from edgerank.cache import cached_artifact, cached_gguf
     from edgerank.sources import resolve
 
     source = resolve(model)
-    cache = edgerank_home() / "artifacts"
-    cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict] = {}
     if any(c.startswith(("onnx", "edgerank")) for c in configs):
         artifact = cached_artifact(model, "int4", progress)
@@ -62,9 +58,7 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
             out[c] = {"model": str(model), "backend": "reference"}
         elif c == "llamacpp-q4":
             quant = gguf_quant or ("q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m")
-            gguf = source.path if source.kind == "gguf" else cache / f"{cache_name(model)}-{quant}.gguf"
-            if not gguf.is_file():
-                convert(model, "gguf", quant, gguf, force=True, verify=False, progress=progress)
+            gguf = source.path if source.kind == "gguf" else cached_gguf(model, quant, progress)
             out[c] = {"model": str(gguf), "backend": "llamacpp", "family": source.spec.family}
         elif c == "onnx-int4-full":
             out[c] = {"model": str(artifact), "backend": "edgerank", "pruning": False}

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     artifact = Path(args.model).expanduser()
     if not (artifact / "manifest.json").is_file():
-        from edgerank.artifact import cached_artifact
+        from edgerank.cache import cached_artifact
 
         artifact = cached_artifact(args.model)
         console.print(f"calibrating {artifact}")

@@ -1,4 +1,7 @@
-"""``python -m edgerank.models {list,pull}``: the built-in models and obtaining them."""
+"""``python -m edgerank.models {list,pull,cache}``: the built-in models, obtaining them, and
+the conversion cache (``cache`` lists it; ``cache --clean`` removes conversions no model
+uses any more: made from a model since retrained or deleted, or left by an interrupted
+conversion)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from edgerank import cache as caching
 from edgerank import pull as pulling
 from edgerank.errors import EdgerankError
 from models.catalog import BUILTINS, DEFAULT_MODEL
@@ -24,16 +28,43 @@ def list_models(console: Console) -> None:
     console.print(table)
 
 
+def show_cache(console: Console, clean: bool) -> None:
+    found = caching.entries()
+    table = Table(title=f"conversion cache: {caching.cache_dir()}")
+    for col in ("entry", "state", "size", "source"):
+        table.add_column(col)
+    for e in found:
+        table.add_row(e.name, e.state, f"{e.size_bytes / 1e6:.1f} MB", e.source or "-")
+    console.print(table)
+    spare = [e for e in found if e.removable]
+    freed = sum(e.size_bytes for e in spare) / 1e6
+    if not clean:
+        if spare:
+            console.print(f"{len(spare)} entries ({freed:.0f} MB) are not used by any current model; "
+                          "remove them with: python -m edgerank.models cache --clean")
+        if any(e.state == "unmanaged" for e in found):
+            console.print("unmanaged entries were not named by the cache (converted there by hand, or by an "
+                          "older edgerank); --clean leaves them to you")
+        return
+    removed = caching.clean()
+    console.print(f"removed {len(removed)} entries, {sum(e.size_bytes for e in removed) / 1e6:.0f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="show the built-in models and whether each is present")
     p = sub.add_parser("pull", help="download and verify built-in models into the cache")
     p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(BUILTINS) + ["all"])
+    c = sub.add_parser("cache", help="list the conversion cache; --clean removes unused conversions")
+    c.add_argument("--clean", action="store_true", help="remove conversions no current model uses")
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "list":
         list_models(console)
+        return 0
+    if args.command == "cache":
+        show_cache(console, args.clean)
         return 0
     names = list(BUILTINS) if "all" in args.names else args.names
     for name in names:

@@ -147,7 +147,7 @@ def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tin
     import os
     import shutil
 
-    from edgerank.artifact import cache_name
+    from edgerank.cache import cache_name
 
     a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
     shutil.copytree(tiny_qwen3, a)

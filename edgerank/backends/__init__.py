@@ -34,7 +34,7 @@ def load_backend(name: str, source: ModelSource, **options):
         if source.kind != "artifact" and source.name in BUILTINS:
             import dataclasses
 
-            from edgerank.artifact import cached_artifact
+            from edgerank.cache import cached_artifact
             from edgerank.sources import resolve
 
             built = resolve(cached_artifact(source.name), family=source.spec.family)

@@ -1,0 +1,185 @@
+"""The conversion cache: ``$EDGERANK_HOME/artifacts``.
+
+Built-in models and model paths are converted on first use (the int4 artifact the
+runtime runs, a GGUF for the llama.cpp comparison) and reused afterwards. An entry's name
+is the model's name, a digest of its source files (path, sizes, modification times) and
+the quantization: ``minilm-l6-25228b0153-int4``. A retrained model gets a new digest, so
+its old conversions are never used again; :func:`entries` finds those and
+:func:`clean` removes them (``python -m edgerank.models cache --clean``), and nothing
+the cache did not name itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerank.pull import edgerank_home
+
+REPORT_SUFFIX = ".conversion_report.json"
+_NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial-.+|old-\d+)$")  # converters.output staging names
+LEFTOVER_AGE_S = 3600  # a staging folder untouched this long belongs to no running conversion
+
+
+def cache_dir() -> Path:
+    return edgerank_home() / "artifacts"
+
+
+def source_digest(path: Path) -> str:
+    """Digest of where a model's files are, their sizes and modification times."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamp = [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]
+
+
+def _source_path(model: str) -> Path:
+    from edgerank import pull
+    from models.catalog import BUILTINS
+
+    if str(model) in BUILTINS:
+        if not pull.is_present(str(model)):
+            pull.pull(str(model))
+        return pull.entry_path(str(model))
+    path = Path(model).expanduser()
+    if not path.exists():  # an hf:ORG/NAME id, or a clear error for a wrong path
+        from edgerank.sources import resolve
+
+        path = resolve(model).path
+    return path
+
+
+def cache_name(model: str) -> str:
+    """The name under which conversions of ``model`` are cached: its name plus its
+    :func:`source_digest`. Two models of one name, or a model retrained in place, never
+    share a cached conversion."""
+    return f"{Path(str(model)).name.removesuffix('.gguf')}-{source_digest(_source_path(model))}"
+
+
+def cached_artifact(model: str, quant: str = "int4", progress: bool = True) -> Path:
+    """The int4 (or ``quant``) artifact of a built-in model or a model path, converted on
+    first use and reused afterwards."""
+    dest = cache_dir() / f"{cache_name(model)}-{quant}"
+    if not (dest / "manifest.json").is_file():
+        from converters import convert
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        convert(model, "onnx", quant, dest, force=True, verify=False, progress=progress)
+    return dest
+
+
+def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
+    """A ``quant`` GGUF conversion of ``model`` (for llama.cpp), converted on first use."""
+    dest = cache_dir() / f"{cache_name(model)}-{quant}.gguf"
+    if not dest.is_file():
+        from converters import convert
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        convert(model, "gguf", quant, dest, force=True, verify=False, progress=progress)
+    return dest
+
+
+# ---- what is in the cache, and what can go ---------------------------------------------
+
+@dataclass
+class Entry:
+    """One cached conversion (or the leftover of an interrupted one) and its files."""
+
+    name: str
+    paths: list[Path]
+    state: str  # current | stale | orphaned | leftover | unmanaged
+    source: str | None
+    size_bytes: int
+
+    @property
+    def removable(self) -> bool:
+        """Stale, orphaned and leftover entries go. An entry not named by the cache
+        (``unmanaged``: converted there by hand with ``--out``, or by an edgerank from
+        before names carried a digest) is the user's to delete."""
+        return self.state in ("stale", "orphaned", "leftover")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _is_conversion(path: Path) -> bool:
+    """Only what edgerank's converters write counts as a cache entry."""
+    if path.is_dir():
+        try:
+            return json.loads((path / "manifest.json").read_text()).get("format") == "edgerank-artifact"
+        except (OSError, ValueError):
+            return False
+    if path.suffix == ".gguf" and not path.name.endswith(".lora.gguf"):
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    return False
+
+
+def _state(path: Path, report: Path) -> tuple[str, str | None]:
+    stem = path.name.removesuffix(".gguf")
+    try:
+        source = json.loads(report.read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        source = None
+    m = _NAME.search(stem)
+    if m is None or source is None:
+        return "unmanaged", source
+    src = Path(source)
+    if not src.exists():
+        return "orphaned", source
+    return ("current" if source_digest(src) == m["digest"] else "stale"), source
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.stat().st_mtime] + [f.stat().st_mtime for f in path.rglob("*")] if path.is_dir() \
+        else [path.stat().st_mtime]
+    return max(times)
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """Every conversion in the cache with its state; anything else there is left out."""
+    root = Path(root) if root else cache_dir()
+    if not root.is_dir():
+        return []
+    out: list[Entry] = []
+    claimed: set[Path] = set()
+    for path in sorted(root.iterdir()):
+        leftover = _LEFTOVER.match(path.name)
+        if leftover:
+            if time.time() - _newest_mtime(path) > LEFTOVER_AGE_S:
+                out.append(Entry(path.name, [path], "leftover", None, _size(path)))
+            claimed.add(path)
+            continue
+        if not _is_conversion(path):
+            continue
+        report = path.with_name(path.name + REPORT_SUFFIX)
+        paths = [path] + [p for p in (report, path.with_name(path.stem + ".lora.gguf")) if p.exists()]
+        claimed.update(paths)
+        state, source = _state(path, report)
+        out.append(Entry(path.name, paths, state, source, sum(_size(p) for p in paths)))
+    for report in sorted(root.glob("*" + REPORT_SUFFIX)):  # a report whose conversion is gone
+        if report not in claimed and _NAME.search(report.name.removesuffix(REPORT_SUFFIX).removesuffix(".gguf")):
+            out.append(Entry(report.name, [report], "orphaned", None, _size(report)))
+    return out
+
+
+def clean(root: Path | None = None) -> list[Entry]:
+    """Remove the stale, orphaned and leftover entries; returns what was removed. Only
+    conversions the cache itself named, under the cache folder, are touched."""
+    removed = []
+    for e in entries(root):
+        if not e.removable:
+            continue
+        for p in e.paths:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(e)
+    return removed
