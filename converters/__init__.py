@@ -79,8 +79,10 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
             "source_size_bytes": size_on_disk(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
-        if verify:
+        if verify:  # loads the full-precision source too: often longer than the conversion
+            t1 = time.perf_counter()
             report.update(_verify(source, staging, to))
+            report["verify_seconds"] = time.perf_counter() - t1
     tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, report_path)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {e}")
         return 2
     table = Table(title=f"{args.src} -> {args.out} ({args.to} {args.quant})", show_header=False)
-    for key in ("size_bytes", "source_size_bytes", "seconds", "peak_rss_mb", "pairs", "spearman",
+    for key in ("size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb", "pairs", "spearman",
                 "pearson", "topk_agreement", "max_abs_diff"):
         if key in report:
             v = report[key]

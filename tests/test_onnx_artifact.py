@@ -213,7 +213,7 @@ def test_the_converter_report_compares_int4_with_full_precision(tmp_path, bpe_to
     report = convert(src, "onnx", "int4", tmp_path / "art", family="qwen3-reranker", progress=False)
     saved = json.loads((tmp_path / "art.conversion_report.json").read_text())
     for key in ("spearman", "pearson", "topk_agreement", "max_abs_diff", "size_bytes", "source_size_bytes",
-                "seconds", "peak_rss_mb"):
+                "seconds", "verify_seconds", "peak_rss_mb"):
         assert key in saved and saved[key] == report[key]
     assert report["pairs"] >= 8 and -1 <= report["spearman"] <= 1
 
