@@ -15,7 +15,9 @@ Each configuration runs in its own subprocess (its own lifetime peak RSS, see
 :func:`edgerank.memory.process_peak_mb`, and a baseline taken after imports so the
 model's own share can be shown).
 A warm-up query goes first, then the queries interleave across configurations
-(A B C A B C ...), so machine drift hits all of them alike.
+(A B C A B C ...), so machine drift hits all of them alike. Every configuration is asked
+for the top ``--top-k`` as a user would (``rank(..., top_k=K)``), which is the K that
+pruning works towards; nDCG@10 is computed on the ranking returned (K of them).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def worker(spec: dict) -> None:
         if req.get("stop"):
             break
         t = time.perf_counter()
-        ranking = reranker.rank(req["query"], req["documents"], top_k=None)
+        ranking = reranker.rank(req["query"], req["documents"], top_k=req["top_k"])  # the K that prunes
         latency = time.perf_counter() - t
         extra = {k: v for k, v in ranking.stats.extra.items() if k != "layer_scores"}
         reply({"order": [r.index for r in ranking], "scores": [r.score for r in ranking],
@@ -142,8 +144,8 @@ class Worker:
                 return json.loads(line[len(MARK):])
         raise RuntimeError(f"configuration {self.name!r}: worker exited with code {self.proc.wait()}")
 
-    def rank(self, query: str, documents: list[str]) -> dict:
-        self.proc.stdin.write(json.dumps({"query": query, "documents": documents}) + "\n")
+    def rank(self, query: str, documents: list[str], top_k: int) -> dict:
+        self.proc.stdin.write(json.dumps({"query": query, "documents": documents, "top_k": top_k}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -191,7 +193,7 @@ def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, s
         try:
             workers[c] = Worker(c, specs[c])
             warm = queries[0]
-            workers[c].rank(warm["query"], [t for _, t in warm["docs"]])  # warm-up, not measured
+            workers[c].rank(warm["query"], [t for _, t in warm["docs"]], top_k)  # warm-up, not measured
         except Exception as e:  # a configuration that cannot run here is reported, not fatal
             errors[c] = f"{type(e).__name__}: {e}"
             workers.pop(c, None)
@@ -199,7 +201,7 @@ def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, s
              if c in workers and qi < subset.get(c, len(queries))]
     for qi, c in tqdm(steps, desc="bench (interleaved)", unit="query", disable=not progress):
         q = queries[qi]
-        r = workers[c].rank(q["query"], [t for _, t in q["docs"]])
+        r = workers[c].rank(q["query"], [t for _, t in q["docs"]], top_k)
         r["qi"] = qi
         results[c].append(r)
     finals = {c: w.stop() for c, w in workers.items()}

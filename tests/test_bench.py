@@ -95,3 +95,22 @@ def test_latency_ratios_pair_the_queries_both_configurations_ran(tiny_model):
 def test_an_unknown_configuration_is_named(tiny_model):
     with pytest.raises(ValueError, match="unknown configuration 'gpu-magic'"):
         bench.prepare(str(tiny_model), ["gpu-magic"], progress=False)
+
+
+def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_path, monkeypatch):
+    """The workers are asked for the top K, as a user asks: with an artifact whose setting
+    prunes, the `edgerank` row skips work and `onnx-int4-full` does not, and only K
+    results come back."""
+    from edgerank.cache import cached_artifact
+    from edgerank.calibrate import write_setting
+
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    artifact = cached_artifact(str(tiny_model), progress=False)
+    write_setting(artifact, {"threshold": 0.0, "min_depth": 0.25}, {"calibrated": False})
+    queries = [{**q, "docs": q["docs"] * 3} for q in QUERIES]  # 12 candidates
+    report = bench.run_bench(str(tiny_model), ["onnx-int4-full", "edgerank"], queries, top_k=2, subset={},
+                             lowmem_mb=None, progress=False)
+    by = {r["name"]: r for r in report["configs"]}
+    assert by["onnx-int4-full"]["work_skipped"] == 0.0
+    assert by["edgerank"]["work_skipped"] > 0.1
+    assert by["edgerank"]["computed_fraction_per_layer"][-1] < 1.0
