@@ -30,11 +30,12 @@ def attach_lora(module: torch.nn.Module, kind: str, n_layers: int, r: int, alpha
     """Inject LoRA into ``module`` in place (peft); only the adapters stay trainable.
 
     ``upper_layers`` limits the adapters to the last N transformer layers (the lower ones
-    then run without autograd). Returns the adapted layers' names within ``module``.
+    then run without autograd); None or 0 adapts every layer. Returns the adapted layers'
+    names within ``module``.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    layers = None if upper_layers is None else list(range(max(0, n_layers - upper_layers), n_layers))
+    layers = list(range(max(0, n_layers - upper_layers), n_layers)) if upper_layers else None
     decoder = kind == "decoder"
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",

@@ -60,7 +60,7 @@ class TrainConfig:
     adapter: str = "full"  # full fine-tuning | lora
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_upper: int | None = None  # LoRA on the last N layers only (None: all)
+    lora_upper: int | None = None  # LoRA on the last N layers only (None or 0: all)
     steps: int = 1000
     queries_per_step: int = 8
     group_size: int = 8  # candidates per query (the positive first, if any)

@@ -401,3 +401,20 @@ def test_every_recipe_is_a_valid_training_config_of_a_listed_model():
         assert BUILTINS[recipe.name].recipe == recipe.name
         base = recipe.config["base"]
         assert base in BUILTINS and (BUILTINS[base].recipe is None or base in RECIPES)  # a base can be made
+
+
+@pytest.mark.parametrize("upper, adapted", [(None, [0, 1, 2, 3]), (0, [0, 1, 2, 3]), (2, [2, 3])])
+def test_lora_upper_limits_the_adapted_layers(tmp_path, bpe_tokenizer, upper, adapted):
+    """``lora_upper=N`` adapts the last N layers; None or 0 (how the CLI asks for all
+    layers when a recipe sets N) adapts every layer, never none."""
+    import re
+
+    from edgerank.adapters import attach_lora
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from tests.conftest import make_decoder
+
+    base = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=4)
+    backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    names = attach_lora(backend.model, "decoder", 4, r=2, alpha=4, upper_layers=upper)
+    assert sorted({int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names}) == adapted
