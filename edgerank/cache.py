@@ -23,7 +23,7 @@ from edgerank.pull import edgerank_home
 
 REPORT_SUFFIX = ".conversion_report.json"
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial-.+|old-\d+)$")  # converters.output staging names
+_LEFTOVER = re.compile(r"^\..+\.(partial-.+|old-\d+)$")  # converters.output staging names
 LEFTOVER_AGE_S = 3600  # a staging folder untouched this long belongs to no running conversion
 
 
@@ -65,23 +65,22 @@ def cache_name(model: str) -> str:
 def cached_artifact(model: str, quant: str = "int4", progress: bool = True) -> Path:
     """The int4 (or ``quant``) artifact of a built-in model or a model path, converted on
     first use and reused afterwards."""
-    dest = cache_dir() / f"{cache_name(model)}-{quant}"
-    if not (dest / "manifest.json").is_file():
-        from converters import convert
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        convert(model, "onnx", quant, dest, force=True, verify=False, progress=progress)
-    return dest
+    return _cached(model, "onnx", quant, progress)
 
 
 def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
     """A ``quant`` GGUF conversion of ``model`` (for llama.cpp), converted on first use."""
-    dest = cache_dir() / f"{cache_name(model)}-{quant}.gguf"
-    if not dest.is_file():
+    return _cached(model, "gguf", quant, progress)
+
+
+def _cached(model: str, to: str, quant: str, progress: bool) -> Path:
+    dest = cache_dir() / (f"{cache_name(model)}-{quant}" + (".gguf" if to == "gguf" else ""))
+    # the converter renames its output into place last, so the file that marks it complete
+    if not (dest if to == "gguf" else dest / "manifest.json").is_file():
         from converters import convert
 
         dest.parent.mkdir(parents=True, exist_ok=True)
-        convert(model, "gguf", quant, dest, force=True, verify=False, progress=progress)
+        convert(model, to, quant, dest, force=True, verify=False, progress=progress)
     return dest
 
 
@@ -140,9 +139,8 @@ def _state(path: Path, report: Path) -> tuple[str, str | None]:
 
 
 def _newest_mtime(path: Path) -> float:
-    times = [path.stat().st_mtime] + [f.stat().st_mtime for f in path.rglob("*")] if path.is_dir() \
-        else [path.stat().st_mtime]
-    return max(times)
+    inside = path.rglob("*") if path.is_dir() else []
+    return max([path.stat().st_mtime] + [f.stat().st_mtime for f in inside])
 
 
 def entries(root: Path | None = None) -> list[Entry]:
@@ -153,8 +151,7 @@ def entries(root: Path | None = None) -> list[Entry]:
     out: list[Entry] = []
     claimed: set[Path] = set()
     for path in sorted(root.iterdir()):
-        leftover = _LEFTOVER.match(path.name)
-        if leftover:
+        if _LEFTOVER.match(path.name):
             if time.time() - _newest_mtime(path) > LEFTOVER_AGE_S:
                 out.append(Entry(path.name, [path], "leftover", None, _size(path)))
             claimed.add(path)

@@ -99,8 +99,7 @@ def test_an_unknown_configuration_is_named(tiny_model):
 
 def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_path, monkeypatch):
     """The workers are asked for the top K, as a user asks: with an artifact whose setting
-    prunes, the `edgerank` row skips work and `onnx-int4-full` does not, and only K
-    results come back."""
+    prunes, the `edgerank` row skips work and `onnx-int4-full` does not."""
     from edgerank.cache import cached_artifact
     from edgerank.calibrate import write_setting
 
