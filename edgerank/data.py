@@ -191,11 +191,13 @@ def labels(group: dict) -> list[float]:
     return ([1.0] if group.get("positive") is not None else []) + [0.0] * len(group["negatives"])
 
 
-def label_groups(groups: list[dict], teacher: str, backend: str | None = None, progress: bool = True) -> list[dict]:
-    """Add ``teacher_scores`` to every group, scored by any edgerank model."""
+def label_groups(groups: list[dict], teacher: str, backend: str | None = None, progress: bool = True,
+                 max_length: int | None = None) -> list[dict]:
+    """Add ``teacher_scores`` to every group, scored by any edgerank model; ``max_length``
+    truncates pairs as the student will see them in training (``--max-length``)."""
     from edgerank.api import Reranker
 
-    ranker = Reranker(model=teacher, backend=backend)
+    ranker = Reranker(model=teacher, backend=backend, max_length=max_length)
     try:
         for g in tqdm(groups, desc=f"label with {teacher}", unit="query", disable=not progress):
             g["teacher_scores"] = [float(s) for s in ranker.score(g["query"], candidates(g))]
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("input")
     lab.add_argument("--teacher", required=True, help="any edgerank model: built-in name or path")
     lab.add_argument("--backend", default="reference")
+    lab.add_argument("--max-length", type=int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             write_jsonl(groups, args.out)
             print(f"{len(groups)} groups -> {args.out}")
         else:
-            groups = label_groups(read_groups(args.input), args.teacher, args.backend)
+            groups = label_groups(read_groups(args.input), args.teacher, args.backend, max_length=args.max_length)
             write_jsonl(groups, args.out)
             print(f"{len(groups)} labelled groups -> {args.out}")
     except (TrainingDataError, FileNotFoundError) as e:

@@ -109,6 +109,30 @@ def test_build_groups_from_wikiqa_and_squad2():
         assert g["positive"] not in g["negatives"]
 
 
+
+def test_label_max_length_scores_pairs_as_truncated_for_the_student(tmp_path, tiny_cross_encoder):
+    """``data label --max-length N``: the teacher scores each (query, passage) pair cut to N
+    tokens, passage side only, as transformers truncates ``only_second``."""
+    import transformers
+
+    from edgerank.data import main as data_main
+
+    groups = _groups(teacher=False)
+    groups[0]["negatives"][0] = " ".join(["the river city has water and energy"] * 12)  # far over 24 tokens
+    write_jsonl(groups, tmp_path / "in.jsonl")
+    assert data_main(["label", str(tmp_path / "in.jsonl"), "--teacher", str(tiny_cross_encoder),
+                      "--max-length", "24", "--out", str(tmp_path / "out.jsonl")]) == 0
+    labelled = read_groups(tmp_path / "out.jsonl")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_cross_encoder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_cross_encoder).eval()
+    for g in labelled:
+        docs = [g["positive"], *g["negatives"]]
+        with torch.no_grad():
+            enc = tok([g["query"]] * len(docs), docs, padding=True, truncation="only_second", max_length=24,
+                      return_tensors="pt")
+            expected = model(**enc).logits[:, 0].tolist()
+        assert g["teacher_scores"] == pytest.approx(expected, abs=1e-4)
+    assert enc["input_ids"].shape[1] == 24  # the long passage really was cut
 # ---------------------------------------------------------------- training
 
 def _eval_loss(folder: Path, data: Path, family: str) -> float:
