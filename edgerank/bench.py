@@ -46,8 +46,8 @@ MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: str | None = None
             ) -> dict[str, dict]:
     """Each configuration's Reranker arguments; converts (once, cached) what it needs.
-    ``llamacpp-q4`` runs a GGUF model as it is, else a ``gguf_quant`` conversion (default
-    q4_k_m; q4_0 for bi-encoders; q4_1 suits a model whose base ships as Q4_1)."""
+    ``llamacpp-q4`` runs a GGUF model as it is, else a ``gguf_quant`` conversion (default:
+    :func:`default_gguf_quant`)."""
     from edgerank.cache import cached_artifact, cached_gguf
     from edgerank.sources import resolve
 
@@ -59,7 +59,7 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
         if c == "fp32-reference":
             out[c] = {"model": str(model), "backend": "reference"}
         elif c == "llamacpp-q4":
-            quant = gguf_quant or ("q4_0" if source.spec.kind == "bi-encoder" else "q4_k_m")
+            quant = gguf_quant or default_gguf_quant(source)
             gguf = source.path if source.kind == "gguf" else cached_gguf(model, quant, progress)
             out[c] = {"model": str(gguf), "backend": "llamacpp", "family": source.spec.family}
         elif c == "onnx-int4-full":
@@ -71,6 +71,30 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
         else:
             raise ValueError(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
     return out
+
+
+def default_gguf_quant(source) -> str:
+    """The llama.cpp comparison's quant type: q4_0 for bi-encoders; q4_1 for a model trained
+    from a Q4_1 GGUF base (re-quantizing that grid to a K-quant swamps the fine-tuning,
+    RESULTS §8, while q4_1 keeps it); q4_k_m otherwise."""
+    from gguf import LlamaFileType
+
+    from edgerank.errors import EdgerankError
+    from edgerank.sources import FAMILY_FILE, gguf_metadata, resolve
+
+    if source.spec.kind == "bi-encoder":
+        return "q4_0"
+    made = source.path / FAMILY_FILE
+    if source.kind == "hf" and made.is_file():
+        base = json.loads(made.read_text()).get("base")
+        try:
+            base_source = resolve(base, pull=False) if base else None
+        except EdgerankError:  # the base is gone or not pulled: nothing to match
+            base_source = None
+        if base_source is not None and base_source.kind == "gguf" and \
+                gguf_metadata(base_source.path).get("general.file_type") == LlamaFileType.MOSTLY_Q4_1:
+            return "q4_1"
+    return "q4_k_m"
 
 
 def _size_bytes(model: str) -> int:
@@ -390,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a slow configuration on the first N queries only")
     p.add_argument("--lowmem-mb", type=float, default=400.0, help="max_memory_mb of edgerank-lowmem")
     p.add_argument("--gguf-quant", default=None, choices=("q4_0", "q4_1", "q4_k_m"),
-                   help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders)")
+                   help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders; "
+                        "q4_1 for a model trained from a Q4_1 GGUF base)")
     p.add_argument("--full", action="store_true", help="every judged query at depth 100")
     p.add_argument("--json", default=None, metavar="OUT")
     p.add_argument("--plot", default=None, metavar="OUT.png")

@@ -113,3 +113,25 @@ def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_
     assert by["onnx-int4-full"]["work_skipped"] == 0.0
     assert by["edgerank"]["work_skipped"] > 0.1
     assert by["edgerank"]["computed_fraction_per_layer"][-1] < 1.0
+
+
+def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, bpe_tokenizer, tiny_model):
+    """A model trained from a Q4_1 GGUF (SmolLM2's only form here) is compared on llama.cpp at
+    q4_1, whose grid keeps the fine-tuning; other bases get q4_k_m, bi-encoders q4_0."""
+    from converters import convert
+    from edgerank.sources import resolve
+
+    base = tmp_path / "base.gguf"
+    convert(make_decoder(tmp_path / "hf", "llama", bpe_tokenizer), "gguf", "q4_1", base,
+            family="zeroshot-chatml", verify=False, progress=False)
+    trained = make_decoder(tmp_path / "trained", "llama", bpe_tokenizer)
+    made = trained / "edgerank.json"
+    made.write_text(json.dumps({"family": "qwen3-reranker", "base": str(base)}))
+    assert bench.default_gguf_quant(resolve(trained)) == "q4_1"
+    q8 = tmp_path / "base-q8.gguf"
+    convert(base, "gguf", "q8_0", q8, verify=False, progress=False)
+    made.write_text(json.dumps({"family": "qwen3-reranker", "base": str(q8)}))
+    assert bench.default_gguf_quant(resolve(trained)) == "q4_k_m"
+    made.write_text(json.dumps({"family": "qwen3-reranker", "base": str(tmp_path / "gone.gguf")}))
+    assert bench.default_gguf_quant(resolve(trained)) == "q4_k_m"  # a base no longer there: no match to make
+    assert bench.default_gguf_quant(resolve(tiny_model)) == "q4_k_m"  # no base recorded
