@@ -286,6 +286,9 @@ def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, 
             row["work_saved_vs_unshared"] = float(np.mean([e["work_saved_vs_unshared"] for e in extras]))
             row["padding_fraction"] = float(np.mean([e["padding_fraction"] for e in extras]))
             row["io_wait_s_mean"] = float(np.mean([e["io_wait_s"] for e in extras]))
+            # where a call's time goes: embedding, the layers (chunks), pruning checks (head readout + policy)
+            row["stage_ms_median"] = {stage: 1000 * float(np.median([e[f"{stage}_s"] for e in extras]))
+                                      for stage in ("embed", "layers", "prune")}
             layers = extras[0]["layers"]
             hist = np.sum([e["layers_per_candidate"] for e in extras], axis=0)
             computed = np.array([hist[i + 1:].sum() for i in range(layers)], dtype=float)  # reached layer i

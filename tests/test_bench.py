@@ -45,6 +45,9 @@ def test_bench_report_schema_and_isolated_workers(tiny_model, tmp_path, monkeypa
     by = {r["name"]: r for r in report["configs"]}
     assert by["fp32-reference"]["precision_at_k_vs_fp32"] == 1.0
     assert "work_skipped" in by["edgerank"] and "precision_at_k_vs_unpruned" in by["edgerank"]
+    stages = by["edgerank"]["stage_ms_median"]  # the stages account for a call's time, and no more
+    assert set(stages) == {"embed", "layers", "prune"} and stages["layers"] > 0
+    assert sum(stages.values()) <= by["edgerank"]["latency_ms_p90"]
     # each configuration ran in its own process: the parent never imported torch for them
     assert by["fp32-reference"]["baseline_rss_mb"] > by["edgerank"]["baseline_rss_mb"]  # torch in its baseline
     assert {"cpu", "physical_cores", "ram_gb"} <= set(report["machine"])
