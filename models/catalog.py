@@ -128,8 +128,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             made_by="edgerank recipe edgerank-smollm2-rerank; pulled as base + committed 6.5 MB adapter",
             wheels=(), files=(), entry="", size_bytes=548_200_000,
             base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",
-            adapter_sha256="44f21a2e2ea9849fb0a2242a28e1aa1205be6d27b079c0604bfc47a5db573df9",
-            weights_sha256="d21d42236172059b7aff6363ac258d613ac5bfe04557cfb6e5547edbb7aae028",
+            adapter_sha256="1ecbf555a2593cb008998efa92efd7a4c69ae104cff05603f5c73d97f9322235",
+            weights_sha256="742ed78fa257e8b17b6edbbb5c69c2fe107b2432a124826952f5d42652529886",
             recipe="edgerank-smollm2-rerank",
         ),
         BuiltinModel(
