@@ -52,14 +52,20 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="session")
 def wordpiece_tokenizer():
-    """A BERT WordPiece tokenizer with [CLS] a [SEP] b [SEP] post-processing."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT WordPiece tokenizer with [CLS] a [SEP] b [SEP] post-processing.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    Its vocabulary is built, not trained: the WordPiece trainer breaks ties in hash order,
+    so a trained vocabulary (and every model drawn on it) differed from run to run."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    words = sorted({w for line in _corpus() for w in line.split()} - set(chars))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(_corpus(), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

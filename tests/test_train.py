@@ -405,8 +405,8 @@ def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_to
     plain = layer_losses(train(TrainConfig(out=str(tmp_path / "plain"), **common), progress=False))
     deep = layer_losses(train(TrainConfig(out=str(tmp_path / "deep"), layer_weight=3.0, **common),
                               progress=False))
-    assert deep[1] < 0.3 * plain[1], (plain, deep)  # measured 0.018 against 0.131
-    assert deep[0] < 0.1 * layer_losses(base)[0]  # and the final layer still learned (0.009 from 1.1)
+    assert deep[1] < 0.3 * plain[1], (plain, deep)  # measured 0.017 against 0.114
+    assert deep[0] < 0.1 * layer_losses(base)[0]  # and the final layer still learned (0.007 from 1.1)
     with pytest.raises(ValueError, match="layer_min_depth"):
         TrainConfig(out="x", **{**common, "layer_min_depth": 1.5}).validate()
     lora_top = make_decoder(tmp_path / "dec", "llama", bpe_tokenizer, n_layers=4)
