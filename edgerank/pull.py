@@ -67,8 +67,9 @@ def entry_path(name: str) -> Path:
 def pull(name: str, progress: bool = True) -> Path:
     """Download, verify and assemble built-in model ``name``; a no-op if already present.
 
-    edgerank's own trained models come from their base plus a committed adapter, merged
-    and checked by checksum; one without a committed adapter is made by its recipe."""
+    edgerank's own trained models come from their base plus an adapter under
+    ``models/adapters``, merged and checked by checksum; one without an adapter is made
+    by its recipe."""
     m = get_builtin(name)
     final = model_dir(name)
     if is_present(name):
@@ -105,7 +106,7 @@ def pull(name: str, progress: bool = True) -> Path:
 
 
 def _merge_adapter(m: BuiltinModel, staging: Path) -> None:
-    """Base model + committed LoRA adapter -> merged HF folder, verified by checksum."""
+    """Base model + LoRA adapter -> merged HF folder, verified by checksum."""
     from models.catalog import ADAPTERS
 
     adapter = ADAPTERS / m.adapter

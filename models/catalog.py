@@ -46,7 +46,7 @@ class BuiltinModel:
     # exactly and checked against weights_sha256 (edgerank.adapters.state_digest).
     # Without one: made by running the recipe (python -m edgerank.train --recipe NAME).
     base: str | None = None
-    adapter: str | None = None  # file under models/adapters/, committed (<= 8 MB)
+    adapter: str | None = None  # file under models/adapters/ (none ships: weights are not committed)
     adapter_sha256: str | None = None
     weights_sha256: str | None = None
     recipe: str | None = None
@@ -125,11 +125,9 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="qwen3-reranker",
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
             description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct + LoRA r16 (top 10 layers)",
-            made_by="edgerank recipe edgerank-smollm2-rerank; pulled as base + committed 6.5 MB adapter",
+            made_by="edgerank recipe edgerank-smollm2-rerank (trained locally)",
             wheels=(), files=(), entry="", size_bytes=548_200_000,
-            base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",
-            adapter_sha256="1ecbf555a2593cb008998efa92efd7a4c69ae104cff05603f5c73d97f9322235",
-            weights_sha256="742ed78fa257e8b17b6edbbb5c69c2fe107b2432a124826952f5d42652529886",
+            base="smollm2-135m",
             recipe="edgerank-smollm2-rerank",
         ),
         BuiltinModel(

@@ -162,18 +162,3 @@ def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tin
     assert cache_name(str(a)) != before
     with pytest.raises(ModelNotFoundError):
         cache_name(str(tmp_path / "nowhere"))
-
-
-def test_every_catalogued_adapter_ships_in_the_checkout():
-    """``models pull`` merges a committed adapter: it must be in every clean clone (not
-    git-ignored), match its pinned digest and stay within the 8 MB allowed in the repo."""
-    from edgerank.pull import sha256_file
-    from models.catalog import ADAPTERS, BUILTINS
-
-    with_adapter = [m for m in BUILTINS.values() if m.adapter]
-    assert with_adapter
-    for m in with_adapter:
-        path = ADAPTERS / m.adapter
-        assert path.is_file(), f"{m.name}: {path} is not in this checkout"
-        assert path.stat().st_size <= 8 * 2**20
-        assert sha256_file(path) == m.adapter_sha256
