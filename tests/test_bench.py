@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgerank import bench
-from tests.conftest import make_decoder
+from tests.conftest import make_bert, make_decoder
 
 REQUIRED = ("name", "latency_ms_median", "latency_ms_p90", "pairs_per_s", "peak_rss_mb", "model_rss_mb",
             "size_bytes", "ndcg@10", "precision_at_k_vs_fp32")
@@ -118,7 +118,8 @@ def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_
     assert by["edgerank"]["computed_fraction_per_layer"][-1] < 1.0
 
 
-def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, bpe_tokenizer, tiny_model):
+def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, bpe_tokenizer, wordpiece_tokenizer,
+                                                                     tiny_model):
     """A model trained from a Q4_1 GGUF (SmolLM2's only form here) is compared on llama.cpp at
     q4_1, whose grid keeps the fine-tuning; other bases get q4_k_m, bi-encoders q4_0."""
     from converters import convert
@@ -138,3 +139,4 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
     made.write_text(json.dumps({"family": "qwen3-reranker", "base": str(tmp_path / "gone.gguf")}))
     assert bench.default_gguf_quant(resolve(trained)) == "q4_k_m"  # a base no longer there: no match to make
     assert bench.default_gguf_quant(resolve(tiny_model)) == "q4_k_m"  # no base recorded
+    assert bench.default_gguf_quant(resolve(make_bert(tmp_path / "bi", wordpiece_tokenizer, "none"))) == "q4_0"
