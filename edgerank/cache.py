@@ -31,11 +31,14 @@ def cache_dir() -> Path:
     return edgerank_home() / "artifacts"
 
 
-def source_digest(path: Path) -> str:
-    """Digest of where a model's files are, their sizes and modification times."""
+def source_digest(path: Path, family: str | None = None) -> str:
+    """Digest of where a model's files are, their sizes and modification times, and of
+    ``family`` when the model is converted under a family other than its own."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    if family is not None:
+        stamp.append(["family", family])
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]
 
 
@@ -55,17 +58,32 @@ def _source_path(model: str) -> Path:
     return path
 
 
-def cache_name(model: str) -> str:
+def _override(model: str, family: str | None) -> str | None:
+    """``family`` if it differs from the one ``model`` is detected as, else None."""
+    if family is None:
+        return None
+    from edgerank.errors import UnsupportedModelError
+    from edgerank.sources import resolve
+
+    try:
+        detected = resolve(model).spec.family
+    except UnsupportedModelError:  # the family cannot be told from the files
+        return family
+    return None if family == detected else family
+
+
+def cache_name(model: str, family: str | None = None) -> str:
     """The name under which conversions of ``model`` are cached: its name plus its
-    :func:`source_digest`. Two models of one name, or a model retrained in place, never
-    share a cached conversion."""
-    return f"{Path(str(model)).name.removesuffix('.gguf')}-{source_digest(_source_path(model))}"
+    :func:`source_digest`. Two models of one name, a model retrained in place, or one
+    model converted as two families, never share a cached conversion."""
+    digest = source_digest(_source_path(model), _override(model, family))
+    return f"{Path(str(model)).name.removesuffix('.gguf')}-{digest}"
 
 
-def cached_artifact(model: str, quant: str = "int4", progress: bool = True) -> Path:
+def cached_artifact(model: str, quant: str = "int4", progress: bool = True, family: str | None = None) -> Path:
     """The int4 (or ``quant``) artifact of a built-in model or a model path, converted on
-    first use and reused afterwards."""
-    return _cached(model, "onnx", quant, progress)
+    first use and reused afterwards; ``family`` overrides the detected reranker family."""
+    return _cached(model, "onnx", quant, progress, family)
 
 
 def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
@@ -73,14 +91,15 @@ def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
     return _cached(model, "gguf", quant, progress)
 
 
-def _cached(model: str, to: str, quant: str, progress: bool) -> Path:
-    dest = cache_dir() / (f"{cache_name(model)}-{quant}" + (".gguf" if to == "gguf" else ""))
+def _cached(model: str, to: str, quant: str, progress: bool, family: str | None = None) -> Path:
+    family = _override(model, family)
+    dest = cache_dir() / (f"{cache_name(model, family)}-{quant}" + (".gguf" if to == "gguf" else ""))
     # the converter renames its output into place last, so the file that marks it complete
     if not (dest if to == "gguf" else dest / "manifest.json").is_file():
         from converters import convert
 
         dest.parent.mkdir(parents=True, exist_ok=True)
-        convert(model, to, quant, dest, force=True, verify=False, progress=progress)
+        convert(model, to, quant, dest, family=family, force=True, verify=False, progress=progress)
     return dest
 
 
@@ -126,16 +145,19 @@ def _is_conversion(path: Path) -> bool:
 def _state(path: Path, report: Path) -> tuple[str, str | None]:
     stem = path.name.removesuffix(".gguf")
     try:
-        source = json.loads(report.read_text())["source"]
-    except (OSError, ValueError, KeyError):
-        source = None
+        report_data = json.loads(report.read_text())
+        source, family = report_data["source"], report_data.get("family")
+    except (OSError, ValueError, KeyError, TypeError):
+        source = family = None
     m = _NAME.search(stem)
     if m is None or source is None:
         return "unmanaged", source
     src = Path(source)
     if not src.exists():
         return "orphaned", source
-    return ("current" if source_digest(src) == m["digest"] else "stale"), source
+    # named for the files alone, or for the files converted under a family override
+    current = m["digest"] in (source_digest(src), source_digest(src, family))
+    return ("current" if current else "stale"), source
 
 
 def _newest_mtime(path: Path) -> float:

@@ -65,3 +65,40 @@ def test_clean_removes_only_conversions_no_model_uses(tiny_cross_encoder, tmp_pa
 
     with edgerank.Reranker(second) as r:
         assert len(r.rank("q", ["a", "b"])) == 2
+
+
+def test_an_hf_folder_on_the_edgerank_backend_runs_its_cached_int4_conversion(
+        tiny_cross_encoder, tiny_qwen3, tmp_path, monkeypatch):
+    """``backend="edgerank"`` on a model folder converts it once, through the cache, to
+    exactly what a by-hand conversion gives; a family override is its own conversion."""
+    import numpy as np
+
+    from edgerank import Reranker
+
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    query, docs = "capital of france", ["paris is the capital", "berlin is in germany", "the seine"]
+    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False) as r:
+        auto = r.score(query, docs)
+    [entry] = cache.entries()
+    assert entry.state == "current" and entry.source == str(tiny_cross_encoder.resolve())
+    manifest = cache.cache_dir() / entry.name / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False) as r:
+        assert np.array_equal(r.score(query, docs), auto)
+    assert manifest.stat().st_mtime_ns == stamp and len(cache.entries()) == 1  # reused
+
+    by_hand = tmp_path / "by-hand"
+    convert(str(tiny_cross_encoder), "onnx", "int4", by_hand, verify=False, progress=False)
+    with Reranker(str(by_hand), pruning=False) as r:
+        np.testing.assert_allclose(auto, r.score(query, docs), rtol=0, atol=1e-6)
+
+    # the tiny decoder's family cannot be detected from its files: each family given is
+    # converted (label rows, template) and cached under its own name
+    names = set()
+    for family in ("qwen3-reranker", "rank1"):
+        with Reranker(str(tiny_qwen3), backend="edgerank", family=family, pruning=False) as r:
+            assert r._backend.spec.family == family
+            names.add(r._backend.artifact.path.name)
+    assert len(names) == 2
+    assert {e.name: e.state for e in cache.entries()}.keys() >= names
+    assert all(e.state == "current" for e in cache.entries())

@@ -15,8 +15,8 @@ BACKENDS = ("edgerank", "reference", "llamacpp")
 
 def default_backend(source: ModelSource) -> str:
     """The backend a model runs on when none is named: ``edgerank`` for artifacts and
-    built-in models (converted to int4 on first use), ``llamacpp`` for other GGUF files,
-    ``reference`` for HF folders."""
+    built-in models, ``llamacpp`` for other GGUF files, ``reference`` for HF folders.
+    Any model runs on ``edgerank`` when asked: it is converted to int4 on first use."""
     from models.catalog import BUILTINS
 
     if source.kind == "artifact" or source.name in BUILTINS:
@@ -29,20 +29,16 @@ def default_backend(source: ModelSource) -> str:
 def load_backend(name: str, source: ModelSource, **options):
     """Instantiate backend ``name`` for ``source``; unknown options are an error."""
     if name == "edgerank":
-        from models.catalog import BUILTINS
-
-        if source.kind != "artifact" and source.name in BUILTINS:
+        if source.kind != "artifact":  # an HF folder, a GGUF or a built-in: its cached int4 artifact
             import dataclasses
 
             from edgerank.cache import cached_artifact
             from edgerank.sources import resolve
+            from models.catalog import BUILTINS
 
-            built = resolve(cached_artifact(source.name), family=source.spec.family)
+            model = source.name if source.name in BUILTINS else str(source.path)
+            built = resolve(cached_artifact(model, family=source.spec.family), family=source.spec.family)
             source = dataclasses.replace(built, name=source.name)
-        if source.kind != "artifact":
-            raise BackendUnavailableError(
-                f"backend 'edgerank' runs edgerank artifacts; convert {source.path} first: "
-                f"python -m converters {source.path} --to onnx --quant int4 --out DEST")
         from edgerank.backends.layerwise import LayerwiseBackend
 
         return LayerwiseBackend(source, **options)
