@@ -30,6 +30,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     # and grew a resident session's RSS from 542 to 982 MB over six DL19 queries
     # (flat at ~470 MB without it, same speed). See bench/RESULTS.md §6.3.
     opts.enable_mem_pattern = False
+    # Idle pool threads block instead of spinning. Every layer session has its own pool,
+    # so a finished layer's spinning threads competed with the next layer's, and with any
+    # other busy process: paired, 0.74x (minilm-l6) and 0.81x (smollm2) the latency beside
+    # a training job, 1.02x and 0.96x on a quiet machine. See bench/RESULTS.md §9.3.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -112,6 +113,28 @@ def test_streamed_weights_give_the_resident_scores_with_two_layers_at_most(decod
         assert streamed._backend.layers.peak_resident <= 2
     assert np.abs(a - b).max() < 1e-6
     assert extra["stream_weights"] and extra["io_wait_s"] >= 0 and extra["layer_load_s"] > 0
+
+
+def test_layer_sessions_use_the_thread_count_and_block_instead_of_spinning(decoder_artifact, capsys):
+    """One pool per layer session: idle threads must block (bench/RESULTS.md §9.3). The
+    bench script that measured it runs, and its spinning variant really differs."""
+    import importlib.util
+
+    _, art = decoder_artifact
+    with edgerank.Reranker(art, pruning=False, threads=2) as r:
+        opts = r._backend.layers.get(0).get_session_options()
+        assert opts.intra_op_num_threads == 2
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spec = importlib.util.spec_from_file_location("ort_threads", Path(__file__).parents[1] / "bench/ort_threads.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    spin = script.load(str(art), [("session.intra_op.allow_spinning", "1")], 1)
+    opts = spin._backend.layers.get(0).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1" and opts.intra_op_num_threads == 1
+    spin.close()
+    assert script.main([str(art), "--data", str(Path(art) / "no-such-data"), "--queries", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["queries"] == 2 and set(report["median_s"]) == {"spin", "nospin"}
 
 
 def test_gguf_to_artifact_round_trip_scores_like_the_hf_model(tmp_path, bpe_tokenizer):
