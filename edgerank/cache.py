@@ -64,9 +64,10 @@ def _override(model: str, family: str | None) -> str | None:
         return None
     from edgerank.errors import UnsupportedModelError
     from edgerank.sources import resolve
+    from models.catalog import BUILTINS
 
-    try:
-        detected = resolve(model).spec.family
+    try:  # a built-in's family is in the catalog; anything else is read from its files
+        detected = BUILTINS[model].family if model in BUILTINS else resolve(model).spec.family
     except UnsupportedModelError:  # the family cannot be told from the files
         return family
     return None if family == detected else family
@@ -76,8 +77,11 @@ def cache_name(model: str, family: str | None = None) -> str:
     """The name under which conversions of ``model`` are cached: its name plus its
     :func:`source_digest`. Two models of one name, a model retrained in place, or one
     model converted as two families, never share a cached conversion."""
-    digest = source_digest(_source_path(model), _override(model, family))
-    return f"{Path(str(model)).name.removesuffix('.gguf')}-{digest}"
+    return _name(model, _override(model, family))
+
+
+def _name(model: str, override: str | None) -> str:
+    return f"{Path(str(model)).name.removesuffix('.gguf')}-{source_digest(_source_path(model), override)}"
 
 
 def cached_artifact(model: str, quant: str = "int4", progress: bool = True, family: str | None = None) -> Path:
@@ -93,7 +97,7 @@ def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
 
 def _cached(model: str, to: str, quant: str, progress: bool, family: str | None = None) -> Path:
     family = _override(model, family)
-    dest = cache_dir() / (f"{cache_name(model, family)}-{quant}" + (".gguf" if to == "gguf" else ""))
+    dest = cache_dir() / (f"{_name(model, family)}-{quant}" + (".gguf" if to == "gguf" else ""))
     # the converter renames its output into place last, so the file that marks it complete
     if not (dest if to == "gguf" else dest / "manifest.json").is_file():
         from converters import convert

@@ -23,3 +23,7 @@ class BackendUnavailableError(EdgerankError, RuntimeError):
 
 class OfflineError(EdgerankError, ConnectionError):
     """A download was needed and the network (or the hub) cannot be reached."""
+
+
+class DataError(EdgerankError, ValueError):
+    """An evaluation collection or run that cannot give what was asked, e.g. no judged query."""

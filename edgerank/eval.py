@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
 from edgerank.datasets import bm25_run, find_run, load_beir, load_run
+from edgerank.errors import DataError, EdgerankError
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
@@ -48,6 +49,12 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
     run_path = Path(run_file) if run_file else find_run(data)
     first = load_run(run_path) if run_path else bm25_run(coll, depth=max(depth, 100))
     qids = [q for q in first if q in coll.qrels]
+    if not qids:
+        judged = sum(map(len, coll.qrels.values()))
+        raise DataError(f"nothing to evaluate: none of the {len(first)} queries of "
+                        f"{run_path or 'the BM25 run'} has a judgment in {coll.path}/qrels "
+                        f"({judged} judgments in all). Pruning calibration needs no judgments: "
+                        "python -m edgerank.calibrate compares against unpruned rankings.")
     if queries:
         qids = qids[:queries]
     first = {q: first[q] for q in qids}
@@ -110,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
-    report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run,
-                      dict(args.option))
+    try:
+        report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run,
+                          dict(args.option))
+    except (EdgerankError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = Table(title=f"{report['config']['model']} on {report['config']['backend']}, "
                         f"{Path(args.data).name}, depth {args.depth}, {report['stats']['queries']} queries")
     for col in ("", "nDCG@10", "MRR@10", "Recall@100"):

@@ -86,3 +86,22 @@ def test_eval_cli_writes_the_documented_json(tiny_cross_encoder, tmp_path):
     assert report["stats"]["pairs"] == 10 and report["stats"]["pairs_per_s"] > 0
     for q in report["per_query"].values():
         assert len(q["ranking"]) == 5 and 0 <= q["ndcg@10"] <= 1
+
+
+def test_eval_cli_says_in_one_line_that_a_collection_without_judgments_has_nothing_to_score(
+        tmp_path, capsys):
+    """The shared trec-dl21 ships its qrels file with a header only: a clear error, no traceback."""
+    from edgerank.eval import main
+
+    data = tmp_path / "unjudged"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
+    (data / "queries.jsonl").write_text('{"_id": 7, "text": "q"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    (data / "run.bm25.top100.trec").write_text("7 Q0 d1 1 2.0 bm25\n7 Q0 d2 2 1.0 bm25\n")
+    assert main(["--data", str(data), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "nothing to evaluate" in err and "0 judgments" in err and "run.bm25.top100.trec" in err
+    assert main(["--data", str(tmp_path / "missing")]) == 2
+    assert "is not a BEIR folder" in capsys.readouterr().err
