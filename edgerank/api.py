@@ -61,9 +61,11 @@ def _validate(query: Any, documents: Any, top_k: Any) -> None:
         raise TypeError(f"query must be a str, not {type(query).__name__}")
     if not query.strip():
         raise ValueError("query is empty: there is nothing to rank against")
-    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-        raise TypeError("documents must be a list of str (got a single "
-                        f"{type(documents).__name__})")
+    if isinstance(documents, (str, bytes)):
+        raise TypeError(f"documents must be a list of str (got a single {type(documents).__name__})")
+    if not isinstance(documents, Sequence):  # results index into it, so an iterator will not do
+        raise TypeError(f"documents must be a list of str (got a {type(documents).__name__}; "
+                        "pass list(...) of it)")
     for i, d in enumerate(documents):
         if not isinstance(d, str):
             raise TypeError(f"documents[{i}] is a {type(d).__name__}, not a str")
@@ -87,7 +89,14 @@ class Reranker:
     def __init__(self, model: str | Path | None = None, backend: str | None = None,
                  family: str | None = None, instruction: str | None = None,
                  max_length: int | None = None, **backend_options: Any) -> None:
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None (got {max_length!r})")
         self.source: ModelSource = resolve(model, family=family)
+        limit = self.source.max_positions
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(f"max_length={max_length} is longer than this model can read: its "
+                             f"position table has {limit} positions")
         self.backend_name = backend or default_backend(self.source)
         self.instruction = instruction
         self.max_length = max_length

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,9 @@ class ModelSource:
     name: str
     architecture: str
     adapter: Path | None = None  # a GGUF's LoRA adapter file (llama.cpp applies it at run time)
+    # Longest sequence the model can embed: its learned position table (BERT-style
+    # encoders). None for rotary decoders, which have no hard limit.
+    max_positions: int | None = None
 
 
 def resolve(model: str | Path | None = None, family: str | None = None, pull: bool = True) -> ModelSource:
@@ -65,13 +68,25 @@ def resolve(model: str | Path | None = None, family: str | None = None, pull: bo
         manifest = _read_json(path / "manifest.json")
         spec = get_spec(family or manifest.get("family", ""))
         spec = spec.with_max_length(int(manifest.get("max_length") or spec.max_length))
-        return ModelSource("artifact", path, spec, name, manifest.get("architecture", "?"))
+        arch, dims = manifest.get("architecture", "?"), manifest.get("dims") or {}
+        positions = None
+        if arch in ENCODER_TYPES and dims.get("context_length"):
+            positions = int(dims["context_length"]) - int(dims.get("position_offset", 0))
+        return _limited(ModelSource("artifact", path, spec, name, arch), positions)
     if (path / "config.json").is_file():
         return _hf_source(path, name, family)
     raise ModelFormatError(
         f"{str(path)!r} is a folder but not a model: it has neither config.json (a Hugging Face "
         "model) nor manifest.json (an edgerank artifact)"
     )
+
+
+def _limited(source: ModelSource, positions: int | None) -> ModelSource:
+    """``source`` with its position limit, and its default max_length kept within it."""
+    if not positions:
+        return source
+    spec = source.spec.with_max_length(min(source.spec.max_length, int(positions)))
+    return replace(source, spec=spec, max_positions=int(positions))
 
 
 def _read_json(path: Path) -> dict:
@@ -92,8 +107,7 @@ def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
     arch = meta.get("general.architecture", "?")
     if arch in GGUF_ENCODER_ARCHS:
         spec = get_spec(family or "bi-encoder")
-        limit = meta.get(f"{arch}.context_length")
-        return ModelSource("gguf", path, spec.with_max_length(min(spec.max_length, limit or spec.max_length)), name, arch)
+        return _limited(ModelSource("gguf", path, spec, name, arch), meta.get(f"{arch}.context_length"))
     if arch not in DECODER_ARCHS:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} is not supported; edgerank runs {', '.join(sorted(DECODER_ARCHS))} "
@@ -158,7 +172,10 @@ def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
         st_config = path / "sentence_bert_config.json"
         if spec.kind == "bi-encoder" and st_config.is_file():
             spec = spec.with_max_length(int(_read_json(st_config).get("max_seq_length", spec.max_length)))
-        return ModelSource("hf", path, spec, name, model_type)
+        positions = config.get("max_position_embeddings")
+        if positions and model_type in ("roberta", "xlm-roberta"):  # positions start after the pad id
+            positions -= int(config.get("pad_token_id", 1)) + 1
+        return _limited(ModelSource("hf", path, spec, name, model_type), positions)
     if model_type in DECODER_ARCHS:
         if family is None:
             hint = f"{config.get('_name_or_path', '')} {path.name}".lower()

@@ -146,8 +146,11 @@ def encode_pairs(
     """Apply the spec's template and truncation policy to one query and its documents."""
     limit = max_length or spec.max_length
     cap = limit * CHARS_PER_TOKEN_CAP
+    query = _valid_unicode(query)
+    long = [len(doc) > cap for doc in documents]
+    documents = [_valid_unicode(doc[:cap]) for doc in documents]
     if spec.kind == "decoder":
-        return _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap)
+        return _encode_decoder(spec, tokenizer, query, documents, long, instruction, limit)
     if spec.kind == "cross-encoder":
         if not isinstance(tokenizer, HFTokenizer):
             raise TypeError("cross-encoders need a tokenizer.json tokenizer (pairs carry token types)")
@@ -155,10 +158,10 @@ def encode_pairs(
         _check_budget(budget, limit)
         out = EncodedBatch(sequences=[], type_ids=[])
         for i, doc in enumerate(documents):
-            ids, types, cut = tokenizer.encode_with_specials(query, doc[:cap], budget)
+            ids, types, cut = tokenizer.encode_with_specials(query, doc, budget)
             out.sequences.append(ids)
             out.type_ids.append(types)
-            if cut or len(doc) > cap:
+            if cut or long[i]:
                 out.truncated.append(i)
         return out
     # bi-encoder: the query and each document are separate sequences
@@ -168,15 +171,15 @@ def encode_pairs(
     q_ids, q_types, _ = tokenizer.encode_with_specials(query)
     out = EncodedBatch(sequences=[], type_ids=[], query=q_ids, query_type_ids=q_types)
     for i, doc in enumerate(documents):
-        ids, types, cut = tokenizer.encode_with_specials(doc[:cap], budget=budget)
+        ids, types, cut = tokenizer.encode_with_specials(doc, budget=budget)
         out.sequences.append(ids)
         out.type_ids.append(types)
-        if cut or len(doc) > cap:
+        if cut or long[i]:
             out.truncated.append(i)
     return out
 
 
-def _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap) -> EncodedBatch:
+def _encode_decoder(spec, tokenizer, query, documents, long, instruction, limit) -> EncodedBatch:
     template = spec.template
     prefix = tokenizer.encode(template.render_prefix(query, instruction or spec.default_instruction))
     suffix = tokenizer.encode(template.suffix)
@@ -184,11 +187,21 @@ def _encode_decoder(spec, tokenizer, query, documents, instruction, limit, cap) 
     _check_budget(budget, limit)
     out = EncodedBatch(sequences=[], prefix_len=len(prefix))
     for i, doc in enumerate(documents):
-        ids = tokenizer.encode(template.separator + doc[:cap].rstrip())
-        if len(ids) > budget or len(doc) > cap:
+        ids = tokenizer.encode(template.separator + doc.rstrip())
+        if len(ids) > budget or long[i]:
             out.truncated.append(i)
         out.sequences.append(prefix + ids[:budget] + suffix)
     return out
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (what ``errors="surrogateescape"`` makes of bytes
+    that are not UTF-8) replaced by U+FFFD, which tokenizers can encode."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _check_budget(budget: int, limit: int) -> None:

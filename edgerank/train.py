@@ -190,6 +190,9 @@ def _load(cfg: TrainConfig):
     if (cfg.qlora or cfg.precision == "bf16") and not device.startswith("cuda"):
         raise ValueError("bf16 and QLoRA training need CUDA; on CPU train in fp32")
     source = resolve(cfg.base, family=cfg.family)
+    if source.max_positions is not None and cfg.max_length > source.max_positions:
+        raise ValueError(f"max_length={cfg.max_length} is longer than {cfg.base} can read: its position "
+                         f"table has {source.max_positions} positions")
     backend = ReferenceBackend(source, device=device)
     if cfg.qlora:
         _quantize_frozen_base(backend)

@@ -156,3 +156,52 @@ def test_a_reranker_shared_by_threads_gives_the_sequential_results(reranker):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda q: list(reranker.score(q, DOCS)), queries))
     assert got == expected
+
+
+def test_lone_surrogates_score_as_the_replacement_character(reranker):
+    """Text decoded with errors="surrogateescape" carries lone surrogates, which tokenizers
+    refuse; they are read as U+FFFD, in documents and in the query."""
+    bad, clean = ["caf\udce9 menu", "ok"], ["caf\ufffd menu", "ok"]
+    np.testing.assert_array_equal(reranker.score("caf\udce9", bad), reranker.score("caf\ufffd", clean))
+    paired = reranker.score("q", ["smile \ud83d\ude42"])  # a surrogate pair is the character it encodes
+    np.testing.assert_array_equal(paired, reranker.score("q", ["smile \U0001f642"]))
+
+
+def test_an_iterator_of_documents_is_refused_with_what_to_pass(reranker):
+    with pytest.raises(TypeError, match=r"got a generator; pass list"):
+        reranker.rank("q", (d for d in DOCS))
+
+
+@pytest.mark.parametrize("max_length", [0, -3, 2.5, True])
+def test_a_max_length_that_is_not_a_positive_int_is_an_error(tiny_qwen3, max_length):
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker", max_length=max_length)
+
+
+@pytest.mark.parametrize("knob,value", [("threshold", -0.1), ("min_depth", -1), ("threshold", float("nan")),
+                                        ("threshold", "high")])
+def test_a_pruning_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value):
+    from converters import convert
+
+    art = tmp_path / "int4"
+    convert(str(tiny_cross_encoder), "onnx", "int4", art, verify=False, progress=False)
+    with pytest.raises(ValueError, match=f"{knob} must be a number >= 0"):
+        edgerank.Reranker(art, **{knob: value})
+
+
+def test_a_max_length_beyond_an_encoders_position_table_is_an_error(tiny_cross_encoder, tmp_path):
+    """A BERT-style model cannot embed more positions than its table holds: asking for
+    more is an error up front (it used to fail inside the position-embedding add)."""
+    import json
+
+    from converters import convert
+
+    positions = json.loads((tiny_cross_encoder / "config.json").read_text())["max_position_embeddings"]
+    art = tmp_path / "int4"
+    convert(str(tiny_cross_encoder), "onnx", "int4", art, verify=False, progress=False)
+    for model, backend in ((tiny_cross_encoder, "reference"), (art, "edgerank")):
+        with pytest.raises(ValueError, match=f"position table has {positions} positions"):
+            edgerank.Reranker(model, backend=backend, max_length=positions + 1)
+        with edgerank.Reranker(model, backend=backend, max_length=positions) as r:
+            ranking = r.rank("q", ["word " * (4 * positions), "short"])
+        assert ranking.stats.truncated == [0]

@@ -268,6 +268,16 @@ def test_bad_configs_are_refused(tmp_path):
         _load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", precision="bf16", device="cpu"))
 
 
+
+def test_a_max_length_beyond_the_base_models_positions_is_refused(tmp_path, tiny_cross_encoder):
+    from edgerank.train import _load
+
+    positions = json.loads((tiny_cross_encoder / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"position table has {positions} positions"):
+        _load(TrainConfig(base=str(tiny_cross_encoder), family="cross-encoder", data="g.jsonl", out="o",
+                          max_length=positions + 1))
+
+
 def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer, monkeypatch):
     """A catalogued adapter model: merged on pull, verified by digest; tampering refused."""
     import dataclasses

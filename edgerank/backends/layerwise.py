@@ -19,6 +19,7 @@ which runs alongside the candidates and is never pruned.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class LayerwiseBackend:
         for knob, given in (("threshold", threshold), ("min_depth", min_depth)):
             value = given if given is not None else calibrated.get(knob)
             if value is not None:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+                    raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
                 setattr(policy, knob, float(value))
         self.policy = policy
         self.shared_prefix = bool(shared_prefix) and not self.encoder
