@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgerank.datasets import SHARED_DATA
+from edgerank.errors import EdgerankError
 
 CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
@@ -434,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     queries, source = load_queries(args.data, n, depth)
     subset = {k: int(v) for k, v in (s.split("=", 1) for s in args.subset)}
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
+    try:
+        report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
+    except EdgerankError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report["settings"]["data"] = source
     report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(report)

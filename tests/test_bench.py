@@ -140,3 +140,9 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
     assert bench.default_gguf_quant(resolve(trained)) == "q4_k_m"  # a base no longer there: no match to make
     assert bench.default_gguf_quant(resolve(tiny_model)) == "q4_k_m"  # no base recorded
     assert bench.default_gguf_quant(resolve(make_bert(tmp_path / "bi", wordpiece_tokenizer, "none"))) == "q4_0"
+
+
+def test_bench_cli_names_a_missing_model_in_one_line(tmp_path, capsys):
+    assert bench.main(["--model", str(tmp_path / "no-model"), "--queries", "1", "--configs", "edgerank"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no model at") and "\n" not in err

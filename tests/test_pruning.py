@@ -128,3 +128,19 @@ def test_a_recording_with_one_candidate_or_flat_scores_prunes_nothing():
     rec = Recording(np.full((4, 5), 0.3), np.full(5, 10), 7)
     got, skipped = simulate(PruningPolicy(threshold=0.01, min_depth=1), rec, 2)
     assert got == {0, 1} and skipped == 0.0
+
+
+def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys):
+    from edgerank.calibrate import main
+
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n')
+    (data / "queries.jsonl").write_text('{"_id": "1", "text": "q"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    assert main([str(tmp_path / "no-model"), "--data", str(data)]) == 2
+    assert "has no first-stage run" in capsys.readouterr().err
+    (data / "run.bm25.trec").write_text("1 Q0 d1 1 1.0 bm25\n")
+    assert main([str(tmp_path / "no-model"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no model at") and "\n" not in err
