@@ -178,14 +178,17 @@ def test_a_max_length_that_is_not_a_positive_int_is_an_error(tiny_qwen3, max_len
         edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker", max_length=max_length)
 
 
-@pytest.mark.parametrize("knob,value", [("threshold", -0.1), ("min_depth", -1), ("threshold", float("nan")),
-                                        ("threshold", "high")])
-def test_a_pruning_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value):
+@pytest.mark.parametrize("knob,value,message", [
+    ("threshold", -0.1, "threshold must be a number >= 0"), ("min_depth", -1, "min_depth must be a number >= 0"),
+    ("threshold", float("nan"), "threshold must be a number"), ("threshold", "high", "threshold must be a number"),
+    ("threads", 0, "threads must be a positive int"), ("threads", -1, "threads must be a positive int"),
+    ("threads", 1.5, "threads must be a positive int")])
+def test_a_runtime_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value, message):
     from converters import convert
 
     art = tmp_path / "int4"
     convert(str(tiny_cross_encoder), "onnx", "int4", art, verify=False, progress=False)
-    with pytest.raises(ValueError, match=f"{knob} must be a number >= 0"):
+    with pytest.raises(ValueError, match=message):
         edgerank.Reranker(art, **{knob: value})
 
 

@@ -66,6 +66,9 @@ class LayerwiseBackend:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / "tokenizer.json")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
         dims = self.artifact.dims
         self.head = self.artifact.head()
