@@ -16,7 +16,7 @@ import numpy as np
 
 from edgerank.backends import default_backend, load_backend
 from edgerank.memory import PeakRSS
-from edgerank.sources import ModelSource, resolve
+from edgerank.sources import ModelSource, check_max_length, resolve
 from edgerank.tokenization import encode_pairs
 
 
@@ -89,14 +89,8 @@ class Reranker:
     def __init__(self, model: str | Path | None = None, backend: str | None = None,
                  family: str | None = None, instruction: str | None = None,
                  max_length: int | None = None, **backend_options: Any) -> None:
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None (got {max_length!r})")
         self.source: ModelSource = resolve(model, family=family)
-        limit = self.source.max_positions
-        if max_length is not None and limit is not None and max_length > limit:
-            raise ValueError(f"max_length={max_length} is longer than this model can read: its "
-                             f"position table has {limit} positions")
+        check_max_length(self.source, max_length)
         self.backend_name = backend or default_backend(self.source)
         self.instruction = instruction
         self.max_length = max_length

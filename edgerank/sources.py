@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,18 @@ def _limited(source: ModelSource, positions: int | None) -> ModelSource:
         return source
     spec = source.spec.with_max_length(min(source.spec.max_length, int(positions)))
     return replace(source, spec=spec, max_positions=int(positions))
+
+
+def check_max_length(source: ModelSource, max_length: int | None) -> None:
+    """Refuse a ``max_length`` that is not a positive int, or that is longer than
+    ``source``'s position table (a BERT-style model cannot embed more positions)."""
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int or None (got {max_length!r})")
+    if source.max_positions is not None and max_length > source.max_positions:
+        raise ValueError(f"max_length={max_length} is longer than {source.name} can read: its "
+                         f"position table has {source.max_positions} positions")
 
 
 def _read_json(path: Path) -> dict:

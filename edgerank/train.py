@@ -184,15 +184,13 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
 
 def _load(cfg: TrainConfig):
     from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
+    from edgerank.sources import check_max_length, resolve
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (cfg.qlora or cfg.precision == "bf16") and not device.startswith("cuda"):
         raise ValueError("bf16 and QLoRA training need CUDA; on CPU train in fp32")
     source = resolve(cfg.base, family=cfg.family)
-    if source.max_positions is not None and cfg.max_length > source.max_positions:
-        raise ValueError(f"max_length={cfg.max_length} is longer than {cfg.base} can read: its position "
-                         f"table has {source.max_positions} positions")
+    check_max_length(source, cfg.max_length)
     backend = ReferenceBackend(source, device=device)
     if cfg.qlora:
         _quantize_frozen_base(backend)
