@@ -18,6 +18,7 @@ from edgerank.backends import default_backend, load_backend
 from edgerank.memory import PeakRSS
 from edgerank.sources import ModelSource, check_max_length, resolve
 from edgerank.tokenization import encode_pairs
+from models.specs import SPECS
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ def _validate(query: Any, documents: Any, top_k: Any) -> None:
         raise ValueError(f"top_k must be positive (got {top_k}); use None for all documents")
 
 
+def _check_instruction(spec: Any, instruction: Any) -> None:
+    """An instruction the model's prompt has no place for is an error, not silently dropped."""
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str or None, not {type(instruction).__name__}")
+    if instruction is not None and not spec.takes_instruction:
+        slots = ", ".join(f for f, s in SPECS.items() if s.takes_instruction)
+        raise ValueError(f"the {spec.family!r} family takes no instruction "
+                         f"(only prompts with an instruction slot do: {slots})")
+
+
 class Reranker:
     """A loaded reranker: load once, rank many times.
 
@@ -91,6 +102,7 @@ class Reranker:
                  max_length: int | None = None, **backend_options: Any) -> None:
         self.source: ModelSource = resolve(model, family=family)
         check_max_length(self.source, max_length)
+        _check_instruction(self.spec, instruction)
         self.backend_name = backend or default_backend(self.source)
         self.instruction = instruction
         self.max_length = max_length
@@ -110,6 +122,7 @@ class Reranker:
         empty list returns an empty ranking. Equal scores keep input order.
         """
         _validate(query, documents, top_k)
+        _check_instruction(self.spec, instruction)
         stats = CallStats(backend=self.backend_name, model=self.source.name, candidates=len(documents))
         if self._backend is None:
             raise RuntimeError("this Reranker is closed")

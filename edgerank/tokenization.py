@@ -147,6 +147,7 @@ def encode_pairs(
     limit = max_length or spec.max_length
     cap = limit * CHARS_PER_TOKEN_CAP
     query = _valid_unicode(query)
+    instruction = _valid_unicode(instruction) if instruction else None
     long = [len(doc) > cap for doc in documents]
     documents = [_valid_unicode(doc[:cap]) for doc in documents]
     if spec.kind == "decoder":

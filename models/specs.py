@@ -96,6 +96,11 @@ class ModelSpec:
     # Bi-encoders: whether embeddings are L2-normalised before the dot product.
     normalize: bool = True
 
+    @property
+    def takes_instruction(self) -> bool:
+        """Whether ``instruction=`` means anything: the prompt has an instruction slot."""
+        return self.template is not None and "{instruction}" in self.template.prefix
+
     def with_max_length(self, max_length: int) -> "ModelSpec":
         return replace(self, max_length=max_length)
 

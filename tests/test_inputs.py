@@ -167,6 +167,26 @@ def test_lone_surrogates_score_as_the_replacement_character(reranker):
     np.testing.assert_array_equal(paired, reranker.score("q", ["smile \U0001f642"]))
 
 
+def test_an_instruction_with_lone_surrogates_is_read_like_the_query(reranker):
+    """The instruction goes into the same prompt as the query, so it is cleaned the same
+    way (it used to reach the tokenizer as is and raise its TypeError)."""
+    bad = reranker.rank("q", DOCS, instruction="find caf\udce9s")
+    clean = reranker.rank("q", DOCS, instruction="find caf\ufffds")
+    assert [(r.index, r.score) for r in bad] == [(r.index, r.score) for r in clean]
+    default = reranker.rank("q", DOCS)
+    assert [r.score for r in default] != [r.score for r in clean]  # the instruction is used at all
+
+
+def test_an_instruction_the_prompt_has_no_place_for_is_an_error(tiny_cross_encoder, reranker):
+    with pytest.raises(ValueError, match="'cross-encoder' family takes no instruction"):
+        edgerank.Reranker(tiny_cross_encoder, backend="reference", instruction="be brief")
+    with edgerank.Reranker(tiny_cross_encoder, backend="reference") as ce:
+        with pytest.raises(ValueError, match="takes no instruction"):
+            ce.rank("q", DOCS, instruction="be brief")
+    with pytest.raises(TypeError, match="instruction must be a str or None, not bytes"):
+        reranker.rank("q", DOCS, instruction=b"be brief")
+
+
 def test_an_iterator_of_documents_is_refused_with_what_to_pass(reranker):
     with pytest.raises(TypeError, match=r"got a generator; pass list"):
         reranker.rank("q", (d for d in DOCS))
