@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from converters import FORMATS, OutputExistsError, convert
-from edgerank.errors import EdgerankError
+from edgerank.errors import exits_on
 
 
+@exits_on(OutputExistsError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m converters", description=__doc__)
     p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
@@ -23,11 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", dest="verify", action="store_false")
     args = p.parse_args(argv)
     console = Console()
-    try:
-        report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
-    except (OutputExistsError, EdgerankError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
+    report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
     table = Table(title=f"{args.src} -> {args.out} ({args.to} {args.quant})", show_header=False)
     for key in ("size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb", "pairs", "spearman",
                 "pearson", "topk_agreement", "max_abs_diff"):

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import EdgerankError
+from edgerank.errors import exits_on
 
 CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
@@ -405,6 +405,7 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.bench", description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -435,11 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     queries, source = load_queries(args.data, n, depth)
     subset = {k: int(v) for k, v in (s.split("=", 1) for s in args.subset)}
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    try:
-        report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
-    except EdgerankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
     report["settings"]["data"] = source
     report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(report)

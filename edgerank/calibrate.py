@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import EdgerankError
+from edgerank.errors import exits_on
 from edgerank.pruning import PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -119,6 +119,7 @@ def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None
     return target
 
 
+@exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -142,20 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-k", default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
-    try:
-        coll = load_beir(args.data)
-        runfile = sorted(args.data.glob("run*.trec"))
-        if not runfile:
-            raise FileNotFoundError(f"{args.data} has no first-stage run (run*.trec) to calibrate on")
-        artifact = Path(args.model).expanduser()
-        if not (artifact / "manifest.json").is_file():
-            from edgerank.cache import cached_artifact
+    coll = load_beir(args.data)
+    runfile = sorted(args.data.glob("run*.trec"))
+    if not runfile:
+        raise FileNotFoundError(f"{args.data} has no first-stage run (run*.trec) to calibrate on")
+    artifact = Path(args.model).expanduser()
+    if not (artifact / "manifest.json").is_file():
+        from edgerank.cache import cached_artifact
 
-            artifact = cached_artifact(args.model)
-            console.print(f"calibrating {artifact}")
-    except (EdgerankError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        artifact = cached_artifact(args.model)
+        console.print(f"calibrating {artifact}")
     run = load_run(runfile[0])
     qids = sorted(run)[: args.queries]
     recs = []

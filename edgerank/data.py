@@ -35,6 +35,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from edgerank.datasets import is_trec_dl, load_beir
+from edgerank.errors import exits_on
 
 SOURCES = ("squad", "squad2", "wikiqa", "medquad", "scifact")
 CHUNK_WORDS = 120
@@ -230,6 +231,7 @@ def read_groups(path: str | Path) -> list[dict]:
     return groups
 
 
+@exits_on(TrainingDataError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,23 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--max-length", type=int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "build-train":
-            limits = args.max_queries or []
-            groups = []
-            for n, (name, path) in enumerate(args.source):
-                groups += build_groups(name, path, args.negatives, limits[n] if n < len(limits) else None,
-                                       args.seed + n)
-            random.Random(args.seed).shuffle(groups)
-            write_jsonl(groups, args.out)
-            print(f"{len(groups)} groups -> {args.out}")
-        else:
-            groups = label_groups(read_groups(args.input), args.teacher, args.backend, max_length=args.max_length)
-            write_jsonl(groups, args.out)
-            print(f"{len(groups)} labelled groups -> {args.out}")
-    except (TrainingDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build-train":
+        limits = args.max_queries or []
+        groups = []
+        for n, (name, path) in enumerate(args.source):
+            groups += build_groups(name, path, args.negatives, limits[n] if n < len(limits) else None,
+                                   args.seed + n)
+        random.Random(args.seed).shuffle(groups)
+        write_jsonl(groups, args.out)
+        print(f"{len(groups)} groups -> {args.out}")
+    else:
+        groups = label_groups(read_groups(args.input), args.teacher, args.backend, max_length=args.max_length)
+        write_jsonl(groups, args.out)
+        print(f"{len(groups)} labelled groups -> {args.out}")
     return 0
 
 

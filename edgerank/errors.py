@@ -1,4 +1,11 @@
-"""The errors edgerank raises on bad input, each a subclass of a builtin users already catch."""
+"""The errors edgerank raises on bad input, each a subclass of a builtin users already catch,
+and how the command lines report them."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
 
 
 class EdgerankError(Exception):
@@ -27,3 +34,18 @@ class OfflineError(EdgerankError, ConnectionError):
 
 class DataError(EdgerankError, ValueError):
     """An evaluation collection or run that cannot give what was asked, e.g. no judged query."""
+
+
+def exits_on(*kinds: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command line's ``main``: an :class:`EdgerankError`, or one of ``kinds``,
+    becomes one ``error: ...`` line on stderr and exit status 2 instead of a traceback."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except (EdgerankError, *kinds) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        return run
+    return wrap

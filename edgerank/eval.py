@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
 from edgerank.datasets import bm25_run, find_run, load_beir, load_run
-from edgerank.errors import DataError, EdgerankError
+from edgerank.errors import DataError, exits_on
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
@@ -105,6 +105,7 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
     }
 
 
+@exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
-    try:
-        report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run,
-                          dict(args.option))
-    except (EdgerankError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run, dict(args.option))
     table = Table(title=f"{report['config']['model']} on {report['config']['backend']}, "
                         f"{Path(args.data).name}, depth {args.depth}, {report['stats']['queries']} queries")
     for col in ("", "nDCG@10", "MRR@10", "Recall@100"):

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from edgerank import cache as caching
 from edgerank import pull as pulling
-from edgerank.errors import EdgerankError
+from edgerank.errors import exits_on
 from models.catalog import BUILTINS, DEFAULT_MODEL
 
 
@@ -50,6 +50,7 @@ def show_cache(console: Console, clean: bool) -> None:
     console.print(f"removed {len(removed)} entries, {sum(e.size_bytes for e in removed) / 1e6:.0f} MB")
 
 
+@exits_on()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(BUILTINS) if "all" in args.names else args.names
     for name in names:
-        try:
-            path = pulling.pull(name)
-        except EdgerankError as e:
-            console.print(f"[red]error[/] {name}: {e}")
-            return 2
+        path = pulling.pull(name)
         console.print(f"[green]ok[/] {name}: {path}")
     return 0
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from edgerank.adapters import ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
+from edgerank.errors import exits_on
 from edgerank.tokenization import encode_pairs
 
 LOSSES = ("kl", "bce", "ranknet", "margin")
@@ -437,24 +438,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on(ValueError, FileExistsError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
-    try:
-        if args.recipe:
-            from models.recipes import run_recipe
+    if args.recipe:
+        from models.recipes import run_recipe
 
-            out = run_recipe(args.recipe, overrides=given, force=args.force, stop_after=args.stop_after)
-        else:
-            missing = [n for n in ("base", "family", "data", "out") if n not in given]
-            if missing:
-                print(f"error: give --recipe, or all of {', '.join('--' + m for m in missing)}", file=sys.stderr)
-                return 2
-            out = train(TrainConfig(**given), force=args.force, stop_after=args.stop_after)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out = run_recipe(args.recipe, overrides=given, force=args.force, stop_after=args.stop_after)
+    else:
+        missing = [n for n in ("base", "family", "data", "out") if n not in given]
+        if missing:
+            raise ValueError(f"give --recipe, or all of {', '.join('--' + m for m in missing)}")
+        out = train(TrainConfig(**given), force=args.force, stop_after=args.stop_after)
     print("stopped early; re-run the same command to resume" if out is None else f"trained model -> {out}")
     return 0
 
