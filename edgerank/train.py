@@ -7,7 +7,9 @@
 The model is trained exactly as it is scored: ``encode_pairs`` applies the family's
 template and truncation, ``ReferenceBackend.head_outputs`` runs the forward pass, and the
 family's ``ScoreFormula.logit`` (yes/no logit difference, classifier logit) is what the
-losses see. Output is a Hugging Face folder (``edgerank.json`` names its family) that the
+losses see. For decoders, each query's template prefix (system prompt, instruction,
+query: about half of every pair's tokens) runs once and its candidates attend to its keys
+and values, as in the layer-wise runtime; outputs and gradients are those of full pairs. Output is a Hugging Face folder (``edgerank.json`` names its family) that the
 converters and every backend take as input; a LoRA run also leaves its small adapter file.
 
 Runs are reproducible (seeded; the config is saved beside the output) and resumable: a
@@ -251,19 +253,20 @@ def supervised_layers(n_layers: int, min_depth: float) -> tuple[int, ...]:
 def _loss(backend, spec, batch: list[dict], cfg: TrainConfig) -> torch.Tensor:
     from edgerank.losses import listwise_kl, pointwise_bce, ranknet
 
-    seqs, types, sizes = [], [], []
-    for g in batch:
-        enc = encode_pairs(spec, backend.tokenizer, g["query"], g["texts"])
-        seqs += enc.sequences
-        types += enc.type_ids or []
-        sizes.append(len(g["texts"]))
+    encoded = [encode_pairs(spec, backend.tokenizer, g["query"], g["texts"]) for g in batch]
+    sizes = [len(g["texts"]) for g in batch]
     device = backend.device
     layers = ()
     if cfg.layer_weight:
         layers = supervised_layers(backend.full_model.config.num_hidden_layers, cfg.layer_min_depth)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     with autocast:
-        outputs = backend.head_outputs_by_layer(seqs, types or None, layers)
+        if spec.kind == "decoder":  # each query's template prefix once, shared by its candidates
+            outputs = torch.cat([backend.head_outputs_by_layer(e.sequences, None, layers, prefix_len=e.prefix_len)
+                                 for e in encoded], dim=1)
+        else:
+            outputs = backend.head_outputs_by_layer([s for e in encoded for s in e.sequences],
+                                                    [t for e in encoded for t in e.type_ids or []] or None, layers)
     width = max(sizes)
     mask = torch.zeros((len(batch), width), dtype=torch.bool, device=device)
     lab = torch.zeros((len(batch), width), device=device)

@@ -454,3 +454,34 @@ def test_lora_upper_limits_the_adapted_layers(tmp_path, bpe_tokenizer, upper, ad
     backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
     names = attach_lora(backend.model, "decoder", 4, r=2, alpha=4, upper_layers=upper)
     assert sorted({int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names}) == adapted
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_the_shared_prefix_gives_the_full_forwards_outputs_and_gradients(tmp_path, bpe_tokenizer, arch):
+    """Training computes a query's template prefix once and lets every candidate attend to
+    its keys and values; the head outputs (final and per layer) and the gradients must be
+    those of running every pair in full."""
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.tokenization import encode_pairs
+
+    src = make_decoder(tmp_path / "hf", arch, bpe_tokenizer, n_layers=3)
+    backend = ReferenceBackend(resolve(str(src), family="qwen3-reranker"), device="cpu")
+    q, pos, negs = TOPICS[0]
+    enc = encode_pairs(backend.spec, backend.tokenizer, q, [pos] + negs + ["a b", pos * 3])
+    assert enc.prefix_len > 0 and len(set(map(len, enc.sequences))) > 2  # real padding in play
+
+    def run(prefix_len):
+        backend.model.zero_grad()
+        out = backend.head_outputs_by_layer(enc.sequences, layers=(1, 2), prefix_len=prefix_len)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(0)
+    shared, shared_grads = run(enc.prefix_len)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10
+    for name, g in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="do not all share"):
+        backend.head_outputs_by_layer([enc.sequences[0], [1, 2, 3] + enc.sequences[1]], prefix_len=enc.prefix_len)

@@ -89,11 +89,17 @@ class ReferenceBackend:
         return self.head_outputs_by_layer(seqs, type_ids)[0]
 
     def head_outputs_by_layer(self, seqs: list[list[int]], type_ids: list[list[int]] | None = None,
-                              layers: tuple[int, ...] = ()) -> torch.Tensor:
+                              layers: tuple[int, ...] = (), prefix_len: int = 0) -> torch.Tensor:
         """``[1 + len(layers), n, width]``: the final head outputs, then the model's own head
         applied to the hidden state *entering* each of ``layers`` (1 .. L-1), which is what
         the pruning runtime scores before that layer (final norm + label rows, or pooler +
-        classifier, or mean pooling). The trainer's ``layer_weight`` trains on these."""
+        classifier, or mean pooling). The trainer's ``layer_weight`` trains on these.
+
+        ``prefix_len`` (decoders): the first ``prefix_len`` tokens are the same in every
+        sequence (one query's template prefix); they are computed once and their keys and
+        values shared, as the layer-wise runtime does. The result is the same."""
+        if prefix_len and self.spec.kind == "decoder":
+            return self._shared_prefix_outputs(seqs, prefix_len, layers)
         n, width = len(seqs), max(map(len, seqs))
         ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -107,10 +113,7 @@ class ReferenceBackend:
                              position_ids=pos.to(self.device), output_hidden_states=want)
             last = [out.last_hidden_state[:, -1]]  # final norm already applied
             last += [self.model.norm(out.hidden_states[layer][:, -1]) for layer in layers]
-            logits = torch.stack(last) @ self.head_weight.T.to(last[0].dtype)
-            if self.head_bias is not None:
-                logits = logits + self.head_bias.to(logits.dtype)
-            return logits
+            return self._label_rows(torch.stack(last))
         types = torch.zeros((n, width), dtype=torch.long)
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
@@ -129,6 +132,39 @@ class ReferenceBackend:
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
+
+    def _shared_prefix_outputs(self, seqs: list[list[int]], prefix_len: int, layers: tuple[int, ...]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        prefix = seqs[0][:prefix_len]
+        if any(len(s) <= prefix_len or s[:prefix_len] != prefix for s in seqs):
+            raise ValueError(f"the sequences do not all share their first {prefix_len} tokens")
+        n, dev = len(seqs), self.device
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([prefix], device=dev), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)  # a view per candidate; gradients sum back into the prefix
+        tails = [s[prefix_len:] for s in seqs]
+        width = max(map(len, tails))
+        ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for r, t in enumerate(tails):  # right padding: the prefix stays contiguous
+            ids[r, : len(t)] = torch.tensor(t)
+            mask[r, prefix_len: prefix_len + len(t)] = 1
+        pos = torch.arange(prefix_len, prefix_len + width).expand(n, width)
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True, output_hidden_states=bool(layers))
+        rows, end = torch.arange(n, device=dev), torch.tensor([len(t) - 1 for t in tails], device=dev)
+        last = [out.last_hidden_state[rows, end]]
+        last += [self.model.norm(out.hidden_states[layer][rows, end]) for layer in layers]
+        return self._label_rows(torch.stack(last))
+
+    def _label_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's answer-label rows applied to final-normed hidden states."""
+        logits = hidden @ self.head_weight.T.to(hidden.dtype)
+        if self.head_bias is not None:
+            logits = logits + self.head_bias.to(logits.dtype)
+        return logits
 
     def _classify(self, hidden: torch.Tensor) -> torch.Tensor:
         """A cross-encoder's head on a ``[n, T, d]`` hidden state: BERT's pooler + dropout +
