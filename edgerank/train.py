@@ -121,23 +121,9 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     work.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # the fresh head (cross-encoders) is drawn from here
-    backend = _load(cfg)
+    backend, names, params = _trainable_model(cfg)
     spec = backend.spec.with_max_length(cfg.max_length)
     module = backend.model
-    if cfg.adapter == "lora":
-        from edgerank.adapters import attach_lora
-
-        n_layers = backend.full_model.config.num_hidden_layers
-        layers = supervised_layers(n_layers, cfg.layer_min_depth) if cfg.layer_weight else ()
-        if cfg.lora_upper and layers and layers[0] <= n_layers - cfg.lora_upper:
-            # the readout before layer l depends on layers < l only: it can learn once l-1 is adapted
-            first = n_layers - cfg.lora_upper + 1
-            raise ValueError(f"layer_weight trains the readouts before layers {layers[0]}..{n_layers - 1}, but LoRA "
-                             f"adapts only the last {cfg.lora_upper} of {n_layers} layers, so readouts before layer "
-                             f"{first} cannot change: raise layer_min_depth to {first / n_layers:.2f} or lora_upper")
-        attach_lora(module, spec.kind, n_layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_upper)
-    params = [p for p in module.parameters() if p.requires_grad]
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -183,6 +169,26 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     bar.close()
     module.eval()
     return _finish(cfg, backend, work, out, log)
+
+
+def _trainable_model(cfg: TrainConfig):
+    """The base model with its adapters attached: (backend, trainable names, their tensors)."""
+    backend = _load(cfg)
+    module = backend.model
+    if cfg.adapter == "lora":
+        from edgerank.adapters import attach_lora
+
+        n_layers = backend.full_model.config.num_hidden_layers
+        layers = supervised_layers(n_layers, cfg.layer_min_depth) if cfg.layer_weight else ()
+        if cfg.lora_upper and layers and layers[0] <= n_layers - cfg.lora_upper:
+            # the readout before layer l depends on layers < l only: it can learn once l-1 is adapted
+            first = n_layers - cfg.lora_upper + 1
+            raise ValueError(f"layer_weight trains the readouts before layers {layers[0]}..{n_layers - 1}, but LoRA "
+                             f"adapts only the last {cfg.lora_upper} of {n_layers} layers, so readouts before layer "
+                             f"{first} cannot change: raise layer_min_depth to {first / n_layers:.2f} or lora_upper")
+        attach_lora(module, backend.spec.kind, n_layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_upper)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return backend, [n for n, _ in named], [p for _, p in named]
 
 
 def _load(cfg: TrainConfig):
@@ -310,9 +316,46 @@ def _checkpoint(path: Path, cfg, step, log, trainable, opt, sched) -> None:
 def _finish(cfg: TrainConfig, backend, work: Path, out: Path, log: list[dict]) -> Path:
     """Write the HF folder (LoRA merged exactly) into ``work/model``, then rename it to ``out``."""
     staging = work / "model"
+    _write_model(cfg, backend, staging, log)
+    if out.exists():
+        shutil.rmtree(out)  # only reached with force=True
+    os.replace(staging, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -> Path:
+    """Write the model as it stands at the last checkpoint of ``cfg``'s unfinished run, to
+    evaluate it mid-run. The run itself is untouched and resumes as before."""
+    dest = Path(dest)
+    work = _work_dir(Path(cfg.out))
+    ckpt = work / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint of a run of {cfg.out} (looked for {ckpt})")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state["config"] != dataclasses.asdict(cfg):
+        raise ValueError(f"{ckpt} is a run with another config than the one given")
+    if dest.exists() and not force:
+        raise FileExistsError(f"{dest} exists; pass force=True (--force) to replace it")
+    backend, names, params = _trainable_model(cfg)
+    with torch.no_grad():
+        for name, tensor in dict(zip(names, params)).items():
+            tensor.copy_(state["trainable"][name])
+    backend.model.eval()
+    staging = dest.parent / f".{dest.name}.partial"
+    _write_model(cfg, backend, staging, state["log"], {"checkpoint_step": state["step"]})
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
+    return dest
+
+
+def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extra: dict | None = None) -> None:
+    """The HF folder of ``backend``'s model (a LoRA merged exactly, its adapter kept beside
+    it), with the config, cost, loss log and plot of the run."""
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     if cfg.adapter == "lora":
         from edgerank.adapters import save_adapter
 
@@ -325,17 +368,13 @@ def _finish(cfg: TrainConfig, backend, work: Path, out: Path, log: list[dict]) -
         digest = save_model(backend, cfg.family, staging)
     cost = {"steps": len(log), "train_seconds": round(log[-1]["elapsed_s"], 1) if log else 0.0,
             "device": str(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")),
-            "hardware": _hardware(), "final_loss": log[-1]["loss"] if log else None, "weights_sha256": digest}
+            "hardware": _hardware(), "final_loss": log[-1]["loss"] if log else None, "weights_sha256": digest,
+            **(extra or {})}
     (staging / "train_config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "cost": cost}, indent=2))
     with open(staging / "train_log.jsonl", "w") as f:
         for row in log:
             f.write(json.dumps(row) + "\n")
     _plot_loss(log, staging / "loss.png", Path(cfg.out).name)
-    if out.exists():
-        shutil.rmtree(out)  # only reached with force=True
-    os.replace(staging, out)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def save_model(backend, family: str, folder: Path, extra: dict | None = None) -> str:
@@ -431,6 +470,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="a recipe from models/recipes.py (data, teacher and config)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--stop-after", type=int, help="run this many steps, checkpoint, and stop (resume later)")
+    p.add_argument("--export-checkpoint", metavar="DIR", type=Path,
+                   help="train nothing: write the model at the run's last checkpoint to DIR (to evaluate "
+                        "it mid-run; the run resumes as before). Give the run's own options.")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool",):
@@ -447,14 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
     if args.recipe:
-        from models.recipes import run_recipe
+        from models.recipes import recipe_config
 
-        out = run_recipe(args.recipe, overrides=given, force=args.force, stop_after=args.stop_after)
+        cfg = recipe_config(args.recipe, overrides=given)
     else:
         missing = [n for n in ("base", "family", "data", "out") if n not in given]
         if missing:
             raise ValueError(f"give --recipe, or all of {', '.join('--' + m for m in missing)}")
-        out = train(TrainConfig(**given), force=args.force, stop_after=args.stop_after)
+        cfg = TrainConfig(**given)
+    if args.export_checkpoint:
+        print(f"checkpoint -> {export_checkpoint(cfg, args.export_checkpoint, force=args.force)}")
+        return 0
+    out = train(cfg, force=args.force, stop_after=args.stop_after)
     print("stopped early; re-run the same command to resume" if out is None else f"trained model -> {out}")
     return 0
 

@@ -99,15 +99,22 @@ def training_data(recipe: Recipe, data_root: Path | None = None, progress: bool 
     return path
 
 
+def recipe_config(name: str, overrides: dict | None = None, data_root: Path | None = None):
+    """The recipe's ``TrainConfig`` (its data built and labelled first if need be);
+    ``overrides`` replace fields."""
+    from edgerank.pull import trained_dir
+    from edgerank.train import TrainConfig
+
+    recipe = get_recipe(name)
+    fields = {**recipe.config, "seed": recipe.seed, **dict(overrides or {})}
+    fields.setdefault("data", str(training_data(recipe, data_root)))
+    fields.setdefault("out", str(trained_dir(name)))
+    return TrainConfig(**fields)
+
+
 def run_recipe(name: str, overrides: dict | None = None, force: bool = False,
                stop_after: int | None = None, data_root: Path | None = None) -> Path | None:
     """Build the data, then train; ``overrides`` replace TrainConfig fields."""
-    from edgerank.pull import trained_dir
-    from edgerank.train import TrainConfig, train
+    from edgerank.train import train
 
-    recipe = get_recipe(name)
-    overrides = dict(overrides or {})
-    fields = {**recipe.config, "seed": recipe.seed, **overrides}
-    fields.setdefault("data", str(training_data(recipe, data_root)))
-    fields.setdefault("out", str(trained_dir(name)))
-    return train(TrainConfig(**fields), force=force, stop_after=stop_after)
+    return train(recipe_config(name, overrides, data_root), force=force, stop_after=stop_after)

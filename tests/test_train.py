@@ -485,3 +485,59 @@ def test_the_shared_prefix_gives_the_full_forwards_outputs_and_gradients(tmp_pat
         torch.testing.assert_close(shared_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="do not all share"):
         backend.head_outputs_by_layer([enc.sequences[0], [1, 2, 3] + enc.sequences[1]], prefix_len=enc.prefix_len)
+
+
+def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path, bpe_tokenizer):
+    """``--export-checkpoint`` writes the model of an unfinished run, to evaluate it mid-run.
+    Its scores must be those of the base with the checkpoint's LoRA weights attached
+    (unmerged, built here by hand), and the run must resume untouched."""
+    import hashlib
+
+    import edgerank
+    from edgerank.adapters import attach_lora
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.tokenization import encode_pairs
+    from edgerank.train import main as train_main
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=3)
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    args = dict(base=str(base), family="qwen3-reranker", data=str(data), out=str(tmp_path / "out"), loss="kl",
+                teacher_temperature=0.2, adapter="lora", lora_r=4, lora_alpha=8, steps=4,
+                queries_per_step=len(TOPICS), lr=5e-3, warmup=0.0, checkpoint_every=2, device="cpu")
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        from edgerank.train import export_checkpoint
+
+        export_checkpoint(TrainConfig(**args), tmp_path / "snap")
+    assert train(TrainConfig(**args), progress=False, stop_after=2) is None
+    ckpt = tmp_path / ".out.partial" / "checkpoint.pt"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert train_main(argv + ["--export-checkpoint", str(tmp_path / "snap")]) == 0
+    assert json.loads((tmp_path / "snap" / "train_config.json").read_text())["cost"]["checkpoint_step"] == 2
+
+    live = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
+    attach_lora(live.model, "decoder", 3, 4, 8, None)
+    trained = torch.load(ckpt, weights_only=False)["trainable"]
+    with torch.no_grad():
+        for name, p in live.model.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
+    q, pos, negs = TOPICS[0]
+    enc = encode_pairs(live.spec, live.tokenizer, q, [pos] + negs)
+    with torch.no_grad():
+        expected = live.spec.score.apply(live.head_outputs(enc.sequences).double().numpy())
+    with edgerank.Reranker(tmp_path / "snap", backend="reference") as r:
+        got = r.score(q, [pos] + negs)
+    with edgerank.Reranker(base, backend="reference", family="qwen3-reranker") as r:
+        untrained = r.score(q, [pos] + negs)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(got - untrained).max() > 1e-3  # two steps did change the model
+
+    assert train_main(argv + ["--export-checkpoint", str(tmp_path / "snap")]) == 2  # exists: not replaced
+    assert train_main(argv[:-1] + ["--lr=0.1", "--export-checkpoint", str(tmp_path / "other")]) == 2
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    assert train(TrainConfig(**args), progress=False) == tmp_path / "out"
+    log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
