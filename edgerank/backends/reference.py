@@ -63,7 +63,7 @@ class ReferenceBackend:
             seqs = [batch.query] + seqs
         out = np.zeros((len(seqs), self._head_width()), dtype=np.float64)
         shared = batch.prefix_len if self.spec.kind == "decoder" else 0  # the template prefix, run once a chunk
-        for chunk in length_chunks([len(s) - shared for s in seqs], self.batch_tokens):
+        for chunk in length_chunks([len(s) - shared for s in seqs], self.batch_tokens, min_fill=0.75):
             out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk)
         if self.spec.kind == "bi-encoder":
             return out[1:] @ out[0]  # cosine: the embeddings are L2-normalised
