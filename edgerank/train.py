@@ -9,8 +9,9 @@ template and truncation, ``ReferenceBackend.head_outputs`` runs the forward pass
 family's ``ScoreFormula.logit`` (yes/no logit difference, classifier logit) is what the
 losses see. For decoders, each query's template prefix (system prompt, instruction,
 query: about half of every pair's tokens) runs once and its candidates attend to its keys
-and values, as in the layer-wise runtime; outputs and gradients are those of full pairs. Output is a Hugging Face folder (``edgerank.json`` names its family) that the
-converters and every backend take as input; a LoRA run also leaves its small adapter file.
+and values, as in the layer-wise runtime; outputs and gradients are those of full pairs.
+Output is a Hugging Face folder (``edgerank.json`` names its family) that the converters
+and every backend take as input; a LoRA run also leaves its small adapter file.
 
 Runs are reproducible (seeded; the config is saved beside the output) and resumable: a
 checkpoint is written atomically every ``checkpoint_every`` steps into
