@@ -332,6 +332,9 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     work = _work_dir(Path(cfg.out))
     ckpt = work / "checkpoint.pt"
     if not ckpt.is_file():
+        if Path(cfg.out).exists():
+            raise FileNotFoundError(f"the run of {cfg.out} has finished: that folder is its model "
+                                    "(no checkpoint is left to export)")
         raise FileNotFoundError(f"no checkpoint of a run of {cfg.out} (looked for {ckpt})")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if state["config"] != dataclasses.asdict(cfg):

@@ -541,3 +541,5 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
     assert train(TrainConfig(**args), progress=False) == tmp_path / "out"
     log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
+    with pytest.raises(FileNotFoundError, match="has finished: that folder is its model"):
+        export_checkpoint(TrainConfig(**args), tmp_path / "late")
