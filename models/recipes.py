@@ -111,10 +111,3 @@ def recipe_config(name: str, overrides: dict | None = None, data_root: Path | No
     fields.setdefault("out", str(trained_dir(name)))
     return TrainConfig(**fields)
 
-
-def run_recipe(name: str, overrides: dict | None = None, force: bool = False,
-               stop_after: int | None = None, data_root: Path | None = None) -> Path | None:
-    """Build the data, then train; ``overrides`` replace TrainConfig fields."""
-    from edgerank.train import train
-
-    return train(recipe_config(name, overrides, data_root), force=force, stop_after=stop_after)

@@ -498,6 +498,7 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
     from edgerank.backends.reference import ReferenceBackend
     from edgerank.sources import resolve
     from edgerank.tokenization import encode_pairs
+    from edgerank.train import export_checkpoint
     from edgerank.train import main as train_main
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=3)
@@ -508,8 +509,6 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
                 queries_per_step=len(TOPICS), lr=5e-3, warmup=0.0, checkpoint_every=2, device="cpu")
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        from edgerank.train import export_checkpoint
-
         export_checkpoint(TrainConfig(**args), tmp_path / "snap")
     assert train(TrainConfig(**args), progress=False, stop_after=2) is None
     ckpt = tmp_path / ".out.partial" / "checkpoint.pt"
@@ -536,7 +535,7 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
     assert np.abs(got - untrained).max() > 1e-3  # two steps did change the model
 
     assert train_main(argv + ["--export-checkpoint", str(tmp_path / "snap")]) == 2  # exists: not replaced
-    assert train_main(argv[:-1] + ["--lr=0.1", "--export-checkpoint", str(tmp_path / "other")]) == 2
+    assert train_main(argv + ["--lr=0.1", "--export-checkpoint", str(tmp_path / "other")]) == 2  # another config
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     assert train(TrainConfig(**args), progress=False) == tmp_path / "out"
     log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]

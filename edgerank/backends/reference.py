@@ -64,7 +64,7 @@ class ReferenceBackend:
         out = np.zeros((len(seqs), self._head_width()), dtype=np.float64)
         shared = batch.prefix_len if self.spec.kind == "decoder" else 0  # the template prefix, run once a chunk
         for chunk in length_chunks([len(s) - shared for s in seqs], self.batch_tokens, min_fill=0.75):
-            out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk)
+            out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk, shared)
         if self.spec.kind == "bi-encoder":
             return out[1:] @ out[0]  # cosine: the embeddings are L2-normalised
         return self.spec.score.apply(out)
@@ -76,12 +76,11 @@ class ReferenceBackend:
             return self.model.config.num_labels
         return self.model.config.hidden_size
 
-    def _forward(self, seqs: list[list[int]], batch: EncodedBatch, index: list[int]) -> np.ndarray:
+    def _forward(self, seqs: list[list[int]], batch: EncodedBatch, index: list[int], prefix_len: int) -> np.ndarray:
         types = None
         if self.spec.kind != "decoder":
             all_types = ([batch.query_type_ids] + batch.type_ids) if self.spec.kind == "bi-encoder" else batch.type_ids
             types = [all_types[i] for i in index]
-        prefix_len = batch.prefix_len if self.spec.kind == "decoder" else 0
         return self.head_outputs_by_layer(seqs, types, prefix_len=prefix_len)[0].double().cpu().numpy()
 
     def head_outputs(self, seqs: list[list[int]], type_ids: list[list[int]] | None = None) -> torch.Tensor:
