@@ -6,8 +6,9 @@ A training file is JSONL, one query group per line::
      "source": str, "teacher_scores": [float, ...]?}
 
 ``positive`` is null for a question that its passages do not answer (SQuAD 2.0's
-unanswerable ones); ``teacher_scores`` (added by ``label``) score ``[positive] +
-negatives`` in that order, or ``negatives`` alone when there is no positive.
+unanswerable ones); ``teacher_scores`` (added by ``label``, by one teacher or an ensemble
+of several) score ``[positive] + negatives`` in that order, or ``negatives`` alone when
+there is no positive.
 
 Sources (only ``../shared/data/train/`` and SciFact's train split; a TREC DL path is
 refused, since those collections are for evaluation only):
@@ -30,8 +31,9 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank.datasets import is_trec_dl, load_beir
@@ -192,19 +194,45 @@ def labels(group: dict) -> list[float]:
     return ([1.0] if group.get("positive") is not None else []) + [0.0] * len(group["negatives"])
 
 
-def label_groups(groups: list[dict], teacher: str, backend: str | None = None, progress: bool = True,
-                 max_length: int | None = None) -> list[dict]:
+def label_groups(groups: list[dict], teacher: str | Sequence[str], backend: str | None = None,
+                 progress: bool = True, max_length: int | None = None) -> list[dict]:
     """Add ``teacher_scores`` to every group, scored by any edgerank model; ``max_length``
-    truncates pairs as the student will see them in training (``--max-length``)."""
+    truncates pairs as the student will see them in training (``--max-length``).
+
+    Several teachers make an ensemble (:func:`ensemble_scores`): each scores every group,
+    one model loaded at a time."""
     from edgerank.api import Reranker
 
-    ranker = Reranker(model=teacher, backend=backend, max_length=max_length)
-    try:
-        for g in tqdm(groups, desc=f"label with {teacher}", unit="query", disable=not progress):
-            g["teacher_scores"] = [float(s) for s in ranker.score(g["query"], candidates(g))]
-    finally:
-        ranker.close()
+    teachers = [teacher] if isinstance(teacher, str) else list(teacher)
+    if not teachers:
+        raise ValueError("label needs at least one teacher")
+    scored: list[list[list[float]]] = []  # [teacher][group][candidate]
+    for name in teachers:
+        ranker = Reranker(model=name, backend=backend, max_length=max_length)
+        try:
+            scored.append([[float(s) for s in ranker.score(g["query"], candidates(g))]
+                           for g in tqdm(groups, desc=f"label with {name}", unit="query", disable=not progress)])
+        finally:
+            ranker.close()
+    for n, g in enumerate(groups):
+        g["teacher_scores"] = ensemble_scores([t[n] for t in scored])
     return groups
+
+
+def ensemble_scores(scores: list[list[float]]) -> list[float]:
+    """One group's teacher scores from several teachers' scores of it.
+
+    Teachers score on different scales (a cosine, a logit), so each teacher's scores are
+    standardised over the group, averaged with equal weights, and put back on the first
+    teacher's scale (its mean and spread over the group): a distillation temperature chosen
+    for that teacher still fits. A single teacher's scores are returned unchanged.
+    """
+    if len(scores) == 1:
+        return list(scores[0])
+    arr = np.asarray(scores, dtype=np.float64)
+    mean, std = arr.mean(axis=1, keepdims=True), arr.std(axis=1, keepdims=True)
+    z = np.divide(arr - mean, std, out=np.zeros_like(arr), where=std > 0)
+    return (z.mean(axis=0) * std[0] + mean[0]).tolist()
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -246,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True)
     lab = sub.add_parser("label", help="add teacher scores for listwise distillation")
     lab.add_argument("input")
-    lab.add_argument("--teacher", required=True, help="any edgerank model: built-in name or path")
+    lab.add_argument("--teacher", required=True, action="append",
+                     help="any edgerank model: built-in name or path; repeat it for an ensemble "
+                          "(scores standardised per group, averaged, on the first teacher's scale)")
     lab.add_argument("--backend", default="reference")
     lab.add_argument("--max-length", type=int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True)

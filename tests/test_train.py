@@ -135,6 +135,44 @@ def test_label_max_length_scores_pairs_as_truncated_for_the_student(tmp_path, ti
         assert g["teacher_scores"] == pytest.approx(expected, abs=1e-4)
 
 
+def test_an_ensemble_of_teachers_is_hand_computable():
+    """Two teachers: standardise each over the group, average, back on the first's scale."""
+    from edgerank.data import ensemble_scores
+
+    a, b = [1.0, 2.0, 3.0, 6.0], [10.0, 30.0, 20.0, 0.0]
+    mean_a, sd_a = 3.0, math.sqrt((4 + 1 + 0 + 9) / 4)
+    mean_b, sd_b = 15.0, math.sqrt((25 + 225 + 25 + 225) / 4)
+    expected = [((x - mean_a) / sd_a + (y - mean_b) / sd_b) / 2 * sd_a + mean_a for x, y in zip(a, b)]
+    assert ensemble_scores([a, b]) == pytest.approx(expected, abs=1e-12)
+    assert ensemble_scores([a]) == a                      # one teacher: its scores as they are
+    assert ensemble_scores([a, a]) == pytest.approx(a)    # agreeing teachers change nothing
+    flat = ensemble_scores([a, [0.5] * 4])                # a teacher with no opinion only softens
+    assert flat == pytest.approx([(x - mean_a) / 2 + mean_a for x in a])
+
+
+def test_label_with_two_teachers_combines_each_teachers_own_scores(tmp_path, tiny_cross_encoder,
+                                                                   wordpiece_tokenizer):
+    """``data label --teacher A --teacher B`` equals labelling with A and with B apart and
+    combining the two by hand."""
+    from edgerank.data import main as data_main
+    from tests.conftest import make_bert
+
+    other = make_bert(tmp_path / "other-ce", wordpiece_tokenizer, "classifier", seed=7)
+    write_jsonl(_groups(teacher=False), tmp_path / "in.jsonl")
+    runs = {"a": [tiny_cross_encoder], "b": [other], "ab": [tiny_cross_encoder, other]}
+    out = {}
+    for name, teachers in runs.items():
+        args = ["label", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / f"{name}.jsonl")]
+        for t in teachers:
+            args += ["--teacher", str(t)]
+        assert data_main(args) == 0
+        out[name] = [g["teacher_scores"] for g in read_groups(tmp_path / f"{name}.jsonl")]
+    for a, b, ab in zip(out["a"], out["b"], out["ab"]):
+        assert a != pytest.approx(b)  # two different teachers
+        za, zb = (np.array(a) - np.mean(a)) / np.std(a), (np.array(b) - np.mean(b)) / np.std(b)
+        assert ab == pytest.approx(list((za + zb) / 2 * np.std(a) + np.mean(a)), abs=1e-9)
+
+
 # ---------------------------------------------------------------- training
 
 def _eval_loss(folder: Path, data: Path, family: str) -> float:
