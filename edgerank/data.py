@@ -194,8 +194,9 @@ def labels(group: dict) -> list[float]:
     return ([1.0] if group.get("positive") is not None else []) + [0.0] * len(group["negatives"])
 
 
-def label_groups(groups: list[dict], teacher: str | Sequence[str], backend: str | None = None,
-                 progress: bool = True, max_length: int | None = None) -> list[dict]:
+def label_groups(groups: list[dict], teacher: str | Path | Sequence[str | Path],
+                 backend: str | None = None, progress: bool = True,
+                 max_length: int | None = None) -> list[dict]:
     """Add ``teacher_scores`` to every group, scored by any edgerank model; ``max_length``
     truncates pairs as the student will see them in training (``--max-length``).
 
@@ -203,15 +204,15 @@ def label_groups(groups: list[dict], teacher: str | Sequence[str], backend: str 
     one model loaded at a time."""
     from edgerank.api import Reranker
 
-    teachers = [teacher] if isinstance(teacher, str) else list(teacher)
+    teachers = [teacher] if isinstance(teacher, (str, os.PathLike)) else list(teacher)
     if not teachers:
         raise ValueError("label needs at least one teacher")
     scored: list[list[list[float]]] = []  # [teacher][group][candidate]
     for name in teachers:
         ranker = Reranker(model=name, backend=backend, max_length=max_length)
         try:
-            scored.append([[float(s) for s in ranker.score(g["query"], candidates(g))]
-                           for g in tqdm(groups, desc=f"label with {name}", unit="query", disable=not progress)])
+            bar = tqdm(groups, desc=f"label with {name}", unit="query", disable=not progress)
+            scored.append([[float(s) for s in ranker.score(g["query"], candidates(g))] for g in bar])
         finally:
             ranker.close()
     for n, g in enumerate(groups):

@@ -154,6 +154,7 @@ def test_label_with_two_teachers_combines_each_teachers_own_scores(tmp_path, tin
                                                                    wordpiece_tokenizer):
     """``data label --teacher A --teacher B`` equals labelling with A and with B apart and
     combining the two by hand."""
+    from edgerank.data import label_groups
     from edgerank.data import main as data_main
     from tests.conftest import make_bert
 
@@ -171,6 +172,10 @@ def test_label_with_two_teachers_combines_each_teachers_own_scores(tmp_path, tin
         assert a != pytest.approx(b)  # two different teachers
         za, zb = (np.array(a) - np.mean(a)) / np.std(a), (np.array(b) - np.mean(b)) / np.std(b)
         assert ab == pytest.approx(list((za + zb) / 2 * np.std(a) + np.mean(a)), abs=1e-9)
+    # the Python API takes a path as one teacher, as the command line takes its string
+    by_path = label_groups(_groups(teacher=False), Path(tiny_cross_encoder), progress=False)
+    for g, a in zip(by_path, out["a"]):
+        assert g["teacher_scores"] == pytest.approx(a, abs=1e-9)
 
 
 # ---------------------------------------------------------------- training
