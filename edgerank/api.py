@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgerank.backends import default_backend, load_backend
+from edgerank.errors import is_int
 from edgerank.memory import PeakRSS
 from edgerank.sources import ModelSource, check_max_length, resolve
 from edgerank.tokenization import encode_pairs
@@ -70,7 +71,7 @@ def _validate(query: Any, documents: Any, top_k: Any) -> None:
     for i, d in enumerate(documents):
         if not isinstance(d, str):
             raise TypeError(f"documents[{i}] is a {type(d).__name__}, not a str")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))):
+    if top_k is not None and not is_int(top_k):
         raise TypeError(f"top_k must be an int or None, not {type(top_k).__name__}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be positive (got {top_k}); use None for all documents")

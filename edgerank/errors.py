@@ -4,6 +4,7 @@ and how the command lines report them."""
 from __future__ import annotations
 
 import functools
+import numbers
 import sys
 from typing import Any, Callable
 
@@ -34,6 +35,12 @@ class OfflineError(EdgerankError, ConnectionError):
 
 class DataError(EdgerankError, ValueError):
     """An evaluation collection or run that cannot give what was asked, e.g. no judged query."""
+
+
+def is_int(value: Any) -> bool:
+    """True for a Python or numpy integer, False for ``bool`` (an int subclass no count
+    should be) and for everything else, floats included."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def exits_on(*kinds: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, UnsupportedModelError
+from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, UnsupportedModelError, is_int
 from models.catalog import BUILTINS, DEFAULT_MODEL
 from models.specs import ModelSpec, get_spec
 
@@ -95,7 +94,7 @@ def check_max_length(source: ModelSource, max_length: int | None) -> None:
     ``source``'s position table (a BERT-style model cannot embed more positions)."""
     if max_length is None:
         return
-    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+    if not is_int(max_length) or max_length < 1:
         raise ValueError(f"max_length must be a positive int or None (got {max_length!r})")
     if source.max_positions is not None and max_length > source.max_positions:
         raise ValueError(f"max_length={max_length} is longer than {source.name} can read: its "

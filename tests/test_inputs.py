@@ -39,6 +39,17 @@ def test_non_positive_top_k_is_an_error(reranker, top_k):
         reranker.rank("q", DOCS, top_k=top_k)
 
 
+@pytest.mark.parametrize("top_k", [True, 2.0, "2"])
+def test_a_top_k_that_is_not_an_int_is_a_type_error(reranker, top_k):
+    with pytest.raises(TypeError, match="top_k must be an int or None"):
+        reranker.rank("q", DOCS, top_k=top_k)
+
+
+def test_a_numpy_integer_top_k_is_an_int(reranker):
+    assert [r.index for r in reranker.rank("q", DOCS, top_k=np.int64(2))] == \
+        [r.index for r in reranker.rank("q", DOCS, top_k=2)]
+
+
 def test_top_k_larger_than_the_list_returns_everything(reranker):
     assert len(reranker.rank("q", DOCS, top_k=100)) == len(DOCS)
     assert [r.index for r in reranker.rank("q", DOCS, top_k=2)] == [r.index for r in reranker.rank("q", DOCS)][:2]
@@ -202,7 +213,7 @@ def test_a_max_length_that_is_not_a_positive_int_is_an_error(tiny_qwen3, max_len
     ("threshold", -0.1, "threshold must be a number >= 0"), ("min_depth", -1, "min_depth must be a number >= 0"),
     ("threshold", float("nan"), "threshold must be a number"), ("threshold", "high", "threshold must be a number"),
     ("threads", 0, "threads must be a positive int"), ("threads", -1, "threads must be a positive int"),
-    ("threads", 1.5, "threads must be a positive int")])
+    ("threads", 1.5, "threads must be a positive int"), ("threads", True, "threads must be a positive int")])
 def test_a_runtime_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value, message):
     from converters import convert
 

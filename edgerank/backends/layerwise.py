@@ -31,6 +31,7 @@ from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
+from edgerank.errors import is_int
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
@@ -66,8 +67,7 @@ class LayerwiseBackend:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / "tokenizer.json")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
-                                    or threads < 1):
+        if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
         dims = self.artifact.dims
