@@ -137,9 +137,15 @@ def _beir(path: Path, negatives: int, max_queries: int | None, rng: random.Rando
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainingDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise TrainingDataError(f"{path}:{n}: a line must be a JSON object")
+                yield row
 
 
 def _pairs_file(path: Path) -> Path:
@@ -251,16 +257,20 @@ def read_groups(path: str | Path) -> list[dict]:
     """Read a training JSONL, checking each group's shape."""
     refuse_evaluation_data(path)
     groups = list(_read_jsonl(Path(path)))
+    if not groups:
+        raise TrainingDataError(f"{path} holds no groups")
     for n, g in enumerate(groups, 1):
         if not isinstance(g.get("query"), str) or not isinstance(g.get("negatives"), list):
             raise TrainingDataError(f"{path}:{n}: a group needs 'query' (str) and 'negatives' (list)")
+        if not all(isinstance(p, str) for p in candidates(g)):
+            raise TrainingDataError(f"{path}:{n}: 'positive' and every negative must be a str")
         if "teacher_scores" in g and len(g["teacher_scores"]) != len(candidates(g)):
             raise TrainingDataError(f"{path}:{n}: teacher_scores has {len(g['teacher_scores'])} "
                                     f"entries for {len(candidates(g))} passages")
     return groups
 
 
-@exits_on(TrainingDataError, FileNotFoundError)
+@exits_on(TrainingDataError, FileNotFoundError, FileExistsError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--negatives", type=int, default=7)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
+    b.add_argument("--force", action="store_true", help="replace an existing --out file")
     lab = sub.add_parser("label", help="add teacher scores for listwise distillation")
     lab.add_argument("input")
     lab.add_argument("--teacher", required=True, action="append",
@@ -281,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--backend", default="reference")
     lab.add_argument("--max-length", type=int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True)
+    lab.add_argument("--force", action="store_true", help="replace an existing --out file (even the input)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
     if args.command == "build-train":
         limits = args.max_queries or []
         groups = []

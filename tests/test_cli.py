@@ -58,3 +58,29 @@ def test_exits_on_lets_other_errors_through():
     assert main(KeyError) == 2 and main(ModelNotFoundError) == 2
     with pytest.raises(ZeroDivisionError):
         main(ZeroDivisionError)
+
+
+@pytest.mark.parametrize("text,message", [("not json\n", ":1: not JSON"), ("[1, 2]\n", ":1: a line must be a JSON object"),
+                                          ("", "holds no groups"),
+                                          ('{"query": "q", "positive": 3, "negatives": []}\n', ":1: 'positive'")])
+def test_labelling_a_malformed_groups_file_is_one_line(tmp_path, capsys, text, message):
+    from edgerank.data import main
+
+    (tmp_path / "in.jsonl").write_text(text)
+    assert main(["label", str(tmp_path / "in.jsonl"), "--teacher", "minilm-l6", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_data_commands_refuse_to_replace_an_existing_output(tmp_path, capsys):
+    """``--out`` naming an existing file (the input itself, say) is refused unless ``--force``."""
+    from edgerank.data import main
+
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text('{"query": "q", "positive": "p", "negatives": ["n"]}\n')
+    before = groups.read_text()
+    assert main(["label", str(groups), "--teacher", "minilm-l6", "--out", str(groups)]) == 2
+    assert "--force" in _one_error_line(capsys)
+    assert main(["build-train", "--source", "squad", str(tmp_path), "--out", str(groups)]) == 2
+    assert "--force" in _one_error_line(capsys)
+    assert groups.read_text() == before
