@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import exits_on
+from edgerank.errors import ConfigError, exits_on
 from edgerank.pruning import PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -110,13 +110,29 @@ def choose(rows: list[dict], target: float) -> dict | None:
 def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None) -> Path:
     """Store the chosen knobs in the artifact's manifest (atomically) or a config file."""
     target = config or artifact / "manifest.json"
-    doc = json.loads(target.read_text()) if target.is_file() else {}
+    doc = _settings_file(target)
     doc["pruning"] = {"threshold": setting["threshold"], "min_depth": setting["min_depth"],
                       "calibrated": True, **meta}
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, target)
     return target
+
+
+def _settings_file(path: Path) -> dict:
+    """The JSON object already in ``path`` (``{}`` if there is none yet); anything else
+    there is the user's, and is refused rather than replaced."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} is not a folder to write {path.name} in")
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a JSON settings file ({e}); it is left as it is") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} holds JSON but not an object; it is left as it is")
+    return doc
 
 
 @exits_on(FileNotFoundError)
@@ -143,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also-k", default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
+    if args.config is not None and not args.dry_run:  # fail before the long run, not after it
+        _settings_file(args.config)
+    if args.save is not None and not args.save.parent.is_dir():
+        raise FileNotFoundError(f"--save: {args.save.parent} is not a folder")
     coll = load_beir(args.data)
     runfile = sorted(args.data.glob("run*.trec"))
     if not runfile:

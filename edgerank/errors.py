@@ -33,6 +33,10 @@ class OfflineError(EdgerankError, ConnectionError):
     """A download was needed and the network (or the hub) cannot be reached."""
 
 
+class ConfigError(EdgerankError, ValueError):
+    """A settings file edgerank was asked to write into holds something it cannot read."""
+
+
 class DataError(EdgerankError, ValueError):
     """An evaluation collection or run that cannot give what was asked, e.g. no judged query."""
 

@@ -144,3 +144,25 @@ def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys
     assert main([str(tmp_path / "no-model"), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model at") and "\n" not in err
+
+
+def test_calibrate_refuses_a_config_file_it_cannot_read_before_running(tmp_path, capsys):
+    """``--config`` naming a file that is not a JSON object (the user's notes, say) is an
+    error up front, before any model loads, and the file is left as it was."""
+    from edgerank.calibrate import main
+
+    for text in ("threshold: 0.3\n", "[1, 2]"):
+        notes = tmp_path / "settings.yaml"
+        notes.write_text(text)
+        assert main([str(tmp_path / "no-model"), "--data", str(tmp_path / "none"), "--config", str(notes)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "settings.yaml" in err and "left as it is" in err
+        assert notes.read_text() == text
+
+
+def test_write_setting_keeps_what_a_config_file_already_holds(tmp_path):
+    config = tmp_path / "edgerank.json"
+    config.write_text('{"model": "mine"}')
+    write_setting(tmp_path, {"threshold": 0.4, "min_depth": 0.5}, {"k": 10}, config)
+    doc = json.loads(config.read_text())
+    assert doc["model"] == "mine" and doc["pruning"]["threshold"] == 0.4 and doc["pruning"]["k"] == 10
