@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from converters.output import OutputExistsError, atomic_path, size_on_disk
-from edgerank.errors import ModelFormatError
+from edgerank.errors import ModelFormatError, refuse_output_over_inputs
 from edgerank.memory import PeakRSS
 
 FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
@@ -36,9 +36,11 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
     out = Path(out)
     report_path = out.with_name(out.name + ".conversion_report.json")
+    refuse_output_over_inputs(out, src if Path(src).expanduser().exists() else None)
     if not force and (out.exists() or report_path.exists()):
         raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
     source = resolve(src, family=family)
+    refuse_output_over_inputs(out, source.path)  # a built-in name resolves into the cache
     if source.kind == "artifact":
         raise ModelFormatError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
     if to == "gguf" and source.spec.kind == "cross-encoder":

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -35,6 +37,24 @@ class OfflineError(EdgerankError, ConnectionError):
 
 class ConfigError(EdgerankError, ValueError):
     """A settings file edgerank was asked to write into holds something it cannot read."""
+
+
+class OutputOverlapError(EdgerankError, ValueError):
+    """An output path is one of the command's inputs, or a folder holding one: replacing
+    it (even with ``--force``) would destroy what is being read."""
+
+
+def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Raise :class:`OutputOverlapError` if writing ``out`` would replace one of ``inputs``
+    (``None`` entries are skipped; paths are compared resolved, links followed)."""
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser().resolve()
+        if src == target or target in src.parents:
+            raise OutputOverlapError(f"{out} {'is' if src == target else 'holds'} the input {item}: "
+                                     "writing there would destroy it; choose another output")
 
 
 class DataError(EdgerankError, ValueError):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from edgerank.adapters import ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
-from edgerank.errors import exits_on
+from edgerank.errors import exits_on, refuse_output_over_inputs
 from edgerank.tokenization import encode_pairs
 
 LOSSES = ("kl", "bce", "ranknet", "margin")
@@ -107,6 +107,7 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     ended the run early (its checkpoint is kept, and the same call continues it)."""
     cfg.validate()
     out = Path(cfg.out)
+    refuse_output_over_inputs(out, cfg.data, _local(cfg.base))
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     groups = read_groups(cfg.data)
@@ -318,8 +319,7 @@ def _finish(cfg: TrainConfig, backend, work: Path, out: Path, log: list[dict]) -
     """Write the HF folder (LoRA merged exactly) into ``work/model``, then rename it to ``out``."""
     staging = work / "model"
     _write_model(cfg, backend, staging, log)
-    if out.exists():
-        shutil.rmtree(out)  # only reached with force=True
+    _remove(out)  # only there with force=True
     os.replace(staging, out)
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -339,6 +339,7 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if state["config"] != dataclasses.asdict(cfg):
         raise ValueError(f"{ckpt} is a run with another config than the one given")
+    refuse_output_over_inputs(dest, cfg.data, _local(cfg.base), work)
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists; pass force=True (--force) to replace it")
     backend, names, params = _trainable_model(cfg)
@@ -348,10 +349,22 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     backend.model.eval()
     staging = dest.parent / f".{dest.name}.partial"
     _write_model(cfg, backend, staging, state["log"], {"checkpoint_step": state["step"]})
-    if dest.exists():
-        shutil.rmtree(dest)
+    _remove(dest)
     os.replace(staging, dest)
     return dest
+
+
+def _local(base: str) -> Path | None:
+    """``base`` as a local path, or None for a built-in name or ``hf:`` id."""
+    return Path(base).expanduser() if Path(base).expanduser().exists() else None
+
+
+def _remove(path: Path) -> None:
+    """Remove what ``--force`` replaces: a folder, or a file where a folder will go."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extra: dict | None = None) -> None:

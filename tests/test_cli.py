@@ -84,3 +84,59 @@ def test_data_commands_refuse_to_replace_an_existing_output(tmp_path, capsys):
     assert main(["build-train", "--source", "squad", str(tmp_path), "--out", str(groups)]) == 2
     assert "--force" in _one_error_line(capsys)
     assert groups.read_text() == before
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_never_converts_a_model_over_itself_or_its_folder(tiny_cross_encoder, tmp_path, capsys):
+    """``--out`` naming the model being converted, or a folder holding it, is refused even
+    with ``--force``: replacing it would delete the source (it once did)."""
+    import shutil
+
+    from converters.__main__ import main
+
+    model = tmp_path / "models" / "mine"
+    shutil.copytree(tiny_cross_encoder, model)
+    before = _tree(tmp_path / "models")
+    for out in (model, tmp_path / "models", model / "."):
+        assert main([str(model), "--to", "onnx", "--quant", "int4", "--out", str(out), "--force"]) == 2
+        assert "would destroy it" in _one_error_line(capsys)
+    assert _tree(tmp_path / "models") == before
+
+
+def test_force_never_trains_over_the_base_or_the_data(tiny_cross_encoder, tmp_path, capsys):
+    import shutil
+
+    from edgerank.data import write_jsonl
+    from edgerank.train import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_cross_encoder, base)
+    data = tmp_path / "work" / "groups.jsonl"
+    write_jsonl([{"query": "q", "positive": "p", "negatives": ["n"], "teacher_scores": [1.0, 0.0]}], data)
+    before = _tree(tmp_path)
+    common = ["--family", "cross-encoder", "--base", str(base), "--data", str(data), "--steps", "1", "--force"]
+    for out in (base, data.parent):
+        assert main([*common, "--out", str(out)]) == 2
+        assert "would destroy it" in _one_error_line(capsys)
+    assert _tree(tmp_path) == before
+    old = tmp_path / "old-model"  # a file where the model folder goes: --force replaces it
+    old.write_text("x")
+    assert main([*common, "--loss", "kl", "--adapter", "full", "--queries-per-step", "1", "--group-size", "2",
+                 "--out", str(old)]) == 0
+    assert (old / "config.json").is_file() and _tree(tmp_path / "base") == _tree(tiny_cross_encoder)
+
+
+def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
+    from edgerank.errors import OutputOverlapError, refuse_output_over_inputs
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    refuse_output_over_inputs(tmp_path / "a" / "b" / "out", tmp_path / "a" / "b")  # inside an input: fine
+    refuse_output_over_inputs(tmp_path / "ab", tmp_path / "a" / "b", None)         # a prefix, not a parent
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    with pytest.raises(OutputOverlapError, match="holds the input"):
+        refuse_output_over_inputs(tmp_path / "link", tmp_path / "a" / "b")
+    with pytest.raises(OutputOverlapError, match="is the input"):
+        refuse_output_over_inputs(tmp_path / "a" / ".." / "a" / "b", tmp_path / "a" / "b")
