@@ -213,7 +213,10 @@ def test_a_max_length_that_is_not_a_positive_int_is_an_error(tiny_qwen3, max_len
     ("threshold", -0.1, "threshold must be a number >= 0"), ("min_depth", -1, "min_depth must be a number >= 0"),
     ("threshold", float("nan"), "threshold must be a number"), ("threshold", "high", "threshold must be a number"),
     ("threads", 0, "threads must be a positive int"), ("threads", -1, "threads must be a positive int"),
-    ("threads", 1.5, "threads must be a positive int"), ("threads", True, "threads must be a positive int")])
+    ("threads", 1.5, "threads must be a positive int"), ("threads", True, "threads must be a positive int"),
+    ("max_memory_mb", -5, "max_memory_mb must be a positive number"), ("max_memory_mb", "512", "max_memory_mb must be"),
+    ("max_memory_mb", float("nan"), "max_memory_mb must be"), ("chunk_tokens", 0, "chunk_tokens must be a positive int"),
+    ("chunk_tokens", 0.5, "chunk_tokens must be a positive int")])
 def test_a_runtime_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value, message):
     from converters import convert
 
@@ -221,6 +224,16 @@ def test_a_runtime_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, k
     convert(str(tiny_cross_encoder), "onnx", "int4", art, verify=False, progress=False)
     with pytest.raises(ValueError, match=message):
         edgerank.Reranker(art, **{knob: value})
+
+
+def test_an_option_a_backend_does_not_take_is_named_with_the_ones_it_does(tiny_cross_encoder):
+    import inspect
+
+    from edgerank.backends.reference import ReferenceBackend
+
+    with pytest.raises(TypeError, match=r"backend 'reference' takes no option 'pruning'; its options: device, batch_tokens"):
+        edgerank.Reranker(tiny_cross_encoder, backend="reference", pruning=False)
+    assert list(inspect.signature(ReferenceBackend.__init__).parameters)[2:] == ["device", "batch_tokens"]
 
 
 def test_a_max_length_beyond_an_encoders_position_table_is_an_error(tiny_cross_encoder, tmp_path):

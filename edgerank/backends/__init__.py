@@ -7,6 +7,8 @@ A backend has ``name``, ``tokenizer`` (a :class:`edgerank.tokenization.Tokenizer
 
 from __future__ import annotations
 
+import inspect
+
 from edgerank.errors import BackendUnavailableError
 from edgerank.sources import ModelSource
 
@@ -27,21 +29,34 @@ def default_backend(source: ModelSource) -> str:
 
 
 def load_backend(name: str, source: ModelSource, **options):
-    """Instantiate backend ``name`` for ``source``; unknown options are an error."""
+    """Instantiate backend ``name`` for ``source``; unknown options are an error, raised
+    before any work (an ``edgerank`` run of a non-artifact converts it first)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    cls = _backend_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "source")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"backend {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(accepted)}")
+    if name == "edgerank" and source.kind != "artifact":  # an HF folder, a GGUF or a built-in: its cached int4 artifact
+        import dataclasses
+
+        from edgerank.cache import cached_artifact
+        from edgerank.sources import resolve
+        from models.catalog import BUILTINS
+
+        model = source.name if source.name in BUILTINS else str(source.path)
+        built = resolve(cached_artifact(model, family=source.spec.family), family=source.spec.family)
+        source = dataclasses.replace(built, name=source.name)
+    return cls(source, **options)
+
+
+def _backend_class(name: str) -> type:
     if name == "edgerank":
-        if source.kind != "artifact":  # an HF folder, a GGUF or a built-in: its cached int4 artifact
-            import dataclasses
-
-            from edgerank.cache import cached_artifact
-            from edgerank.sources import resolve
-            from models.catalog import BUILTINS
-
-            model = source.name if source.name in BUILTINS else str(source.path)
-            built = resolve(cached_artifact(model, family=source.spec.family), family=source.spec.family)
-            source = dataclasses.replace(built, name=source.name)
         from edgerank.backends.layerwise import LayerwiseBackend
 
-        return LayerwiseBackend(source, **options)
+        return LayerwiseBackend
     if name == "reference":
         try:
             from edgerank.backends.reference import ReferenceBackend
@@ -50,9 +65,7 @@ def load_backend(name: str, source: ModelSource, **options):
                 f"backend 'reference' needs torch and transformers ({e}); "
                 "install them with: pip install 'edgerank[reference]'"
             ) from e
-        return ReferenceBackend(source, **options)
-    if name == "llamacpp":
-        from edgerank.backends.llamacpp import LlamaCppBackend
+        return ReferenceBackend
+    from edgerank.backends.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(source, **options)
-    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    return LlamaCppBackend

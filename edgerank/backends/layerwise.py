@@ -70,6 +70,13 @@ class LayerwiseBackend:
         if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        if max_memory_mb is not None and (isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, numbers.Real)
+                                          or not 0 < max_memory_mb < float("inf")):
+            raise ValueError(f"max_memory_mb must be a positive number of MB, or None for no budget "
+                             f"(got {max_memory_mb!r})")
+        if chunk_tokens is not None and (not is_int(chunk_tokens) or chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens must be a positive int, or None to let the budget choose "
+                             f"(got {chunk_tokens!r})")
         dims = self.artifact.dims
         self.head = self.artifact.head()
         self.encoder = self.artifact.is_encoder
@@ -83,7 +90,7 @@ class LayerwiseBackend:
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's head scores (calibration)
         self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
-        if chunk_tokens:
+        if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
             raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
