@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerank.api import Reranker
+from edgerank.errors import exits_on, positive_int
 
 EXAMPLE_QUERY = "how do vaccines train the immune system"
 EXAMPLE_DOCS = [
@@ -25,15 +26,18 @@ EXAMPLE_DOCS = [
 ]
 
 
+@exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank", description=__doc__)
     parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")
     parser.add_argument("documents", nargs="*", help="documents to rank")
     parser.add_argument("--model", default=None, help="built-in name, path or hf:ORG/NAME")
     parser.add_argument("--backend", default=None, help="edgerank (default), reference or llamacpp")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=positive_int, default=None)
     args = parser.parse_args(argv)
-    query = args.query or EXAMPLE_QUERY
+    if args.query is not None and not args.documents:
+        parser.error("give the documents to rank after the query (or no arguments for the example)")
+    query = EXAMPLE_QUERY if args.query is None else args.query
     docs = args.documents or EXAMPLE_DOCS
     console = Console()
     with Reranker(model=args.model, backend=args.backend) as reranker:

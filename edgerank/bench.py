@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import exits_on
+from edgerank.errors import exits_on, positive_int
 
 CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
@@ -405,19 +405,45 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _config_list(text: str) -> list[str]:
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        raise argparse.ArgumentTypeError(f"unknown configuration {', '.join(unknown) or text!r}; "
+                                         f"known: {', '.join(CONFIGS)}")
+    return configs
+
+
+def _config_count(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    if name not in CONFIGS or not count:
+        raise argparse.ArgumentTypeError(f"expected CONFIG=N with CONFIG one of {', '.join(CONFIGS)}, got {text!r}")
+    return name, positive_int(count)
+
+
+def _positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of MB, got {text!r}")
+    return value
+
+
 @exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.bench", description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="built-in name or path (default: the default model)")
     p.add_argument("--data", type=Path, default=DL19 if DL19.is_dir() else None)
-    p.add_argument("--depth", type=int, default=None, help="candidates per query (default 30; 100 with --full)")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--queries", type=int, default=None, help="queries (default 5; all with --full)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
-    p.add_argument("--subset", action="append", default=[], metavar="CONFIG=N",
+    p.add_argument("--depth", type=positive_int, default=None, help="candidates per query (default 30; 100 with --full)")
+    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--queries", type=positive_int, default=None, help="queries (default 5; all with --full)")
+    p.add_argument("--configs", type=_config_list, default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--subset", type=_config_count, action="append", default=[], metavar="CONFIG=N",
                    help="run a slow configuration on the first N queries only")
-    p.add_argument("--lowmem-mb", type=float, default=400.0, help="max_memory_mb of edgerank-lowmem")
+    p.add_argument("--lowmem-mb", type=_positive_mb, default=400.0, help="max_memory_mb of edgerank-lowmem")
     p.add_argument("--gguf-quant", default=None, choices=("q4_0", "q4_1", "q4_k_m"),
                    help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders; "
                         "q4_1 for a model trained from a Q4_1 GGUF base)")
@@ -434,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     depth = args.depth or (100 if args.full else 30)
     n = args.queries or (None if args.full else 5)
     queries, source = load_queries(args.data, n, depth)
-    subset = {k: int(v) for k, v in (s.split("=", 1) for s in args.subset)}
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    subset = dict(args.subset)
+    configs = args.configs  # argparse applies the type to the default too
     report = run_bench(model, configs, queries, args.top_k, subset, args.lowmem_mb, gguf_quant=args.gguf_quant)
     report["settings"]["data"] = source
     report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import ConfigError, exits_on
+from edgerank.errors import ConfigError, exits_on, fraction, positive_int, positive_ints
 from edgerank.pruning import PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -147,16 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="an artifact folder, or a built-in name / HF folder / GGUF: its cached "
                                  "int4 artifact (the one edgerank and the benchmark use) is calibrated")
     p.add_argument("--data", type=Path, default=SHARED_DATA / "trec-dl21")
-    p.add_argument("--queries", type=int, default=40,
+    p.add_argument("--queries", type=positive_int, default=40,
                    help="calibration queries (12 chose a setting that did not hold on DL19; 40 did: RESULTS §9.1)")
-    p.add_argument("--depth", type=int, default=100)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--target", type=float, default=0.99, help="mean P@K against unpruned to keep")
+    p.add_argument("--depth", type=positive_int, default=100)
+    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--target", type=fraction, default=0.99, help="mean P@K against unpruned to keep")
     p.add_argument("--config", type=Path, default=None, help="write here instead of the artifact's manifest")
     p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")
     p.add_argument("--save", type=Path, default=None,
                    help="also write the grids, per-layer agreement (JSON) and the recordings (.npz beside it)")
-    p.add_argument("--also-k", default="1,5", help="other K values to report (not written)")
+    p.add_argument("--also-k", type=positive_ints, default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
     if args.config is not None and not args.dry_run:  # fail before the long run, not after it
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print("  " + "  ".join(f"L{a['before_layer']}:{a['spearman']:.2f}/{a['topk_in_top3k']:.2f}"
                                    for a in agreement))
     others = {}
-    for k in [int(x) for x in args.also_k.split(",") if x.strip()]:
+    for k in args.also_k:
         others[k] = choose(evaluate_grid(recs, k), args.target)
         console.print(f"K={k}: " + (f"threshold={others[k]['threshold']} min_depth={others[k]['min_depth']} "
                                     f"P@K={others[k]['precision']:.3f} work skipped {others[k]['work_skipped']:.1%}"

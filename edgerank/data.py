@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank.datasets import is_trec_dl, load_beir
-from edgerank.errors import exits_on
+from edgerank.errors import exits_on, positive_int
 
 SOURCES = ("squad", "squad2", "wikiqa", "medquad", "scifact")
 CHUNK_WORDS = 120
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build-train", help="training groups with BM25-mined hard negatives")
     b.add_argument("--source", action="append", nargs=2, metavar=("NAME", "PATH"), required=True,
                    help=f"a source ({', '.join(SOURCES)}) and its path; repeatable")
-    b.add_argument("--max-queries", type=int, action="append",
+    b.add_argument("--max-queries", type=positive_int, action="append",
                    help="queries sampled per source, in --source order (default: all)")
-    b.add_argument("--negatives", type=int, default=7)
+    b.add_argument("--negatives", type=positive_int, default=7)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
     b.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="any edgerank model: built-in name or path; repeat it for an ensemble "
                           "(scores standardised per group, averaged, on the first teacher's scale)")
     lab.add_argument("--backend", default="reference")
-    lab.add_argument("--max-length", type=int, help="truncate pairs to this many tokens (default: the teacher's)")
+    lab.add_argument("--max-length", type=positive_int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True)
     lab.add_argument("--force", action="store_true", help="replace an existing --out file (even the input)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ and how the command lines report them."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import numbers
 import os
@@ -57,6 +58,10 @@ def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike
                                      "writing there would destroy it; choose another output")
 
 
+class OptionError(EdgerankError, TypeError):
+    """An option the chosen backend does not take."""
+
+
 class DataError(EdgerankError, ValueError):
     """An evaluation collection or run that cannot give what was asked, e.g. no judged query."""
 
@@ -65,6 +70,34 @@ def is_int(value: Any) -> bool:
     """True for a Python or numpy integer, False for ``bool`` (an int subclass no count
     should be) and for everything else, floats included."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a count such as ``--queries`` or ``--depth`` (0 and negatives
+    are refused rather than read as "all" or sliced from the end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An ``argparse`` type: a comma-separated list of positive integers (``1,5``)."""
+    return [positive_int(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def fraction(text: str) -> float:
+    """An ``argparse`` type: a number in (0, 1], such as a target precision."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def exits_on(*kinds: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
 from edgerank.datasets import bm25_run, find_run, load_beir, load_run
-from edgerank.errors import DataError, exits_on
+from edgerank.errors import DataError, exits_on, positive_int
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default=None, help="TREC run file (default: run.*.trec in --data, else BM25)")
     p.add_argument("--model", default=None)
     p.add_argument("--backend", default=None)
-    p.add_argument("--depth", type=int, default=100)
-    p.add_argument("--queries", type=int, default=None, help="only the first N judged queries")
+    p.add_argument("--depth", type=positive_int, default=100)
+    p.add_argument("--queries", type=positive_int, default=None, help="only the first N judged queries")
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)

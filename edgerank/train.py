@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from edgerank.adapters import ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
-from edgerank.errors import exits_on, refuse_output_over_inputs
+from edgerank.errors import exits_on, positive_int, refuse_output_over_inputs
 from edgerank.tokenization import encode_pairs
 
 LOSSES = ("kl", "bce", "ranknet", "margin")
@@ -486,7 +486,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="a recipe from models/recipes.py (data, teacher and config)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--stop-after", type=int, help="run this many steps, checkpoint, and stop (resume later)")
+    p.add_argument("--stop-after", type=positive_int, help="run this many steps, checkpoint, and stop (resume later)")
     p.add_argument("--export-checkpoint", metavar="DIR", type=Path,
                    help="train nothing: write the model at the run's last checkpoint to DIR (to evaluate "
                         "it mid-run; the run resumes as before). Give the run's own options.")

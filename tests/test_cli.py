@@ -140,3 +140,28 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
         refuse_output_over_inputs(tmp_path / "link", tmp_path / "a" / "b")
     with pytest.raises(OutputOverlapError, match="is the input"):
         refuse_output_over_inputs(tmp_path / "a" / ".." / "a" / "b", tmp_path / "a" / "b")
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("edgerank.bench", ["--queries", "0"], "--queries: expected a positive integer"),
+    ("edgerank.bench", ["--depth", "-1"], "--depth: expected a positive integer"),
+    ("edgerank.bench", ["--configs", "edgerank,nonsense"], "unknown configuration 'nonsense'"),
+    ("edgerank.bench", ["--subset", "fp32-reference"], "expected CONFIG=N"),
+    ("edgerank.bench", ["--lowmem-mb", "nan"], "positive number of MB"),
+    ("edgerank.eval", ["--data", "x", "--depth", "0"], "--depth: expected a positive integer"),
+    ("edgerank.calibrate", ["m", "--target", "2"], "--target: expected a number in (0, 1]"),
+    ("edgerank.calibrate", ["m", "--also-k", "1,x"], "--also-k: expected a positive integer"),
+    ("edgerank.data", ["build-train", "--source", "squad", "x", "--negatives", "0", "--out", "y"], "--negatives"),
+    ("edgerank", ["--top-k", "0"], "--top-k: expected a positive integer"),
+    ("edgerank", ["a query"], "give the documents to rank after the query")])
+def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, argv, message, capsys):
+    """0 or a negative count is refused, not read as "all" or sliced from the end; a name
+    outside the choices is refused before any model loads."""
+    import importlib
+
+    main = importlib.import_module(module + (".__main__" if module == "edgerank" else "")).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from edgerank.errors import BackendUnavailableError
+from edgerank.errors import BackendUnavailableError, OptionError
 from edgerank.sources import ModelSource
 
 BACKENDS = ("edgerank", "reference", "llamacpp")
@@ -37,7 +37,7 @@ def load_backend(name: str, source: ModelSource, **options):
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "source")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise TypeError(f"backend {name!r} takes no option {', '.join(map(repr, unknown))}; "
+        raise OptionError(f"backend {name!r} takes no option {', '.join(map(repr, unknown))}; "
                         f"its options: {', '.join(accepted)}")
     if name == "edgerank" and source.kind != "artifact":  # an HF folder, a GGUF or a built-in: its cached int4 artifact
         import dataclasses
