@@ -125,12 +125,12 @@ class Reranker:
         _validate(query, documents, top_k)
         _check_instruction(self.spec, instruction)
         stats = CallStats(backend=self.backend_name, model=self.source.name, candidates=len(documents))
-        if self._backend is None:
-            raise RuntimeError("this Reranker is closed")
         if not documents:
             self.last_stats = stats
             return Ranking([], stats)
         with self._lock, PeakRSS() as mem:
+            if self._backend is None:
+                raise RuntimeError("this Reranker is closed")
             t0 = time.perf_counter()
             batch = encode_pairs(self.spec, self._backend.tokenizer, query, documents,
                                  instruction or self.instruction, self.max_length)
@@ -165,10 +165,12 @@ class Reranker:
         return out
 
     def close(self) -> None:
-        """Free the model's memory; the Reranker cannot rank afterwards."""
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        """Free the model's memory once a call in progress has finished; the Reranker
+        cannot rank afterwards."""
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
 
     def __enter__(self) -> "Reranker":
         return self
@@ -193,11 +195,10 @@ def rank(query: str, documents: Sequence[str], top_k: int | None = None,
     if not documents:  # nothing to score: no model is loaded (or pulled) for it
         return Ranking([], CallStats(backend=str(backend), model=str(model)))
     key = (str(model), backend, tuple(sorted((k, repr(v)) for k, v in options.items())))
-    with _cache_lock:
+    with _cache_lock:  # held through the call, so another thread's options cannot close it midway
         if _cached is None or _cached[0] != key:
             if _cached is not None:
                 _cached[1].close()
                 _cached = None
             _cached = (key, Reranker(model=model, backend=backend, **options))
-        reranker = _cached[1]
-    return reranker.rank(query, documents, top_k=top_k)
+        return _cached[1].rank(query, documents, top_k=top_k)

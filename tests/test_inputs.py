@@ -169,6 +169,49 @@ def test_a_reranker_shared_by_threads_gives_the_sequential_results(reranker):
     assert got == expected
 
 
+def test_closing_a_reranker_waits_for_the_call_in_progress(tiny_qwen3):
+    """close() from another thread while a call runs must not free the model under it."""
+    import threading
+    import time
+
+    r = edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker")
+    expected = r.score("query immune", DOCS)
+    inner, started = r._backend.score, threading.Event()
+
+    def slow_score(batch):
+        started.set()
+        time.sleep(0.3)
+        return inner(batch)
+
+    r._backend.score = slow_score
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(scores=r.score("query immune", DOCS)))
+    worker.start()
+    started.wait(5)
+    r.close()  # returns only once the call has finished
+    worker.join(5)
+    np.testing.assert_array_equal(got["scores"], expected)
+    with pytest.raises(RuntimeError, match="closed"):
+        r.rank("q", DOCS)
+
+
+def test_module_rank_from_threads_with_different_options_gives_each_its_own_result(tiny_cross_encoder):
+    """edgerank.rank keeps one model loaded; a thread asking for other options replaces it,
+    but never while another thread's call is still using it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    common = dict(model=tiny_cross_encoder, backend="reference")
+    docs = [" ".join([d] * 8) + f" {n}" for n, d in enumerate(DOCS * 3)]  # long enough for max_length=16 to cut
+    lengths = [None, 16, None, 16, None, 16]
+    with edgerank.Reranker(**common) as full, edgerank.Reranker(**common, max_length=16) as short:
+        expected = [[(x.index, x.score) for x in (short if n else full).rank("query immune", docs)] for n in lengths]
+    assert expected[0] != expected[1]  # the two options really score differently
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda n: [(x.index, x.score) for x in
+                                       edgerank.rank("query immune", docs, max_length=n, **common)], lengths))
+    assert got == expected
+
+
 def test_lone_surrogates_score_as_the_replacement_character(reranker):
     """Text decoded with errors="surrogateescape" carries lone surrogates, which tokenizers
     refuse; they are read as U+FFFD, in documents and in the query."""
