@@ -187,11 +187,15 @@ class Worker:
 def load_queries(data: Path | None, n: int | None, depth: int) -> tuple[list[dict], str]:
     """``[{qid, query, docs: [(docid, text)], qrels}]`` from DL19, else the built-in sample."""
     if data is not None and data.is_dir():
-        from edgerank.datasets import find_run, load_beir, load_run
+        from edgerank.datasets import check_run, find_run, load_beir, load_run
 
         coll = load_beir(data)
-        run = load_run(find_run(data))
+        run_path = find_run(data)
+        if run_path is None:
+            raise FileNotFoundError(f"{data} has no first-stage run (run.*.trec) to rerank")
+        run = load_run(run_path)
         qids = [q for q in run if q in coll.qrels][: n or None]
+        check_run(coll, run, qids, depth, run_path)
         return [{"qid": q, "query": coll.queries[q], "docs": [(d, coll.corpus[d]) for d, _ in run[q][:depth]],
                  "qrels": coll.qrels[q]} for q in qids], str(data)
     from converters.verify import BUILTIN_SAMPLE

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from edgerank.api import Reranker
-    from edgerank.datasets import load_beir, load_run
+    from edgerank.datasets import check_run, load_beir, load_run
 
     p = argparse.ArgumentParser(prog="python -m edgerank.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("model", help="an artifact folder, or a built-in name / HF folder / GGUF: its cached "
@@ -167,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     runfile = sorted(args.data.glob("run*.trec"))
     if not runfile:
         raise FileNotFoundError(f"{args.data} has no first-stage run (run*.trec) to calibrate on")
+    run = load_run(runfile[0])
+    qids = sorted(run)[: args.queries]
+    check_run(coll, run, qids, args.depth, runfile[0])
     artifact = Path(args.model).expanduser()
     if not (artifact / "manifest.json").is_file():
         from edgerank.cache import cached_artifact
 
         artifact = cached_artifact(args.model)
         console.print(f"calibrating {artifact}")
-    run = load_run(runfile[0])
-    qids = sorted(run)[: args.queries]
     recs = []
     with Reranker(artifact, backend="edgerank", pruning=False, record_layers=True) as r:
         for q in tqdm(qids, desc="recording layer scores", unit="query"):

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgerank.errors import DataError
 from edgerank.pull import edgerank_home
 
 # The project's judged and training data: ``../shared/data`` beside the repository.
@@ -64,6 +65,19 @@ def write_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> 
         for qid, docs in run.items():
             for rank, (doc, score) in enumerate(docs, 1):
                 f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
+
+
+def check_run(coll: Collection, run: dict[str, list[tuple[str, float]]], qids: list[str], depth: int,
+              name: str | Path) -> None:
+    """Raise :class:`DataError` unless each of ``qids`` is a query of ``coll`` and its first
+    ``depth`` documents in ``run`` are in its corpus: a run from another collection is
+    refused before any model loads, not found midway."""
+    for q in qids:
+        missing = [d for d, _ in run[q][:depth] if d not in coll.corpus]
+        if q not in coll.queries or missing:
+            raise DataError(f"{name} does not match {coll.path}: query {q} "
+                            + (f"has {len(missing)} documents not in the corpus, e.g. {missing[0]}" if missing
+                               else "is not in queries.jsonl"))
 
 
 def find_run(path: str | Path) -> Path | None:

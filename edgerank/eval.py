@@ -24,7 +24,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
-from edgerank.datasets import bm25_run, find_run, load_beir, load_run
+from edgerank.datasets import bm25_run, check_run, find_run, load_beir, load_run
 from edgerank.errors import DataError, exits_on, positive_int
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
@@ -58,6 +58,7 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
     if queries:
         qids = qids[:queries]
     first = {q: first[q] for q in qids}
+    check_run(coll, first, qids, depth, run_path or "the BM25 run")
     baseline = evaluate({q: [d for d, _ in first[q]] for q in qids}, coll.qrels)
 
     t_load = time.perf_counter()
@@ -69,9 +70,6 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
     with reranker:
         for q in tqdm(qids, desc=f"rerank {coll.path.name}", unit="query", disable=not progress):
             cands = [d for d, _ in first[q]][:depth]
-            missing = [d for d in cands if d not in coll.corpus]
-            if missing:
-                raise KeyError(f"query {q}: {len(missing)} run documents are not in the corpus, e.g. {missing[0]}")
             ranking = reranker.rank(coll.queries[q], [coll.corpus[d] for d in cands])
             order = [cands[r.index] for r in ranking] + [d for d, _ in first[q][depth:]]
             reranked[q] = order

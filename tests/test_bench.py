@@ -146,3 +146,19 @@ def test_bench_cli_names_a_missing_model_in_one_line(tmp_path, capsys):
     assert bench.main(["--model", str(tmp_path / "no-model"), "--queries", "1", "--configs", "edgerank"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model at") and "\n" not in err
+
+
+def test_bench_refuses_a_collection_without_a_run_or_with_a_foreign_one(tmp_path, capsys):
+    from edgerank import bench
+
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n')
+    (data / "queries.jsonl").write_text('{"_id": "1", "text": "q"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td1\t1\n")
+    argv = ["--data", str(data), "--model", str(tmp_path / "no-model"), "--configs", "edgerank"]
+    assert bench.main(argv) == 2
+    assert "has no first-stage run" in capsys.readouterr().err
+    (data / "run.bm25.trec").write_text("1 Q0 d1 1 2.0 x\n1 Q0 d7 2 1.0 x\n")
+    assert bench.main(argv) == 2
+    assert "query 1 has 1 documents not in the corpus, e.g. d7" in capsys.readouterr().err

@@ -105,3 +105,22 @@ def test_eval_cli_says_in_one_line_that_a_collection_without_judgments_has_nothi
     assert "nothing to evaluate" in err and "0 judgments" in err and "run.bm25.top100.trec" in err
     assert main(["--data", str(tmp_path / "missing")]) == 2
     assert "is not a BEIR folder" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_run_that_names_documents_or_queries_the_collection_lacks(tmp_path, capsys):
+    """A run file from another collection is one error line before any model loads (the
+    model name here does not exist, so reaching the model would be another error)."""
+    from edgerank.eval import main
+
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
+    (data / "queries.jsonl").write_text('{"_id": "7", "text": "q"}\n')
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\td1\t1\n8\td1\t1\n")
+    (tmp_path / "other.trec").write_text("7 Q0 d1 1 2.0 x\n7 Q0 d9 2 1.0 x\n")
+    assert main(["--data", str(data), "--run", str(tmp_path / "other.trec"), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "query 7 has 1 documents not in the corpus, e.g. d9" in err
+    (tmp_path / "other.trec").write_text("8 Q0 d1 1 2.0 x\n")
+    assert main(["--data", str(data), "--run", str(tmp_path / "other.trec"), "--model", "no-such-model"]) == 2
+    assert "query 8 is not in queries.jsonl" in capsys.readouterr().err
