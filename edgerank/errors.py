@@ -1,5 +1,6 @@
-"""The errors edgerank raises on bad input, each a subclass of a builtin users already catch,
-and how the command lines report them."""
+"""The errors edgerank raises on bad input, each a subclass of a builtin users already catch;
+the small checks shared by the API and the command lines (integers, counts, outputs that
+would overwrite an input); and how the command lines report them."""
 
 from __future__ import annotations
 
