@@ -36,7 +36,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
     out = Path(out)
     report_path = out.with_name(out.name + ".conversion_report.json")
-    refuse_output_over_inputs(out, src if Path(src).expanduser().exists() else None)
+    refuse_output_over_inputs(out, src)
     if not force and (out.exists() or report_path.exists()):
         raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
     source = resolve(src, family=family)

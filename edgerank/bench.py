@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgerank.datasets import SHARED_DATA
-from edgerank.errors import exits_on, positive_int
+from edgerank.errors import exits_on, positive_int, positive_number
 
 CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
@@ -425,16 +425,6 @@ def _config_count(text: str) -> tuple[str, int]:
     return name, positive_int(count)
 
 
-def _positive_mb(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of MB, got {text!r}")
-    return value
-
-
 @exits_on(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.bench", description=__doc__.splitlines()[0])
@@ -447,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", type=_config_list, default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--subset", type=_config_count, action="append", default=[], metavar="CONFIG=N",
                    help="run a slow configuration on the first N queries only")
-    p.add_argument("--lowmem-mb", type=_positive_mb, default=400.0, help="max_memory_mb of edgerank-lowmem")
+    p.add_argument("--lowmem-mb", type=positive_number, default=400.0, help="max_memory_mb of edgerank-lowmem")
     p.add_argument("--gguf-quant", default=None, choices=("q4_0", "q4_1", "q4_k_m"),
                    help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders; "
                         "q4_1 for a model trained from a Q4_1 GGUF base)")

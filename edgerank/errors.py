@@ -47,11 +47,12 @@ class OutputOverlapError(EdgerankError, ValueError):
 
 
 def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
-    """Raise :class:`OutputOverlapError` if writing ``out`` would replace one of ``inputs``
-    (``None`` entries are skipped; paths are compared resolved, links followed)."""
+    """Raise :class:`OutputOverlapError` if writing ``out`` would replace one of ``inputs``.
+    Paths are compared resolved, links followed; ``None`` and names that are not on disk
+    (a built-in model, an ``hf:`` id) are skipped, since writing cannot destroy them."""
     target = Path(out).expanduser().resolve()
     for item in inputs:
-        if item is None:
+        if item is None or not Path(item).expanduser().exists():
             continue
         src = Path(item).expanduser().resolve()
         if src == target or target in src.parents:
@@ -71,6 +72,22 @@ def is_int(value: Any) -> bool:
     """True for a Python or numpy integer, False for ``bool`` (an int subclass no count
     should be) and for everything else, floats included."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """True for a real number (int, float, numpy scalar) that is not ``bool`` and not NaN."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+
+
+def positive_number(text: str) -> float:
+    """An ``argparse`` type: a positive, finite number (``--lowmem-mb``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:

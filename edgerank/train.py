@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     ended the run early (its checkpoint is kept, and the same call continues it)."""
     cfg.validate()
     out = Path(cfg.out)
-    refuse_output_over_inputs(out, cfg.data, _local(cfg.base))
+    refuse_output_over_inputs(out, cfg.data, cfg.base)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     groups = read_groups(cfg.data)
@@ -339,7 +339,7 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if state["config"] != dataclasses.asdict(cfg):
         raise ValueError(f"{ckpt} is a run with another config than the one given")
-    refuse_output_over_inputs(dest, cfg.data, _local(cfg.base), work)
+    refuse_output_over_inputs(dest, cfg.data, cfg.base, work)
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists; pass force=True (--force) to replace it")
     backend, names, params = _trainable_model(cfg)
@@ -352,11 +352,6 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     _remove(dest)
     os.replace(staging, dest)
     return dest
-
-
-def _local(base: str) -> Path | None:
-    """``base`` as a local path, or None for a built-in name or ``hf:`` id."""
-    return Path(base).expanduser() if Path(base).expanduser().exists() else None
 
 
 def _remove(path: Path) -> None:

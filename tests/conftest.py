@@ -86,6 +86,22 @@ DECODER_CONFIGS = {
 }
 
 
+def write_beir(folder: Path, docs: list[str], queries: dict, judged: str = "", run: str | None = None) -> Path:
+    """A tiny BEIR-format collection: documents ``docs`` with text "a", "b", ...,
+    ``queries`` ({id: text}), qrels rows ``judged`` under the header, and a ``run.bm25.trec``
+    when ``run`` is given."""
+    import json
+
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": d, "text": chr(ord("a") + n)}) + "\n" for n, d in enumerate(docs)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + judged)
+    if run is not None:
+        (folder / "run.bm25.trec").write_text(run)
+    return folder
+
+
 def make_decoder(folder: Path, arch: str, tokenizer, seed: int = 0, tie: bool = False, n_layers: int = 2,
                  **config) -> Path:
     """A small random decoder of ``arch`` saved with ``tokenizer`` as an HF folder."""

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgerank import bench
-from tests.conftest import make_bert, make_decoder
+from tests.conftest import make_bert, make_decoder, write_beir
 
 REQUIRED = ("name", "latency_ms_median", "latency_ms_p90", "pairs_per_s", "peak_rss_mb", "model_rss_mb",
             "size_bytes", "ndcg@10", "precision_at_k_vs_fp32")
@@ -151,11 +151,7 @@ def test_bench_cli_names_a_missing_model_in_one_line(tmp_path, capsys):
 def test_bench_refuses_a_collection_without_a_run_or_with_a_foreign_one(tmp_path, capsys):
     from edgerank import bench
 
-    data = tmp_path / "beir"
-    (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n')
-    (data / "queries.jsonl").write_text('{"_id": "1", "text": "q"}\n')
-    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td1\t1\n")
+    data = write_beir(tmp_path / "beir", ["d1"], {"1": "q"}, judged="1\td1\t1\n")
     argv = ["--data", str(data), "--model", str(tmp_path / "no-model"), "--configs", "edgerank"]
     assert bench.main(argv) == 2
     assert "has no first-stage run" in capsys.readouterr().err

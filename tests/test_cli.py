@@ -135,6 +135,7 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     refuse_output_over_inputs(tmp_path / "a" / "b" / "out", tmp_path / "a" / "b")  # inside an input: fine
     refuse_output_over_inputs(tmp_path / "ab", tmp_path / "a" / "b", None)         # a prefix, not a parent
+    refuse_output_over_inputs(tmp_path / "new", tmp_path / "new")  # not on disk (a built-in name): nothing to destroy
     (tmp_path / "link").symlink_to(tmp_path / "a")
     with pytest.raises(OutputOverlapError, match="holds the input"):
         refuse_output_over_inputs(tmp_path / "link", tmp_path / "a" / "b")
@@ -147,7 +148,7 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
     ("edgerank.bench", ["--depth", "-1"], "--depth: expected a positive integer"),
     ("edgerank.bench", ["--configs", "edgerank,nonsense"], "unknown configuration 'nonsense'"),
     ("edgerank.bench", ["--subset", "fp32-reference"], "expected CONFIG=N"),
-    ("edgerank.bench", ["--lowmem-mb", "nan"], "positive number of MB"),
+    ("edgerank.bench", ["--lowmem-mb", "nan"], "expected a positive number"),
     ("edgerank.eval", ["--data", "x", "--depth", "0"], "--depth: expected a positive integer"),
     ("edgerank.calibrate", ["m", "--target", "2"], "--target: expected a number in (0, 1]"),
     ("edgerank.calibrate", ["m", "--also-k", "1,x"], "--also-k: expected a positive integer"),

@@ -12,7 +12,7 @@ from edgerank.datasets import load_beir, load_run
 from edgerank.eval import run_eval
 from edgerank.metrics import (evaluate, kendall_tau, mrr_at_k, ndcg_at_k, precision_at_k_vs,
                               recall_at_k, spearman, topk_overlap)
-from tests.conftest import DL19
+from tests.conftest import DL19, write_beir
 
 
 def test_ndcg_linear_gain_by_hand():
@@ -93,11 +93,7 @@ def test_eval_cli_says_in_one_line_that_a_collection_without_judgments_has_nothi
     """The shared trec-dl21 ships its qrels file with a header only: a clear error, no traceback."""
     from edgerank.eval import main
 
-    data = tmp_path / "unjudged"
-    (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
-    (data / "queries.jsonl").write_text('{"_id": 7, "text": "q"}\n')
-    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    data = write_beir(tmp_path / "unjudged", ["d1", "d2"], {7: "q"})
     (data / "run.bm25.top100.trec").write_text("7 Q0 d1 1 2.0 bm25\n7 Q0 d2 2 1.0 bm25\n")
     assert main(["--data", str(data), "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
@@ -112,11 +108,7 @@ def test_eval_refuses_a_run_that_names_documents_or_queries_the_collection_lacks
     model name here does not exist, so reaching the model would be another error)."""
     from edgerank.eval import main
 
-    data = tmp_path / "beir"
-    (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
-    (data / "queries.jsonl").write_text('{"_id": "7", "text": "q"}\n')
-    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\td1\t1\n8\td1\t1\n")
+    data = write_beir(tmp_path / "beir", ["d1", "d2"], {"7": "q"}, judged="7\td1\t1\n8\td1\t1\n")
     (tmp_path / "other.trec").write_text("7 Q0 d1 1 2.0 x\n7 Q0 d9 2 1.0 x\n")
     assert main(["--data", str(data), "--run", str(tmp_path / "other.trec"), "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip()

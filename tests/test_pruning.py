@@ -11,7 +11,7 @@ import edgerank
 from converters import convert
 from edgerank.calibrate import Recording, choose, evaluate_grid, record, simulate, write_setting
 from edgerank.pruning import PruningPolicy, dispersion, kmeans_1d
-from tests.conftest import make_decoder
+from tests.conftest import make_decoder, write_beir
 
 QUERY = "how do vaccines work"
 DOCS = [f"{w} vaccine immune system cell" if i % 3 == 0 else f"{w} market price city river energy"
@@ -133,11 +133,7 @@ def test_a_recording_with_one_candidate_or_flat_scores_prunes_nothing():
 def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys):
     from edgerank.calibrate import main
 
-    data = tmp_path / "beir"
-    (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n')
-    (data / "queries.jsonl").write_text('{"_id": "1", "text": "q"}\n')
-    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    data = write_beir(tmp_path / "beir", ["d1"], {"1": "q"})
     assert main([str(tmp_path / "no-model"), "--data", str(data)]) == 2
     assert "has no first-stage run" in capsys.readouterr().err
     (data / "run.bm25.trec").write_text("1 Q0 d1 1 1.0 bm25\n")

@@ -19,7 +19,6 @@ which runs alongside the candidates and is never pruned.
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
-from edgerank.errors import is_int
+from edgerank.errors import is_int, is_number
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
@@ -70,8 +69,7 @@ class LayerwiseBackend:
         if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-        if max_memory_mb is not None and (isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, numbers.Real)
-                                          or not 0 < max_memory_mb < float("inf")):
+        if max_memory_mb is not None and not (is_number(max_memory_mb) and 0 < max_memory_mb < float("inf")):
             raise ValueError(f"max_memory_mb must be a positive number of MB, or None for no budget "
                              f"(got {max_memory_mb!r})")
         if chunk_tokens is not None and (not is_int(chunk_tokens) or chunk_tokens < 1):
@@ -100,7 +98,7 @@ class LayerwiseBackend:
         for knob, given in (("threshold", threshold), ("min_depth", min_depth)):
             value = given if given is not None else calibrated.get(knob)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+                if not (is_number(value) and 0 <= value < float("inf")):
                     raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
                 setattr(policy, knob, float(value))
         self.policy = policy
