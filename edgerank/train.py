@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,46 +39,53 @@ from tqdm.auto import tqdm
 
 from edgerank.adapters import ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
-from edgerank.errors import exits_on, positive_int, refuse_output_over_inputs
+from edgerank.errors import exits_on, is_int, is_number, positive_int, refuse_output_over_inputs
 from edgerank.tokenization import encode_pairs
 
 LOSSES = ("kl", "bce", "ranknet", "margin")
+
+
+def _opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None) -> Any:
+    """A ``TrainConfig`` field whose ``help`` (and ``choices``) also become its command-line flag's."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
     """One training run. Saved as ``train_config.json`` next to the output."""
 
-    base: str  # model= of the starting point: built-in name, HF folder or GGUF
-    family: str  # the spec the trained model is scored with
-    data: str  # training JSONL (python -m edgerank.data); kl needs teacher_scores
-    out: str
-    loss: str = "kl"  # kl (listwise distillation) | bce | ranknet | margin
-    label_weight: float = 0.0  # adds label_weight * BCE on the binary labels
-    teacher_temperature: float = 1.0
-    margin: float = 1.0  # the hinge margin of loss="margin"
+    base: str = _opt(help="the starting point: built-in name, HF folder or GGUF")
+    family: str = _opt(help="the spec the trained model is scored with (qwen3-reranker, cross-encoder, ...)")
+    data: str = _opt(help="training JSONL from python -m edgerank.data (kl needs teacher_scores)")
+    out: str = _opt(help="output folder (an HF folder the converters take)")
+    loss: str = _opt("kl", "kl: listwise distillation from teacher_scores; bce: labels; "
+                     "ranknet / margin: pairwise on labels", LOSSES)
+    label_weight: float = _opt(0.0, "adds label_weight x BCE on the binary labels")
+    teacher_temperature: float = _opt(1.0, "softmax temperature of the teacher's scores (kl)")
+    margin: float = _opt(1.0, "the hinge margin of --loss margin")
     # Early-layer ranking (for the pruning runtime): adds layer_weight * the mean of the
     # same loss on the model's own head read from the hidden state entering each layer
     # from layer_min_depth of the depth on, as the runtime scores candidates before pruning.
-    layer_weight: float = 0.0
-    layer_min_depth: float = 0.3
-    adapter: str = "full"  # full fine-tuning | lora
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_upper: int | None = None  # LoRA on the last N layers only (None or 0: all)
-    steps: int = 1000
-    queries_per_step: int = 8
-    group_size: int = 8  # candidates per query (the positive first, if any)
-    grad_accum: int = 1
-    lr: float = 2e-5
-    warmup: float = 0.1  # fraction of steps with a linear warm-up
-    weight_decay: float = 0.01
-    max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 50
-    device: str | None = None  # cuda when present, else cpu
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA)
-    qlora: bool = False  # CUDA + bitsandbytes: 4-bit frozen base under the LoRA adapters
+    layer_weight: float = _opt(0.0, "adds layer_weight x the same loss on the head read before each "
+                               "layer from --layer-min-depth on, so early layers rank (for pruning)")
+    layer_min_depth: float = _opt(0.3, "first layer of --layer-weight, as a fraction of the depth, in (0, 1)")
+    adapter: str = _opt("full", "full fine-tuning, or LoRA adapters (merged into the output)", ("full", "lora"))
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_upper: int | None = _opt(None, "LoRA on the last N layers only (0 or unset: all)")
+    steps: int = _opt(1000, "optimizer steps")
+    queries_per_step: int = _opt(8, "query groups per step")
+    group_size: int = _opt(8, "candidates per query (the positive first, if any)")
+    grad_accum: int = _opt(1, "micro-batches of --queries-per-step groups whose gradients add up to one step")
+    lr: float = _opt(2e-5, "peak learning rate (AdamW; linear warm-up, then linear decay)")
+    warmup: float = _opt(0.1, "fraction of steps with a linear warm-up, in [0, 1)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    max_length: int = _opt(256, "tokens per pair; longer documents are truncated")
+    seed: int = _opt(0, "seed of sampling, initialisation and dropout")
+    checkpoint_every: int = _opt(50, "steps between checkpoints (the run resumes from the last one)")
+    device: str | None = _opt(None, "cuda when present, else cpu")
+    precision: str = _opt("fp32", "bf16 autocasts on CUDA", ("fp32", "bf16"))
+    qlora: bool = _opt(False, "CUDA + bitsandbytes: 4-bit frozen base under the LoRA adapters")
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -88,9 +96,20 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.qlora and self.adapter != "lora":
             raise ValueError("qlora trains LoRA adapters: pass adapter='lora'")
-        for name in ("steps", "queries_per_step", "grad_accum", "max_length", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        for name in ("steps", "queries_per_step", "group_size", "grad_accum", "max_length",
+                     "checkpoint_every", "lora_r"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, not {getattr(self, name)!r}")
+        for name in ("lr", "teacher_temperature", "lora_alpha"):
+            if not is_number(getattr(self, name)) or not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number, not {getattr(self, name)!r}")
+        for name in ("label_weight", "margin", "weight_decay"):
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        if not is_number(self.warmup) or not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps, in [0, 1), not {self.warmup!r}")
+        if self.lora_upper is not None and (not is_int(self.lora_upper) or self.lora_upper < 0):
+            raise ValueError(f"lora_upper must be a count of layers >= 0, not {self.lora_upper!r}")
         if self.layer_weight < 0 or not 0.0 < self.layer_min_depth < 1.0:
             raise ValueError("layer_weight must be >= 0 and layer_min_depth within (0, 1)")
         if self.group_size < 2 and self.loss != "bce":
@@ -478,7 +497,9 @@ def _plot_loss(log: list[dict], path: Path, title: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edgerank.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Defaults apply without --recipe; a recipe sets its own, and "
+                                       "options given override the recipe's.")
     p.add_argument("--recipe", help="a recipe from models/recipes.py (data, teacher and config)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--stop-after", type=positive_int, help="run this many steps, checkpoint, and stop (resume later)")
@@ -486,12 +507,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="train nothing: write the model at the run's last checkpoint to DIR (to evaluate "
                         "it mid-run; the run resumes as before). Give the run's own options.")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            p.add_argument(flag, action="store_true", default=None)
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.default is not dataclasses.MISSING and f.default is not None and f.type != "bool":
+            text += f" (default {f.default})"
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=text)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None)
+            p.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=text)
     return p
 
 

@@ -312,6 +312,43 @@ def test_bad_configs_are_refused(tmp_path):
 
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 0.0, "lr must be a positive number"),
+    ("lr", float("nan"), "lr must be a positive number"),
+    ("teacher_temperature", 0.0, "teacher_temperature must be a positive number"),
+    ("warmup", 1.0, r"warmup is a fraction of the steps, in \[0, 1\)"),
+    ("weight_decay", -0.1, "weight_decay must be a number >= 0"),
+    ("lora_r", 0, "lora_r must be an integer of at least 1"),
+    ("steps", 2.5, "steps must be an integer of at least 1"),
+    ("lora_upper", -2, "lora_upper must be a count of layers >= 0"),
+])
+def test_out_of_range_hyperparameters_are_refused_before_training(field, value, message):
+    """Each would otherwise train into NaN (zero temperature), never move (lr 0), divide
+    by zero in the warm-up schedule, or build an empty adapter, after minutes of loading."""
+    cfg = TrainConfig(base="x", family="cross-encoder", data="g.jsonl", out="o", **{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_every_config_field_is_a_documented_flag(capsys):
+    """``--help`` explains every field, choices are enforced by argparse, and an out-of-range
+    value is a one-line error, not a traceback."""
+    import dataclasses
+
+    from edgerank.train import _parser, main
+
+    help_text = _parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        assert "--" + f.name.replace("_", "-") in help_text
+    with pytest.raises(SystemExit) as e:
+        main(["--recipe", "edgerank-minilm-ce", "--loss", "mse"])
+    assert e.value.code == 2 and "invalid choice: 'mse'" in capsys.readouterr().err
+    assert main(["--base", "x", "--family", "cross-encoder", "--data", "g.jsonl", "--out", "o", "--lr", "0"]) == 2
+    assert "error: lr must be a positive number" in capsys.readouterr().err
+
+
+
 def test_a_max_length_beyond_the_base_models_positions_is_refused(tmp_path, tiny_cross_encoder):
     from edgerank.train import _load
 
