@@ -16,12 +16,13 @@ from edgerank.errors import exits_on
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m converters", description=__doc__)
     p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
-    p.add_argument("--to", required=True, choices=sorted(FORMATS))
-    p.add_argument("--quant", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--to", required=True, choices=sorted(FORMATS), help="gguf (llama.cpp) or onnx (the edgerank artifact)")
+    p.add_argument("--quant", required=True, help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4, int8 or fp32")
+    p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx), written atomically")
     p.add_argument("--model-spec", dest="family", default=None, help="reranker family (models/specs.py)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip scoring 64 pairs against the full-precision source (Spearman, max |diff|)")
     args = p.parse_args(argv)
     console = Console()
     report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)

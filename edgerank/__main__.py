@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgerank.api import Reranker
+from edgerank.backends import BACKENDS
 from edgerank.errors import exits_on, positive_int
 
 EXAMPLE_QUERY = "how do vaccines train the immune system"
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")
     parser.add_argument("documents", nargs="*", help="documents to rank")
     parser.add_argument("--model", default=None, help="built-in name, path or hf:ORG/NAME")
-    parser.add_argument("--backend", default=None, help="edgerank (default), reference or llamacpp")
-    parser.add_argument("--top-k", type=positive_int, default=None)
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="default: the model's own (edgerank for built-ins and artifacts)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="show the best K (default: all)")
     args = parser.parse_args(argv)
     if args.query is not None and not args.documents:
         parser.error("give the documents to rank after the query (or no arguments for the example)")

@@ -430,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.bench", description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="built-in name or path (default: the default model)")
-    p.add_argument("--data", type=Path, default=DL19 if DL19.is_dir() else None)
+    p.add_argument("--data", type=Path, default=DL19 if DL19.is_dir() else None,
+                   help="BEIR folder with a run and qrels (default: TREC DL19 if present, else a built-in sample)")
     p.add_argument("--depth", type=positive_int, default=None, help="candidates per query (default 30; 100 with --full)")
-    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=10, help="K of every rank() call and of P@K (default 10)")
     p.add_argument("--queries", type=positive_int, default=None, help="queries (default 5; all with --full)")
     p.add_argument("--configs", type=_config_list, default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--subset", type=_config_count, action="append", default=[], metavar="CONFIG=N",
@@ -442,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="llamacpp-q4's conversion of a non-GGUF model (default q4_k_m; q4_0 for bi-encoders; "
                         "q4_1 for a model trained from a Q4_1 GGUF base)")
     p.add_argument("--full", action="store_true", help="every judged query at depth 100")
-    p.add_argument("--json", default=None, metavar="OUT")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every figure, per query, here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="plot latency against peak memory")
     args = p.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))

@@ -146,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("model", help="an artifact folder, or a built-in name / HF folder / GGUF: its cached "
                                  "int4 artifact (the one edgerank and the benchmark use) is calibrated")
-    p.add_argument("--data", type=Path, default=SHARED_DATA / "trec-dl21")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "trec-dl21",
+                   help="BEIR folder with a run; no qrels needed (default: TREC DL21, never DL19)")
     p.add_argument("--queries", type=positive_int, default=40,
                    help="calibration queries (12 chose a setting that did not hold on DL19; 40 did: RESULTS §9.1)")
-    p.add_argument("--depth", type=positive_int, default=100)
-    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--depth", type=positive_int, default=100, help="candidates per query (default 100)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="the K whose setting is written (default 10)")
     p.add_argument("--target", type=fraction, default=0.99, help="mean P@K against unpruned to keep")
     p.add_argument("--config", type=Path, default=None, help="write here instead of the artifact's manifest")
     p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")

@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgerank.backends import BACKENDS
 from edgerank.datasets import is_trec_dl, load_beir
 from edgerank.errors import exits_on, positive_int
 
@@ -280,18 +281,18 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"a source ({', '.join(SOURCES)}) and its path; repeatable")
     b.add_argument("--max-queries", type=positive_int, action="append",
                    help="queries sampled per source, in --source order (default: all)")
-    b.add_argument("--negatives", type=positive_int, default=7)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", required=True)
+    b.add_argument("--negatives", type=positive_int, default=7, help="hard negatives per query (default 7)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sampling of queries and negatives, and of the output order (default 0)")
+    b.add_argument("--out", required=True, help="groups JSONL to write")
     b.add_argument("--force", action="store_true", help="replace an existing --out file")
     lab = sub.add_parser("label", help="add teacher scores for listwise distillation")
-    lab.add_argument("input")
+    lab.add_argument("input", help="groups JSONL from build-train")
     lab.add_argument("--teacher", required=True, action="append",
                      help="any edgerank model: built-in name or path; repeat it for an ensemble "
                           "(scores standardised per group, averaged, on the first teacher's scale)")
-    lab.add_argument("--backend", default="reference")
+    lab.add_argument("--backend", default="reference", choices=BACKENDS, help="the teacher's backend (default reference: full precision)")
     lab.add_argument("--max-length", type=positive_int, help="truncate pairs to this many tokens (default: the teacher's)")
-    lab.add_argument("--out", required=True)
+    lab.add_argument("--out", required=True, help="labelled groups JSONL to write")
     lab.add_argument("--force", action="store_true", help="replace an existing --out file (even the input)")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not args.force:

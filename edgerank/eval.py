@@ -24,6 +24,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from edgerank.api import Reranker
+from edgerank.backends import BACKENDS
 from edgerank.datasets import bm25_run, check_run, find_run, load_beir, load_run
 from edgerank.errors import DataError, exits_on, positive_int
 from edgerank.memory import process_peak_mb
@@ -109,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="BEIR-format folder")
     p.add_argument("--run", default=None, help="TREC run file (default: run.*.trec in --data, else BM25)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--backend", default=None)
-    p.add_argument("--depth", type=positive_int, default=100)
+    p.add_argument("--model", default=None, help="built-in name, path or hf:ORG/NAME (default: the default model)")
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="default: the model's own (edgerank for built-ins and artifacts)")
+    p.add_argument("--depth", type=positive_int, default=100, help="candidates reranked per query, from the top of the run (default 100)")
     p.add_argument("--queries", type=positive_int, default=None, help="only the first N judged queries")
-    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option, e.g. pruning=False or max_memory_mb=400; repeatable")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the per-query figures and settings here")
     args = p.parse_args(argv)
     report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run, dict(args.option))
     table = Table(title=f"{report['config']['model']} on {report['config']['backend']}, "

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="show the built-in models and whether each is present")
     p = sub.add_parser("pull", help="download and verify built-in models into the cache")
-    p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(BUILTINS) + ["all"])
+    p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(BUILTINS) + ["all"],
+                   help=f"built-in models ({', '.join(sorted(BUILTINS))}), or all")
     c = sub.add_parser("cache", help="list the conversion cache; --clean removes unused conversions")
     c.add_argument("--clean", action="store_true", help="remove conversions no current model uses")
     args = parser.parse_args(argv)

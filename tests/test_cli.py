@@ -166,3 +166,29 @@ def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, ar
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("edgerank.__main__", ["--help"]), ("edgerank.eval", ["--help"]), ("edgerank.calibrate", ["--help"]),
+    ("edgerank.bench", ["--help"]), ("edgerank.train", ["--help"]), ("edgerank.data", ["--help"]),
+    ("edgerank.models", ["--help"]), ("converters.__main__", ["--help"]),
+])
+def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
+    """``--help`` is the documentation a command-line user reads: no option goes without a line."""
+    import argparse
+    import importlib
+
+    bare: list[str] = []
+    add = argparse._ActionsContainer.add_argument
+
+    def recording(self, *args, **kwargs):
+        action = add(self, *args, **kwargs)
+        if not action.help and not isinstance(action, argparse._HelpAction):
+            bare.append("/".join(action.option_strings) or action.dest)
+        return action
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recording)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    assert e.value.code == 0
+    assert not bare, f"{module}: options without help: {bare}"
