@@ -1,4 +1,4 @@
-"""Calibrate the pruning policy: the cheapest (threshold, min_depth) that keeps P@K.
+"""Calibrate the pruning policy: the cheapest (threshold, min_depth, clusters) that keeps P@K.
 
 ``python -m edgerank.calibrate ARTIFACT --data ../shared/data/trec-dl21 --target 0.99``
 
@@ -12,6 +12,7 @@ chosen setting is written into the artifact's ``manifest.json`` (or a JSON confi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -23,10 +24,11 @@ from tqdm.auto import tqdm
 
 from edgerank.datasets import SHARED_DATA
 from edgerank.errors import ConfigError, exits_on, fraction, positive_int, positive_ints
-from edgerank.pruning import PruningPolicy, PruningRun
+from edgerank.pruning import DEFAULT_CLUSTERS, PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 MIN_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CLUSTERS = (2, 3, 4)  # k of the 1-D k-means: "small k"
 
 
 @dataclass
@@ -64,21 +66,21 @@ def simulate(policy: PruningPolicy, rec: Recording, k: int) -> tuple[set[int], f
 
 
 def evaluate_grid(recs: list[Recording], k: int, exact_order: bool = True,
-                  thresholds=THRESHOLDS, min_depths=MIN_DEPTHS) -> list[dict]:
+                  thresholds=THRESHOLDS, min_depths=MIN_DEPTHS, clusters=CLUSTERS) -> list[dict]:
     """Mean P@K (vs unpruned) and work skipped for every setting of the grid."""
     rows = []
-    for depth in min_depths:
-        for thr in thresholds:
-            policy = PruningPolicy(threshold=thr, min_depth=depth, exact_order=exact_order)
-            prec, skipped = [], []
-            for rec in recs:
-                kk = min(k, rec.layer_scores.shape[1])
-                truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
-                got, skip = simulate(policy, rec, kk)
-                prec.append(len(got & truth) / kk)
-                skipped.append(skip)
-            rows.append({"threshold": thr, "min_depth": depth, "precision": float(np.mean(prec)),
-                         "min_precision": float(np.min(prec)), "work_skipped": float(np.mean(skipped))})
+    for n_clusters, depth, thr in itertools.product(clusters, min_depths, thresholds):
+        policy = PruningPolicy(threshold=thr, min_depth=depth, clusters=n_clusters, exact_order=exact_order)
+        prec, skipped = [], []
+        for rec in recs:
+            kk = min(k, rec.layer_scores.shape[1])
+            truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
+            got, skip = simulate(policy, rec, kk)
+            prec.append(len(got & truth) / kk)
+            skipped.append(skip)
+        rows.append({"threshold": thr, "min_depth": depth, "clusters": n_clusters,
+                     "precision": float(np.mean(prec)), "min_precision": float(np.min(prec)),
+                     "work_skipped": float(np.mean(skipped))})
     return rows
 
 
@@ -102,9 +104,24 @@ def layer_agreement(recs: list[Recording], k: int) -> list[dict]:
 
 
 def choose(rows: list[dict], target: float) -> dict | None:
-    """The setting that skips the most work while mean P@K stays at or above ``target``."""
+    """The setting that skips the most work while mean P@K stays at or above ``target``;
+    among equals, the highest threshold, then the default cluster count."""
     ok = [r for r in rows if r["precision"] >= target]
-    return max(ok, key=lambda r: (r["work_skipped"], r["threshold"])) if ok else None
+    return max(ok, key=lambda r: (r["work_skipped"], r["threshold"],
+                                  -abs(r.get("clusters", DEFAULT_CLUSTERS) - DEFAULT_CLUSTERS))) if ok else None
+
+
+def _cluster_counts(text: str) -> list[int]:
+    """An ``argparse`` type: comma-separated cluster counts, each at least 2."""
+    counts = positive_ints(text)
+    if not counts or min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"expected cluster counts of at least 2 (one cluster prunes nothing), "
+                                         f"got {text!r}")
+    return counts
+
+
+def _knobs(setting: dict) -> str:
+    return f"threshold={setting['threshold']} min_depth={setting['min_depth']} clusters={setting['clusters']}"
 
 
 def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None) -> Path:
@@ -112,7 +129,7 @@ def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None
     target = config or artifact / "manifest.json"
     doc = _settings_file(target)
     doc["pruning"] = {"threshold": setting["threshold"], "min_depth": setting["min_depth"],
-                      "calibrated": True, **meta}
+                      "clusters": setting.get("clusters", DEFAULT_CLUSTERS), "calibrated": True, **meta}
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, target)
@@ -157,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the grid, write nothing")
     p.add_argument("--save", type=Path, default=None,
                    help="also write the grids, per-layer agreement (JSON) and the recordings (.npz beside it)")
+    p.add_argument("--clusters", type=_cluster_counts, default=",".join(map(str, CLUSTERS)),
+                   help="k-means cluster counts to try (default %(default)s; the policy's own default is "
+                        f"{DEFAULT_CLUSTERS})")
     p.add_argument("--also-k", type=positive_ints, default="1,5", help="other K values to report (not written)")
     args = p.parse_args(argv)
     console = Console()
@@ -182,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for q in tqdm(qids, desc="recording layer scores", unit="query"):
             docs = [coll.corpus[d] for d, _ in run[q][: args.depth]]
             recs.append(record(r, coll.queries[q], docs))
-    rows = evaluate_grid(recs, args.top_k)
+    rows = evaluate_grid(recs, args.top_k, clusters=args.clusters)
     best = choose(rows, args.target)
     agreement = layer_agreement(recs, args.top_k)
     console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K):")
@@ -190,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for a in agreement))
     others = {}
     for k in args.also_k:
-        others[k] = choose(evaluate_grid(recs, k), args.target)
-        console.print(f"K={k}: " + (f"threshold={others[k]['threshold']} min_depth={others[k]['min_depth']} "
+        others[k] = choose(evaluate_grid(recs, k, clusters=args.clusters), args.target)
+        console.print(f"K={k}: " + (f"{_knobs(others[k])} "
                                     f"P@K={others[k]['precision']:.3f} work skipped {others[k]['work_skipped']:.1%}"
                                     if others[k] else f"no setting reaches {args.target}"))
     if args.save:
@@ -201,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                  **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
                  prefix=np.array([r.prefix_len for r in recs]))
     table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}")
-    for col in ("min_depth", "threshold", "P@K", "min P@K", "work skipped"):
+    for col in ("min_depth", "threshold", "clusters", "P@K", "min P@K", "work skipped"):
         table.add_column(col, justify="right")
     for r in sorted(rows, key=lambda r: -r["work_skipped"]):
         if r["precision"] >= args.target - 0.05:
             mark = " *" if r is best else ""
-            table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", f"{r['precision']:.3f}{mark}",
+            table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", str(r["clusters"]),
+                          f"{r['precision']:.3f}{mark}",
                           f"{r['min_precision']:.2f}", f"{r['work_skipped']:.1%}")
     console.print(table)
     if best is None:
@@ -216,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"]}
     if not args.dry_run:
         where = write_setting(artifact, best, meta, args.config)
-        console.print(f"wrote threshold={best['threshold']} min_depth={best['min_depth']} to {where}")
+        console.print(f"wrote {_knobs(best)} to {where}")
     return 0
 
 

@@ -152,6 +152,7 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
     ("edgerank.eval", ["--data", "x", "--depth", "0"], "--depth: expected a positive integer"),
     ("edgerank.calibrate", ["m", "--target", "2"], "--target: expected a number in (0, 1]"),
     ("edgerank.calibrate", ["m", "--also-k", "1,x"], "--also-k: expected a positive integer"),
+    ("edgerank.calibrate", ["m", "--clusters", "1,3"], "--clusters: expected cluster counts of at least 2"),
     ("edgerank.data", ["build-train", "--source", "squad", "x", "--negatives", "0", "--out", "y"], "--negatives"),
     ("edgerank", ["--top-k", "0"], "--top-k: expected a positive integer"),
     ("edgerank", ["a query"], "give the documents to rank after the query")])

@@ -85,7 +85,8 @@ def test_calibration_writes_a_setting_the_runtime_then_uses(artifact, tmp_path):
     shutil.copytree(artifact, art)
     with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
         recs = [record(r, q, DOCS) for q in (QUERY, "the river city", "stock market price")]
-    rows = evaluate_grid(recs, 3)
+    rows = evaluate_grid(recs, 3, clusters=(2, 4))
+    assert {r["clusters"] for r in rows} == {2, 4}
     best = choose(rows, 1.0)
     assert best is not None and best["precision"] == 1.0
     assert all(r["work_skipped"] <= best["work_skipped"] for r in rows if r["precision"] >= 1.0)
@@ -95,6 +96,24 @@ def test_calibration_writes_a_setting_the_runtime_then_uses(artifact, tmp_path):
     with edgerank.Reranker(art) as r:  # still verifies: the manifest is not among the hashed files
         assert r._backend.policy.threshold == best["threshold"]
         assert r._backend.policy.min_depth == best["min_depth"]
+        assert r._backend.policy.clusters == best["clusters"] == manifest["pruning"]["clusters"]
+    with edgerank.Reranker(art, clusters=5) as r:  # the call's option beats the manifest's
+        assert r._backend.policy.clusters == 5
+        assert r.rank(QUERY, DOCS, top_k=3).stats.extra["clusters"] == 5
+
+
+def test_the_cluster_count_changes_what_is_sure():
+    """With 2 clusters the top group of a 3-level spread is split off wider than with 3."""
+    x = np.array([0.95, 0.9, 0.6, 0.55, 0.2, 0.15])
+    two, three = PruningPolicy(threshold=0.1, clusters=2).decide(x, 2), PruningPolicy(threshold=0.1).decide(x, 2)
+    assert (sorted(three.selected), sorted(three.deferred), sorted(three.dropped)) == ([], [0, 1], [2, 3, 4, 5])
+    assert (sorted(two.selected), sorted(two.deferred), sorted(two.dropped)) == ([], [0, 1, 2, 3], [4, 5])
+
+
+@pytest.mark.parametrize("clusters", [1, 0, 2.5, "3", True])
+def test_a_cluster_count_that_cannot_prune_is_refused(artifact, clusters):
+    with pytest.raises(ValueError, match="clusters must be an int >= 2"):
+        edgerank.Reranker(artifact, clusters=clusters)
 
 
 def test_edge_cases_k_above_n_single_and_identical_candidates(artifact):

@@ -61,7 +61,8 @@ class LayerwiseBackend:
 
     def __init__(self, source: ModelSource, threads: int | None = None, stream_weights: bool | None = None,
                  max_memory_mb: float | None = None, pruning: bool = True, threshold: float | None = None,
-                 min_depth: float | None = None, exact_order: bool = True, shared_prefix: bool = True,
+                 min_depth: float | None = None, clusters: int | None = None, exact_order: bool = True,
+                 shared_prefix: bool = True,
                  chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
@@ -101,6 +102,11 @@ class LayerwiseBackend:
                 if not (is_number(value) and 0 <= value < float("inf")):
                     raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
                 setattr(policy, knob, float(value))
+        value = clusters if clusters is not None else calibrated.get("clusters")
+        if value is not None:
+            if not is_int(value) or value < 2:
+                raise ValueError(f"clusters must be an int >= 2 (one cluster can prune nothing; got {value!r})")
+            policy.clusters = int(value)
         self.policy = policy
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
@@ -209,6 +215,7 @@ class LayerwiseBackend:
         unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
         stats = {
             "layers": L, "top_k": k, "pruning": self.policy.enabled, "threshold": self.policy.threshold,
+            "clusters": self.policy.clusters,
             "first_check_layer": run.first if run.first <= L else None,
             "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
             "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[:n].sum()),
