@@ -29,6 +29,7 @@ from edgerank.pruning import DEFAULT_CLUSTERS, PruningPolicy, PruningRun
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 MIN_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CLUSTERS = (2, 3, 4)  # k of the 1-D k-means: "small k"
+TABLE_ROWS = 20
 
 
 @dataclass
@@ -220,15 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(args.save.with_suffix(".npz"), **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
                  **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
                  prefix=np.array([r.prefix_len for r in recs]))
-    table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}")
+    near = sorted((r for r in rows if r["precision"] >= args.target - 0.05), key=lambda r: -r["work_skipped"])
+    shown = near[:TABLE_ROWS] + ([best] if best is not None and best not in near[:TABLE_ROWS] else [])
+    table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}: the "
+                        f"settings within 0.05 of the target that skip most (* chosen)",
+                  caption=f"{len(rows)} settings tried" + ("; --save keeps them all" if not args.save else ""))
     for col in ("min_depth", "threshold", "clusters", "P@K", "min P@K", "work skipped"):
         table.add_column(col, justify="right")
-    for r in sorted(rows, key=lambda r: -r["work_skipped"]):
-        if r["precision"] >= args.target - 0.05:
-            mark = " *" if r is best else ""
-            table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", str(r["clusters"]),
-                          f"{r['precision']:.3f}{mark}",
-                          f"{r['min_precision']:.2f}", f"{r['work_skipped']:.1%}")
+    for r in shown:
+        mark = " *" if r is best else ""
+        table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", str(r["clusters"]),
+                      f"{r['precision']:.3f}{mark}", f"{r['min_precision']:.2f}", f"{r['work_skipped']:.1%}")
     console.print(table)
     if best is None:
         console.print(f"[red]no setting reaches mean P@{args.top_k} >= {args.target}[/]; nothing written")

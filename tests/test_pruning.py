@@ -161,6 +161,29 @@ def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys
     assert err.startswith("error: no model at") and "\n" not in err
 
 
+def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, tmp_path, capsys):
+    """The command line on a tiny collection: it records, searches the whole grid (three
+    cluster counts), prints the chosen row, and writes that setting to ``--config``."""
+    from edgerank.calibrate import MIN_DEPTHS, THRESHOLDS, main
+
+    docs = [f"d{i}" for i in range(12)]
+    run = "".join(f"{q} Q0 {d} {r + 1} {12 - r} bm25\n" for q in ("q1", "q2") for r, d in enumerate(docs))
+    data = write_beir(tmp_path / "coll", docs, {"q1": "vaccine immune cell", "q2": "market price river"}, run=run)
+    config, save = tmp_path / "pruning.json", tmp_path / "grid.json"
+    assert main([str(artifact), "--data", str(data), "--top-k", "3", "--also-k", "1", "--target", "1.0",
+                 "--config", str(config), "--save", str(save)]) == 0
+    chosen = json.loads(config.read_text())["pruning"]
+    grid = json.loads(save.read_text())
+    assert len(grid["grid"]) == len(THRESHOLDS) * len(MIN_DEPTHS) * 3
+    best = grid["best"]
+    assert (chosen["threshold"], chosen["min_depth"], chosen["clusters"]) == \
+        (best["threshold"], best["min_depth"], best["clusters"])
+    assert chosen["queries"] == 2 and chosen["k"] == 3 and best["precision"] == 1.0
+    out = capsys.readouterr().out
+    assert f"clusters={best['clusters']}" in out and f"{len(grid['grid'])} settings tried" in out
+    assert (tmp_path / "grid.npz").is_file()
+
+
 def test_calibrate_refuses_a_config_file_it_cannot_read_before_running(tmp_path, capsys):
     """``--config`` naming a file that is not a JSON object (the user's notes, say) is an
     error up front, before any model loads, and the file is left as it was."""
