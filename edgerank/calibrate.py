@@ -125,12 +125,23 @@ def _knobs(setting: dict) -> str:
     return f"threshold={setting['threshold']} min_depth={setting['min_depth']} clusters={setting['clusters']}"
 
 
-def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None) -> Path:
-    """Store the chosen knobs in the artifact's manifest (atomically) or a config file."""
+def _setting(row: dict) -> dict:
+    return {"threshold": row["threshold"], "min_depth": row["min_depth"],
+            "clusters": row.get("clusters", DEFAULT_CLUSTERS)}
+
+
+def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None,
+                  by_k: dict[int, dict] | None = None) -> Path:
+    """Store the chosen knobs in the artifact's manifest (atomically) or a config file.
+    ``by_k`` holds the settings chosen for other K values (None: none kept the target);
+    the runtime uses one for a call with that K, and the main setting for any other K."""
     target = config or artifact / "manifest.json"
     doc = _settings_file(target)
-    doc["pruning"] = {"threshold": setting["threshold"], "min_depth": setting["min_depth"],
-                      "clusters": setting.get("clusters", DEFAULT_CLUSTERS), "calibrated": True, **meta}
+    doc["pruning"] = {**_setting(setting), "calibrated": True, **meta}
+    if by_k:  # a K that no setting kept at the target prunes nothing: {"off": true}
+        doc["pruning"]["by_k"] = {str(k): {**_setting(row), "precision": row["precision"],
+                                           "work_skipped": row["work_skipped"]} if row else {"off": True}
+                                  for k, row in sorted(by_k.items())}
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, target)
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=_cluster_counts, default=",".join(map(str, CLUSTERS)),
                    help="k-means cluster counts to try (default %(default)s; the policy's own default is "
                         f"{DEFAULT_CLUSTERS})")
-    p.add_argument("--also-k", type=positive_ints, default="1,5", help="other K values to report (not written)")
+    p.add_argument("--also-k", type=positive_ints, default="1,5",
+                   help="other K values to calibrate: written under pruning.by_k, for calls with that K")
     args = p.parse_args(argv)
     console = Console()
     if args.config is not None and not args.dry_run:  # fail before the long run, not after it
@@ -239,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"target_precision": args.target, "k": args.top_k, "queries": len(recs), "data": args.data.name,
             "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"]}
     if not args.dry_run:
-        where = write_setting(artifact, best, meta, args.config)
-        console.print(f"wrote {_knobs(best)} to {where}")
+        where = write_setting(artifact, best, meta, args.config, {**others, args.top_k: best})
+        console.print(f"wrote {_knobs(best)} to {where}" + "".join(
+            f"; for K={k}: " + (_knobs(row) if row else "off") for k, row in sorted(others.items())))
     return 0
 
 

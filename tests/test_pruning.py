@@ -102,6 +102,49 @@ def test_calibration_writes_a_setting_the_runtime_then_uses(artifact, tmp_path):
         assert r.rank(QUERY, DOCS, top_k=3).stats.extra["clusters"] == 5
 
 
+def test_a_setting_calibrated_for_a_k_is_used_by_calls_for_that_k(artifact, tmp_path):
+    """``pruning.by_k`` in the manifest: a call for a calibrated K runs that K's setting,
+    a K marked off prunes nothing, any other K runs the main setting, and options given
+    to the Reranker still win."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    main_row = {"threshold": 0.0, "min_depth": 1, "clusters": 3, "precision": 1.0, "work_skipped": 0.3}
+    k1_row = {"threshold": 0.05, "min_depth": 2, "clusters": 2, "precision": 1.0, "work_skipped": 0.4}
+    write_setting(art, main_row, {"k": 3}, by_k={1: k1_row, 2: None, 3: main_row})
+    with edgerank.Reranker(art) as r, edgerank.Reranker(art, pruning=False) as full:
+        one, four = (r.rank(QUERY, DOCS, top_k=k).stats.extra for k in (1, 4))
+        off, unpruned = r.rank(QUERY, DOCS, top_k=2), full.rank(QUERY, DOCS, top_k=2)
+        two = off.stats.extra
+    assert (one["threshold"], one["min_depth"], one["clusters"]) == (0.05, 2, 2)
+    assert one["first_check_layer"] == 2 and one["pruning"]
+    assert not two["pruning"] and two["work_skipped"] == 0.0 and two["pruning_steps"] == []
+    assert [(x.index, x.score) for x in off] == [(x.index, x.score) for x in unpruned]
+    assert (four["threshold"], four["min_depth"], four["clusters"]) == (0.0, 1, 3) and four["dropped"] > 0
+    with edgerank.Reranker(art, threshold=0.0, min_depth=1, clusters=4) as r:  # options beat by_k, "off" too
+        mine1, mine2 = (r.rank(QUERY, DOCS, top_k=k).stats.extra for k in (1, 2))
+    assert (mine1["threshold"], mine1["min_depth"], mine1["clusters"]) == (0.0, 1, 4)
+    assert mine2["pruning"] and mine2["clusters"] == 4
+
+
+@pytest.mark.parametrize("by_k", [[1, 2], {"ten": {}}, {"0": {}}, {"1": 0.3}])
+def test_a_manifest_whose_per_k_settings_are_malformed_is_refused(artifact, tmp_path, by_k):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["pruning"] = {"threshold": 0.3, "min_depth": 0.5, "by_k": by_k}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="pruning.by_k must map K"):
+        edgerank.Reranker(art)
+    manifest["pruning"]["by_k"] = {"1": {"threshold": -1}}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        edgerank.Reranker(art)
+
+
 def test_the_cluster_count_changes_what_is_sure():
     """With 2 clusters the top group of a 3-level spread is split off wider than with 3."""
     x = np.array([0.95, 0.9, 0.6, 0.55, 0.2, 0.15])
@@ -179,6 +222,13 @@ def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, 
     assert (chosen["threshold"], chosen["min_depth"], chosen["clusters"]) == \
         (best["threshold"], best["min_depth"], best["clusters"])
     assert chosen["queries"] == 2 and chosen["k"] == 3 and best["precision"] == 1.0
+    other = grid["best_other_k"]["1"]  # --also-k 1: its own setting, for calls with K = 1
+    assert set(chosen["by_k"]) == {"1", "3"}
+    if other is None:
+        assert chosen["by_k"]["1"] == {"off": True}
+    else:
+        assert [chosen["by_k"]["1"][x] for x in ("threshold", "min_depth", "clusters", "precision")] == \
+            [other[x] for x in ("threshold", "min_depth", "clusters", "precision")]
     out = capsys.readouterr().out
     assert f"clusters={best['clusters']}" in out and f"{len(grid['grid'])} settings tried" in out
     assert (tmp_path / "grid.npz").is_file()

@@ -93,21 +93,19 @@ class LayerwiseBackend:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
             raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
-        # knobs: the call's options, else the artifact's calibrated values, else the defaults
+        # knobs: the call's options, else the artifact's calibrated values for the call's K
+        # (``pruning.by_k``), else its main calibrated values, else the defaults
         calibrated = self.artifact.manifest.get("pruning") or {}
-        policy = PruningPolicy(enabled=bool(pruning), exact_order=exact_order)
-        for knob, given in (("threshold", threshold), ("min_depth", min_depth)):
-            value = given if given is not None else calibrated.get(knob)
-            if value is not None:
-                if not (is_number(value) and 0 <= value < float("inf")):
-                    raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
-                setattr(policy, knob, float(value))
-        value = clusters if clusters is not None else calibrated.get("clusters")
-        if value is not None:
-            if not is_int(value) or value < 2:
-                raise ValueError(f"clusters must be an int >= 2 (one cluster can prune nothing; got {value!r})")
-            policy.clusters = int(value)
-        self.policy = policy
+        given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters}
+        self.policy = _policy(given, calibrated, bool(pruning), exact_order)
+        by_k = calibrated.get("by_k") or {}
+        if not isinstance(by_k, dict) or not all(is_int(_as_int(k)) and _as_int(k) >= 1 and isinstance(v, dict)
+                                                  for k, v in by_k.items()):
+            raise ValueError(f"{self.artifact.path}/manifest.json: pruning.by_k must map K (a positive int) "
+                             f"to a setting (got {by_k!r})")
+        self._policy_by_k = {_as_int(k): _policy(given, {**calibrated, **v}, bool(pruning) and not (
+                                                     v.get("off") and given == dict.fromkeys(given)),
+                                                 exact_order) for k, v in by_k.items()}
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
         self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
@@ -115,6 +113,12 @@ class LayerwiseBackend:
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
+
+    def policy_for(self, k: int) -> PruningPolicy:
+        """The pruning policy a call for the top ``k`` runs: the setting calibrated for that
+        K if the manifest has one, else the artifact's main setting (options given to the
+        constructor override both)."""
+        return self._policy_by_k.get(int(k), self.policy)
 
     # ---- head: intermediate and final scores -------------------------------------------
 
@@ -160,7 +164,8 @@ class LayerwiseBackend:
         touched = len(set().union(*map(set, seqs), prefix)) / self.embed.vocab
 
         L = self.artifact.n_layers
-        run = PruningRun(self.policy, n, k, L)
+        policy = self.policy_for(k)
+        run = PruningRun(policy, n, k, L)
         computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query last)
         scores = np.zeros(n)
         provisional = np.zeros(n, dtype=bool)
@@ -178,7 +183,7 @@ class LayerwiseBackend:
                 live = run.live
                 d = run.check(layer, now)
                 scores[live], provisional[live] = now, True  # provisional until the last layer
-                stopped = live[d.dropped] if self.policy.exact_order else np.setdiff1d(live, run.computing())
+                stopped = live[d.dropped] if policy.exact_order else np.setdiff1d(live, run.computing())
                 if run.done:
                     stopped = live
                 for i in stopped:
@@ -214,8 +219,8 @@ class LayerwiseBackend:
         full_work = L * (int(lengths[:n].sum()) + prefix_len + (int(lengths[n]) if self.spec.kind == "bi-encoder" else 0))
         unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
         stats = {
-            "layers": L, "top_k": k, "pruning": self.policy.enabled, "threshold": self.policy.threshold,
-            "clusters": self.policy.clusters,
+            "layers": L, "top_k": k, "pruning": policy.enabled, "threshold": policy.threshold,
+            "min_depth": policy.min_depth, "clusters": policy.clusters,
             "first_check_layer": run.first if run.first <= L else None,
             "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
             "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[:n].sum()),
@@ -296,3 +301,26 @@ class LayerwiseBackend:
 
     def close(self) -> None:
         self.layers.close()
+
+
+def _as_int(text: object) -> object:
+    """A JSON object key as an int (``"10"`` -> 10); anything else unchanged."""
+    return int(text) if isinstance(text, str) and text.isdigit() else text
+
+
+def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool) -> PruningPolicy:
+    """The policy from the call's knobs (``given``, None where not given), else the
+    calibrated ones, else the defaults; a bad value from either is a ValueError."""
+    policy = PruningPolicy(enabled=enabled, exact_order=exact_order)
+    for knob in ("threshold", "min_depth"):
+        value = given[knob] if given[knob] is not None else calibrated.get(knob)
+        if value is not None:
+            if not (is_number(value) and 0 <= value < float("inf")):
+                raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
+            setattr(policy, knob, float(value))
+    value = given["clusters"] if given["clusters"] is not None else calibrated.get("clusters")
+    if value is not None:
+        if not is_int(value) or value < 2:
+            raise ValueError(f"clusters must be an int >= 2 (one cluster can prune nothing; got {value!r})")
+        policy.clusters = int(value)
+    return policy
