@@ -129,7 +129,7 @@ def test_a_setting_calibrated_for_a_k_is_used_by_calls_for_that_k(artifact, tmp_
 
 
 @pytest.mark.parametrize("by_k", [[1, 2], {"ten": {}}, {"0": {}}, {"1": 0.3}])
-def test_a_manifest_whose_per_k_settings_are_malformed_is_refused(artifact, tmp_path, by_k):
+def test_a_manifest_whose_calibrated_settings_are_malformed_is_refused(artifact, tmp_path, by_k):
     import shutil
 
     art = tmp_path / "art"
@@ -137,12 +137,18 @@ def test_a_manifest_whose_per_k_settings_are_malformed_is_refused(artifact, tmp_
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["pruning"] = {"threshold": 0.3, "min_depth": 0.5, "by_k": by_k}
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="pruning.by_k must map K"):
+    with pytest.raises(ValueError, match="manifest.json: pruning: by_k must map K"):
         edgerank.Reranker(art)
     manifest["pruning"]["by_k"] = {"1": {"threshold": -1}}
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match="manifest.json: pruning: by_k: 1: threshold must be a number >= 0"):
         edgerank.Reranker(art)
+    manifest["pruning"] = {"clusters": 1}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest.json: pruning: clusters must be an int >= 2"):
+        edgerank.Reranker(art)
+    with edgerank.Reranker(art, clusters=2) as r:  # an option replaces the manifest's bad value
+        assert r._backend.policy.clusters == 2
 
 
 def test_the_cluster_count_changes_what_is_sure():

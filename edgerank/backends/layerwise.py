@@ -97,15 +97,15 @@ class LayerwiseBackend:
         # (``pruning.by_k``), else its main calibrated values, else the defaults
         calibrated = self.artifact.manifest.get("pruning") or {}
         given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters}
-        self.policy = _policy(given, calibrated, bool(pruning), exact_order)
+        where = f"{self.artifact.path / 'manifest.json'}: pruning: "
+        self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
         by_k = calibrated.get("by_k") or {}
         if not isinstance(by_k, dict) or not all(is_int(_as_int(k)) and _as_int(k) >= 1 and isinstance(v, dict)
                                                   for k, v in by_k.items()):
-            raise ValueError(f"{self.artifact.path}/manifest.json: pruning.by_k must map K (a positive int) "
-                             f"to a setting (got {by_k!r})")
+            raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
         self._policy_by_k = {_as_int(k): _policy(given, {**calibrated, **v}, bool(pruning) and not (
                                                      v.get("off") and given == dict.fromkeys(given)),
-                                                 exact_order) for k, v in by_k.items()}
+                                                 exact_order, f"{where}by_k: {k}: ") for k, v in by_k.items()}
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
         self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
@@ -308,19 +308,21 @@ def _as_int(text: object) -> object:
     return int(text) if isinstance(text, str) and text.isdigit() else text
 
 
-def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool) -> PruningPolicy:
+def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, where: str = "") -> PruningPolicy:
     """The policy from the call's knobs (``given``, None where not given), else the
-    calibrated ones, else the defaults; a bad value from either is a ValueError."""
+    calibrated ones (read from ``where``), else the defaults; a bad value is a ValueError."""
     policy = PruningPolicy(enabled=enabled, exact_order=exact_order)
-    for knob in ("threshold", "min_depth"):
-        value = given[knob] if given[knob] is not None else calibrated.get(knob)
-        if value is not None:
+    for knob in ("threshold", "min_depth", "clusters"):
+        value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
+        if value is None:
+            continue
+        if knob == "clusters":
+            if not is_int(value) or value < 2:
+                raise ValueError(f"{source}clusters must be an int >= 2 (one cluster can prune nothing; "
+                                 f"got {value!r})")
+            policy.clusters = int(value)
+        else:
             if not (is_number(value) and 0 <= value < float("inf")):
-                raise ValueError(f"{knob} must be a number >= 0 (got {value!r})")
+                raise ValueError(f"{source}{knob} must be a number >= 0 (got {value!r})")
             setattr(policy, knob, float(value))
-    value = given["clusters"] if given["clusters"] is not None else calibrated.get("clusters")
-    if value is not None:
-        if not is_int(value) or value < 2:
-            raise ValueError(f"clusters must be an int >= 2 (one cluster can prune nothing; got {value!r})")
-        policy.clusters = int(value)
     return policy
