@@ -99,13 +99,8 @@ class LayerwiseBackend:
         given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters}
         where = f"{self.artifact.path / 'manifest.json'}: pruning: "
         self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
-        by_k = calibrated.get("by_k") or {}
-        if not isinstance(by_k, dict) or not all(is_int(_as_int(k)) and _as_int(k) >= 1 and isinstance(v, dict)
-                                                  for k, v in by_k.items()):
-            raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
-        self._policy_by_k = {_as_int(k): _policy(given, {**calibrated, **v}, bool(pruning) and not (
-                                                     v.get("off") and given == dict.fromkeys(given)),
-                                                 exact_order, f"{where}by_k: {k}: ") for k, v in by_k.items()}
+        self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
+                                            exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
         self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
@@ -303,11 +298,6 @@ class LayerwiseBackend:
         self.layers.close()
 
 
-def _as_int(text: object) -> object:
-    """A JSON object key as an int (``"10"`` -> 10); anything else unchanged."""
-    return int(text) if isinstance(text, str) and text.isdigit() else text
-
-
 def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, where: str = "") -> PruningPolicy:
     """The policy from the call's knobs (``given``, None where not given), else the
     calibrated ones (read from ``where``), else the defaults; a bad value is a ValueError."""
@@ -326,3 +316,22 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
                 raise ValueError(f"{source}{knob} must be a number >= 0 (got {value!r})")
             setattr(policy, knob, float(value))
     return policy
+
+
+def _per_k_policies(by_k: object, given: dict, calibrated: dict, enabled: bool, exact_order: bool,
+                    where: str) -> dict[int, PruningPolicy]:
+    """A policy per K of the manifest's ``pruning.by_k``. An entry's knobs stand in for the
+    main calibrated ones; ``{"off": true}`` turns pruning off for that K, unless the caller
+    chose knobs of their own."""
+    if not isinstance(by_k, dict):
+        raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+    chose_knobs = any(v is not None for v in given.values())
+    policies = {}
+    for key, entry in by_k.items():
+        k = int(key) if isinstance(key, str) and key.isdigit() else 0
+        if k < 1 or not isinstance(entry, dict):
+            raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+        off = bool(entry.get("off")) and not chose_knobs
+        policies[k] = _policy(given, {**calibrated, **entry}, enabled and not off, exact_order,
+                              f"{where}by_k: {key}: ")
+    return policies
