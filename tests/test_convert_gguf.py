@@ -18,23 +18,45 @@ from tests.test_parity_transformers import reference_decoder_scores, qwen3_promp
 def llama_rank_pooling_p_yes(gguf_path, prompts: list[str]) -> list[float]:
     """p(yes) as llama.cpp's own rank pooling computes it (independent of edgerank's backend).
 
-    With two classifier labels llama.cpp returns their softmax, [p(yes), p(no)]."""
-    import llama_cpp
+    With two classifier labels llama.cpp returns their softmax, [p(yes), p(no)]. Straight
+    C API calls, one prompt per decode; weights are kept out of llama.cpp's AMX buffers
+    where those crash (edgerank/backends/llamacpp.py)."""
+    import llama_cpp as L
 
-    llm = llama_cpp.Llama(str(gguf_path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK,
-                          n_ctx=512, verbose=False)
+    from edgerank.backends.llamacpp import extra_buffers_are_safe
+
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    mparams.use_extra_bufts = extra_buffers_are_safe(L.llama_print_system_info().decode())
+    model = L.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = 512
+    cparams.embeddings = True
+    cparams.pooling_type = L.LLAMA_POOLING_TYPE_RANK
+    ctx = L.llama_init_from_model(model, cparams)
+    vocab = L.llama_model_get_vocab(model)
+    batch = L.llama_batch_init(512, 0, 1)
     out = []
-    for prompt in prompts:
-        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        llm._ctx.kv_cache_clear()
-        llm._batch.reset()
-        llm._batch.add_sequence(tokens, 0, False)
-        llm._ctx.decode(llm._batch)
-        n_out = llama_cpp.llama_model_n_cls_out(llm._model.model)
-        ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
-        assert n_out == 2 and abs(ptr[0] + ptr[1] - 1) < 1e-5
-        out.append(float(ptr[0]))
-    llm.close()
+    try:
+        assert L.llama_model_n_cls_out(model) == 2
+        for prompt in prompts:
+            raw = prompt.encode()
+            ids = (L.llama_token * 512)()
+            n = L.llama_tokenize(vocab, raw, len(raw), ids, 512, False, True)
+            assert 0 < n <= 512
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = ids[i], i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, True
+            batch.n_tokens = n
+            assert L.llama_decode(ctx, batch) == 0
+            ptr = L.llama_get_embeddings_seq(ctx, 0)
+            assert abs(ptr[0] + ptr[1] - 1) < 1e-5
+            out.append(float(ptr[0]))
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
     return out
 
 

@@ -70,3 +70,29 @@ def test_rank_on_llamacpp_never_imports_torch(smollm2_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False, "n": 2}
+
+
+def test_extra_buffers_are_kept_off_where_llama_cpp_would_use_its_amx_kernels():
+    """llama.cpp's AMX matmul crashed on the first decode here (backend module docstring)."""
+    from edgerank.backends.llamacpp import extra_buffers_are_safe
+
+    amx = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    assert not extra_buffers_are_safe(amx)
+    assert extra_buffers_are_safe(amx.replace("AMX_INT8 = 1 | ", ""))
+    assert extra_buffers_are_safe("CPU : NEON = 1 | ARM_FMA = 1 | REPACK = 1 | ")
+
+
+def test_the_extra_buffer_choice_reaches_llama_cpp_and_can_be_overridden(smollm2_path):
+    import llama_cpp
+
+    from edgerank.backends.llamacpp import extra_buffers_are_safe
+
+    safe = extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode())
+    docs = ["Vaccines train the immune system.", "The market fell."]
+    with edgerank.Reranker(smollm2_path, backend="llamacpp") as r:
+        assert r._backend.extra_buffers is safe
+        default = r.score("how do vaccines work", docs)
+    with edgerank.Reranker(smollm2_path, backend="llamacpp", extra_buffers=False) as r:
+        assert r._backend.extra_buffers is False
+        plain = r.score("how do vaccines work", docs)
+    assert default == pytest.approx(plain, abs=2e-3)  # repacked or not, the same model

@@ -11,6 +11,14 @@ scores, and attention costs the sum of each sequence's squared length, not the s
 of their total. Flash attention is off by default: on the CPU it accumulates in fp16
 and made a candidate's score depend on what else shared its decode (0.826 vs 0.833);
 without it, batched and one-at-a-time scores are identical.
+
+On a CPU with AMX (Intel Sapphire Rapids and later), llama.cpp repacks quantized weights
+into its AMX buffer type, and its AMX matmul crashed the process (SIGSEGV) on the first
+decode for every quantized type tried here (Q4_0, Q4_1, Q8_0, Q4_K), although the CPU's
+AMX instructions themselves work (upstream: ggml-org/llama.cpp#20824). So by default the
+backend turns llama.cpp's extra buffer types off where its build reports ``AMX_INT8 = 1``,
+and leaves them on (weight repacking for AVX2/AVX-512) everywhere else; ``extra_buffers=``
+overrides the choice.
 """
 
 from __future__ import annotations
@@ -34,11 +42,18 @@ def _silence_llama_logs(llama_cpp) -> None:
         llama_cpp.llama_log_set(_SILENT, ctypes.c_void_p(0))
 
 
+def extra_buffers_are_safe(system_info: str) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types, given its
+    ``llama_print_system_info()``: not where it would pick its AMX kernels (module doc)."""
+    return "AMX_INT8 = 1" not in system_info
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, source: ModelSource, n_threads: int | None = None,
-                 batch_tokens: int = 2048, max_sequences: int = 16, flash_attn: bool = False) -> None:
+                 batch_tokens: int = 2048, max_sequences: int = 16, flash_attn: bool = False,
+                 extra_buffers: bool | None = None) -> None:
         if source.kind != "gguf":
             raise BackendUnavailableError(
                 f"backend 'llamacpp' runs GGUF files; {source.path} is a {source.kind} model "
@@ -60,6 +75,10 @@ class LlamaCppBackend:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        if extra_buffers is None:
+            extra_buffers = extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode(errors="replace"))
+        mparams.use_extra_bufts = bool(extra_buffers)
+        self.extra_buffers = bool(extra_buffers)
         self._model = llama_cpp.llama_model_load_from_file(str(source.path).encode(), mparams)
         if not self._model:
             raise ModelFormatError(f"llama.cpp could not load {source.path}")
