@@ -1,7 +1,8 @@
 """The public surface: ``rank()``, ``Reranker``, ``RankResult`` and per-call ``CallStats``.
 
 Data flow of one call: validate input -> ``tokenization.encode_pairs`` (template and
-truncation from the model spec) -> ``backend.score`` -> sort -> ``Ranking``.
+truncation from the model spec) -> ``tokenization.distinct`` (identical candidates once)
+-> ``backend.score`` -> sort -> ``Ranking``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edgerank.backends import default_backend, load_backend
 from edgerank.errors import is_int
 from edgerank.memory import PeakRSS
 from edgerank.sources import ModelSource, check_max_length, resolve
-from edgerank.tokenization import encode_pairs
+from edgerank.tokenization import distinct, encode_pairs
 from models.specs import SPECS
 
 
@@ -39,7 +40,8 @@ class CallStats:
     backend: str
     model: str
     candidates: int = 0
-    tokens: int = 0  # tokens scored, all sequences together
+    duplicates: int = 0  # candidates identical to an earlier one: scored once, same score
+    tokens: int = 0  # tokens scored, all distinct sequences together
     prefix_tokens: int = 0  # tokens of the shared template+query prefix, per candidate
     truncated: list[int] = field(default_factory=list)  # indices of truncated documents
     wall_s: float = 0.0
@@ -134,22 +136,27 @@ class Reranker:
             t0 = time.perf_counter()
             batch = encode_pairs(self.spec, self._backend.tokenizer, query, documents,
                                  instruction or self.instruction, self.max_length)
+            unique, copy_of = distinct(batch)
             t1 = time.perf_counter()
             if getattr(self._backend, "prunes", False):
-                out = self._backend.score(batch, top_k=top_k)
+                out = self._backend.score(unique, top_k=top_k)
                 scores, tier, provisional = out.values, out.tier, out.provisional
                 stats.extra = out.stats
             else:
-                scores = self._backend.score(batch)
-                tier = np.zeros(len(documents), dtype=np.int64)
-                provisional = np.zeros(len(documents), dtype=bool)
+                scores = self._backend.score(unique)
+                tier = np.zeros(len(unique.sequences), dtype=np.int64)
+                provisional = np.zeros(len(unique.sequences), dtype=bool)
             scores = np.asarray(scores, dtype=np.float64)
             t2 = time.perf_counter()
-        if scores.shape != (len(documents),) or not np.all(np.isfinite(scores)):
+        if scores.shape != (len(unique.sequences),) or not np.all(np.isfinite(scores)):
             raise RuntimeError(f"backend {self.backend_name!r} returned invalid scores {scores!r}")
+        # every copy of a candidate takes its one score; a top-K of the distinct candidates
+        # holds every candidate of the top-K of all, so pruning stays safe
+        scores, tier, provisional = scores[copy_of], np.asarray(tier)[copy_of], np.asarray(provisional)[copy_of]
         # pruned candidates (tier > 0) rank below the top-K whatever their provisional score
         order = np.lexsort((-scores, tier))[: top_k or len(documents)]
-        stats.tokens, stats.prefix_tokens, stats.truncated = batch.n_tokens, batch.prefix_len, batch.truncated
+        stats.tokens, stats.prefix_tokens, stats.truncated = unique.n_tokens, batch.prefix_len, batch.truncated
+        stats.duplicates = len(documents) - len(unique.sequences)
         stats.encode_s, stats.score_s, stats.wall_s = t1 - t0, t2 - t1, t2 - t0
         stats.peak_rss_mb, stats.rss_delta_mb = mem.peak_mb, mem.delta_mb
         self.last_stats = stats

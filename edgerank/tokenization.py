@@ -8,7 +8,7 @@ token is an error. Truncated documents are reported by index.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -133,6 +133,36 @@ class EncodedBatch:
     @property
     def n_tokens(self) -> int:
         return sum(map(len, self.sequences)) + len(self.query or ())
+
+
+def distinct(batch: EncodedBatch) -> tuple[EncodedBatch, list[int]]:
+    """The batch with each distinct candidate once, and for every candidate the index of
+    its copy in it.
+
+    Identical documents (after truncation) are one model input, so they are scored once
+    and share one score exactly. Scoring each copy would not guarantee that: on AVX-512
+    CPUs the matmul kernels of ONNX Runtime and torch give a row a result that depends on
+    its position in the batch, in the 8th digit, and equal documents then tied in no
+    particular order.
+    """
+    first: dict[tuple, int] = {}
+    copy_of: list[int] = []
+    keep: list[int] = []
+    for i, seq in enumerate(batch.sequences):
+        key = (tuple(seq), tuple(batch.type_ids[i]) if batch.type_ids is not None else ())
+        j = first.setdefault(key, len(keep))
+        if j == len(keep):
+            keep.append(i)
+        copy_of.append(j)
+    if len(keep) == len(batch.sequences):
+        return batch, copy_of
+    kept = set(keep)
+    return replace(
+        batch,
+        sequences=[batch.sequences[i] for i in keep],
+        type_ids=None if batch.type_ids is None else [batch.type_ids[i] for i in keep],
+        truncated=[copy_of[i] for i in batch.truncated if i in kept],
+    ), copy_of
 
 
 def encode_pairs(

@@ -292,3 +292,30 @@ def test_a_max_length_beyond_an_encoders_position_table_is_an_error(tiny_cross_e
         with edgerank.Reranker(model, backend=backend, max_length=positions) as r:
             ranking = r.rank("q", ["word " * (4 * positions), "short"])
         assert ranking.stats.truncated == [0]
+
+
+def test_identical_documents_are_scored_once_and_counted(reranker):
+    docs = ["the immune system", "the stock market", "the immune system", "a river city", "the immune system"]
+    ranking = reranker.rank("q", docs)
+    distinct = reranker.rank("q", ["the immune system", "the stock market", "a river city"])
+    assert ranking.stats.duplicates == 2 and distinct.stats.duplicates == 0
+    assert ranking.stats.tokens == distinct.stats.tokens  # the copies cost nothing
+    by_index = {r.index: r.score for r in ranking}
+    assert by_index[0] == by_index[2] == by_index[4]
+    copies = [r.index for r in ranking if r.index in (0, 2, 4)]
+    assert copies == [0, 2, 4]  # adjacent in the ranking, in input order
+    positions = [i for i, r in enumerate(ranking) if r.index in (0, 2, 4)]
+    assert positions == list(range(positions[0], positions[0] + 3))
+    expected = {d: r.score for d, r in zip(["the immune system", "the stock market", "a river city"],
+                                            sorted(distinct, key=lambda r: r.index))}
+    for r in ranking:
+        assert r.score == pytest.approx(expected[r.document], abs=1e-6)
+
+
+def test_documents_identical_only_after_truncation_share_one_score(reranker):
+    limit = reranker.spec.max_length
+    base = "the immune system " * limit
+    ranking = reranker.rank("q", [base + "ends one way", "short", base + "ends another way"])
+    assert ranking.stats.duplicates == 1 and ranking.stats.truncated == [0, 2]
+    scores = {r.index: r.score for r in ranking}
+    assert scores[0] == scores[2]
