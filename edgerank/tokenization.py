@@ -140,10 +140,10 @@ def distinct(batch: EncodedBatch) -> tuple[EncodedBatch, list[int]]:
     its copy in it.
 
     Identical documents (after truncation) are one model input, so they are scored once
-    and share one score exactly. Scoring each copy would not guarantee that: on AVX-512
-    CPUs the matmul kernels of ONNX Runtime and torch give a row a result that depends on
-    its position in the batch, in the 8th digit, and equal documents then tied in no
-    particular order.
+    and share one score exactly. Scoring each copy would not guarantee that: on an Intel
+    Sapphire Rapids VM, copies of one document in one batch came out of both torch and
+    ONNX Runtime with scores differing in the 8th digit, and so tied in no particular
+    order (an AMD EPYC VM gave them equal scores).
     """
     first: dict[tuple, int] = {}
     copy_of: list[int] = []
