@@ -49,7 +49,7 @@ class CallStats:
     score_s: float = 0.0
     peak_rss_mb: float = 0.0  # process peak during the call
     rss_delta_mb: float = 0.0  # peak above the RSS at the start of the call
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures, over the distinct candidates
 
 
 class Ranking(list):
