@@ -77,8 +77,7 @@ class LlamaCppBackend:
         mparams.n_gpu_layers = 0
         if extra_buffers is None:
             extra_buffers = extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode(errors="replace"))
-        mparams.use_extra_bufts = bool(extra_buffers)
-        self.extra_buffers = bool(extra_buffers)
+        self.extra_buffers = mparams.use_extra_bufts = bool(extra_buffers)
         self._model = llama_cpp.llama_model_load_from_file(str(source.path).encode(), mparams)
         if not self._model:
             raise ModelFormatError(f"llama.cpp could not load {source.path}")
