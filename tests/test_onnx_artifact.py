@@ -137,6 +137,29 @@ def test_layer_sessions_use_the_thread_count_and_block_instead_of_spinning(decod
     assert report["queries"] == 2 and set(report["median_s"]) == {"spin", "nospin"}
 
 
+def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(decoder_artifact, monkeypatch):
+    """The head's numpy matmuls between layers must not wake numpy's BLAS pool: its idle
+    workers spin and slow the next layer by a fifth (bench/RESULTS.md §10.4)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from models.specs import ScoreFormula
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    seen = []
+    apply = ScoreFormula.apply
+    monkeypatch.setattr(ScoreFormula, "apply", lambda self, x: seen.append(blas_threads()) or apply(self, x))
+    _, art = decoder_artifact
+    with threadpool_limits(limits=3, user_api="blas"), \
+            edgerank.Reranker(art, threshold=0.0, min_depth=0.1) as r:
+        assert blas_threads() == {3}
+        r.rank(QUERY, DOCS, top_k=1)
+        assert blas_threads() == {3}
+    assert r.last_stats.extra["pruning_steps"] and len(seen) > 1  # checks ran, then the final head
+    assert all(s == {1} for s in seen)
+
+
 def test_gguf_to_artifact_round_trip_scores_like_the_hf_model(tmp_path, bpe_tokenizer):
     src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer)  # llama: q/k rows permuted in GGUF
     gguf = tmp_path / "m.gguf"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
+from threadpoolctl import ThreadpoolController
 
 from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
@@ -36,6 +37,12 @@ from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
 from edgerank.streaming import LayerSessions
 from edgerank.tokenization import EncodedBatch, HFTokenizer
+
+# The head's matmuls are small numpy work between layers. Run on numpy's BLAS pool, they
+# leave its worker threads spinning for a while after each call, taking the cores from the
+# next layer's ONNX Runtime threads (a fifth slower per layer after a pruning check, bench/
+# RESULTS.md §10.4), so they run on one BLAS thread.
+_BLAS = ThreadpoolController()
 
 NEG = np.float32(-1e9)  # additive mask value: exp() of it is exactly 0 next to real scores
 
@@ -117,6 +124,7 @@ class LayerwiseBackend:
 
     # ---- head: intermediate and final scores -------------------------------------------
 
+    @_BLAS.wrap(limits=1, user_api="blas")
     def _head_scores(self, states: np.ndarray, query_state: np.ndarray | None = None) -> np.ndarray:
         """Scores from per-candidate states: the last token (decoders), [CLS] (cross-encoders)
         or the mean-pooled state (bi-encoders, against ``query_state``)."""
