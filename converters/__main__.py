@@ -11,6 +11,21 @@ from rich.table import Table
 from converters import FORMATS, OutputExistsError, convert
 from edgerank.errors import exits_on
 
+# Below this Spearman (artifact against its source, on the verification pairs) the artifact
+# ranks unlike the model it came from. Sound 4-bit conversions measure 0.83-1.00 here; a
+# full fine-tune of a 4-bit base converted to int4 measured 0.18 (bench/RESULTS.md §10.5).
+MIN_SPEARMAN = 0.8
+
+
+def fidelity_warning(report: dict, out: str) -> str | None:
+    """A one-line warning when a verified conversion does not rank like its source."""
+    rho = report.get("spearman")
+    if rho is None or rho >= MIN_SPEARMAN:
+        return None
+    return (f"warning: {out} was written, but it ranks unlike its source (Spearman {rho:.3f} over "
+            f"{report.get('pairs', '?')} pairs, below {MIN_SPEARMAN}). Quantization erased what the model "
+            f"learned, as when a fine-tune of a 4-bit base rounds back to it; try a wider --quant (int8, q8_0)")
+
 
 @exits_on(OutputExistsError, ValueError)
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in report.get("fallbacks", {}).items():
         table.add_row("fallback", f"{name}: {why}")
     console.print(table)
+    warning = fidelity_warning(report, args.out)
+    if warning:
+        print(warning, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -193,3 +193,26 @@ def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
         importlib.import_module(module).main(argv)
     assert e.value.code == 0
     assert not bare, f"{module}: options without help: {bare}"
+
+
+@pytest.mark.parametrize("rho, rc", [(0.176, 1), (0.79, 1), (0.8, 0), (0.99, 0)])
+def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkeypatch, tmp_path, capsys, rho, rc):
+    """The artifact stays written (the user may still want it), but the exit status and a
+    one-line warning say it does not rank like its source (bench/RESULTS.md §10.5: 0.176)."""
+    import converters.__main__ as cli
+
+    monkeypatch.setattr(cli, "convert", lambda *a, **k: {"pairs": 64, "spearman": rho})
+    assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o")]) == rc
+    err = capsys.readouterr().err.strip()
+    if rc:
+        assert err.startswith("warning: ") and "\n" not in err and f"{rho:.3f}" in err and "int8" in err
+    else:
+        assert err == ""
+
+
+def test_an_unverified_conversion_gives_no_fidelity_warning(monkeypatch, tmp_path, capsys):
+    import converters.__main__ as cli
+
+    monkeypatch.setattr(cli, "convert", lambda *a, **k: {"size_bytes": 1})
+    assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o"), "--no-verify"]) == 0
+    assert capsys.readouterr().err == ""
