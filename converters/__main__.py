@@ -23,7 +23,7 @@ def fidelity_warning(report: dict, out: str) -> str | None:
     if rho is None or rho >= MIN_SPEARMAN:
         return None
     return (f"warning: {out} was written, but it ranks unlike its source (Spearman {rho:.3f} over "
-            f"{report.get('pairs', '?')} pairs, below {MIN_SPEARMAN}). Quantization erased what the model "
+            f"{report['pairs']} pairs, below {MIN_SPEARMAN}). Quantization erased what the model "
             f"learned, as when a fine-tune of a 4-bit base rounds back to it; try a wider --quant (int8, q8_0)")
 
 

@@ -137,9 +137,11 @@ def test_layer_sessions_use_the_thread_count_and_block_instead_of_spinning(decod
     assert report["queries"] == 2 and set(report["median_s"]) == {"spin", "nospin"}
 
 
-def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(decoder_artifact, monkeypatch):
+def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(tiny_cross_encoder, tmp_path,
+                                                                           monkeypatch):
     """The head's numpy matmuls between layers must not wake numpy's BLAS pool: its idle
-    workers spin and slow the next layer by a fifth (bench/RESULTS.md §10.4)."""
+    workers spin and slow the next layer by a fifth (bench/RESULTS.md §10.4). A
+    cross-encoder's pooler is the head that woke it."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from models.specs import ScoreFormula
@@ -150,7 +152,7 @@ def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(deco
     seen = []
     apply = ScoreFormula.apply
     monkeypatch.setattr(ScoreFormula, "apply", lambda self, x: seen.append(blas_threads()) or apply(self, x))
-    _, art = decoder_artifact
+    art = to_artifact(tiny_cross_encoder, tmp_path / "ce")
     with threadpool_limits(limits=3, user_api="blas"), \
             edgerank.Reranker(art, threshold=0.0, min_depth=0.1) as r:
         assert blas_threads() == {3}
