@@ -1,5 +1,9 @@
 """LoRA adapters: attach them for training, store them small, merge them exactly.
 
+A full fine-tune becomes an adapter too (:func:`svd_update`): the best rank-r
+approximation of each projection's update, so its 4-bit artifact can keep the update
+beside the quantized base instead of rounding it away.
+
 An adapter file is a safetensors file with, per adapted linear layer ``NAME`` (its
 weight's key in the base model's state dict), ``NAME.lora_A`` ``[r, in]`` and
 ``NAME.lora_B`` ``[out, r]``, plus metadata ``{"r", "alpha", "base", "family"}``.
@@ -60,17 +64,50 @@ def save_adapter(module: torch.nn.Module, prefix: str, path: Path, r: int, alpha
                  base: str, family: str) -> None:
     """Write ``module``'s LoRA weights as an adapter file; ``prefix`` maps its names to the
     base model's state-dict keys (``"model."`` for a decoder inside ``*ForCausalLM``)."""
+    pairs = {}
+    for name, sub in module.named_modules():
+        if hasattr(sub, "lora_A") and "default" in getattr(sub, "lora_A", {}):
+            pairs[f"{prefix}{name}.weight"] = (sub.lora_A["default"].weight.detach().float().cpu().numpy(),
+                                               sub.lora_B["default"].weight.detach().float().cpu().numpy())
+    write_adapter(pairs, path, r, alpha, {"base": base, "family": family})
+
+
+def write_adapter(pairs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, r: int, alpha: int,
+                  metadata: dict[str, str]) -> None:
+    """Write ``{weight key: (A [r, in], B [out, r])}`` as an adapter file, atomically."""
     from safetensors.numpy import save_file
 
     tensors = {}
-    for name, sub in module.named_modules():
-        if hasattr(sub, "lora_A") and "default" in getattr(sub, "lora_A", {}):
-            key = f"{prefix}{name}.weight"
-            tensors[f"{key}.lora_A"] = sub.lora_A["default"].weight.detach().float().cpu().numpy()
-            tensors[f"{key}.lora_B"] = sub.lora_B["default"].weight.detach().float().cpu().numpy()
+    for key, (a, b) in pairs.items():
+        tensors[f"{key}.lora_A"] = np.ascontiguousarray(a, dtype=np.float32)
+        tensors[f"{key}.lora_B"] = np.ascontiguousarray(b, dtype=np.float32)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"r": str(r), "alpha": str(alpha), "base": base, "family": family})
+    save_file(tensors, str(tmp), metadata={"r": str(r), "alpha": str(alpha), **metadata})
     tmp.replace(path)
+
+
+def svd_update(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], rank: int,
+               targets: tuple[str, ...]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, float]:
+    """Each target projection's update ``tuned - base`` cut to its best rank-r approximation
+    (truncated SVD, Eckart-Young), as adapter pairs ``(A [r, in], B [out, r])`` with ``B @ A``
+    that approximation (so alpha = r, scale 1). r is ``rank``, or the smallest projection's
+    side where that is less. Returns the pairs, r, and the share of the updates' squared
+    Frobenius norm they keep. Other tensors (norms, embeddings) are not carried."""
+    svds = {}
+    for key in sorted(tuned):
+        if not (key.endswith(".weight") and key.rsplit(".", 2)[-2] in targets):
+            continue
+        if key not in base or base[key].shape != tuned[key].shape:
+            raise ValueError(f"{key} is not in the base model, or has another shape: wrong base?")
+        delta = tuned[key].detach().cpu().double().numpy() - base[key].detach().cpu().double().numpy()
+        svds[key] = np.linalg.svd(delta, full_matrices=False)
+    if not svds:
+        raise ValueError(f"no weight of the tuned model is one of the projections {', '.join(targets)}")
+    r = min(rank, *(len(s) for _, s, _ in svds.values()))
+    pairs = {key: (vt[:r], u[:, :r] * s[:r]) for key, (u, s, vt) in svds.items()}
+    total = sum(float(np.sum(s ** 2)) for _, s, _ in svds.values())
+    kept = sum(float(np.sum(s[:r] ** 2)) for _, s, _ in svds.values())
+    return pairs, r, (kept / total if total else 1.0)
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:

@@ -73,6 +73,9 @@ class TrainConfig:
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_upper: int | None = _opt(None, "LoRA on the last N layers only (0 or unset: all)")
+    svd_rank: int | None = _opt(None, "full fine-tuning of an LLM: write the update as its best rank-N "
+                                "approximation, an adapter beside the base weights, so that 4-bit "
+                                "artifacts keep it instead of rounding it away (unset: the dense model)")
     steps: int = _opt(1000, "optimizer steps")
     queries_per_step: int = _opt(8, "query groups per step")
     group_size: int = _opt(8, "candidates per query (the positive first, if any)")
@@ -96,6 +99,14 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.qlora and self.adapter != "lora":
             raise ValueError("qlora trains LoRA adapters: pass adapter='lora'")
+        if self.svd_rank is not None:
+            from models.specs import get_spec
+
+            if self.adapter != "full" or get_spec(self.family).kind != "decoder":
+                raise ValueError("svd_rank cuts a full fine-tune of an LLM (adapter='full', a decoder family) "
+                                 "to low rank; LoRA is low-rank already")
+            if not is_int(self.svd_rank) or self.svd_rank < 1:
+                raise ValueError(f"svd_rank must be an integer of at least 1, not {self.svd_rank!r}")
         for name in ("steps", "queries_per_step", "group_size", "grad_accum", "max_length",
                      "checkpoint_every", "lora_r"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
@@ -114,6 +125,18 @@ class TrainConfig:
             raise ValueError("layer_weight must be >= 0 and layer_min_depth within (0, 1)")
         if self.group_size < 2 and self.loss != "bce":
             raise ValueError(f"loss {self.loss!r} compares candidates: group_size must be at least 2")
+
+
+# Fields that shape only how the trained model is written, not the run: a checkpoint
+# resumes (or exports) under any value of them.
+EXPORT_FIELDS = ("svd_rank",)
+
+
+def _same_run(saved: dict, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's saved config is ``cfg``'s run (export-only fields aside)."""
+    def run(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in EXPORT_FIELDS}
+    return run(saved) == run(dataclasses.asdict(cfg))
 
 
 def _work_dir(out: Path) -> Path:
@@ -137,7 +160,7 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     state = None
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
+        if not _same_run(state["config"], cfg):
             raise ValueError(f"{work} holds an interrupted run with another config; delete it to start over")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -356,7 +379,7 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
                                     "(no checkpoint is left to export)")
         raise FileNotFoundError(f"no checkpoint of a run of {cfg.out} (looked for {ckpt})")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if state["config"] != dataclasses.asdict(cfg):
+    if not _same_run(state["config"], cfg):
         raise ValueError(f"{ckpt} is a run with another config than the one given")
     refuse_output_over_inputs(dest, cfg.data, cfg.base, work)
     if dest.exists() and not force:
@@ -395,6 +418,10 @@ def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extr
                      cfg.base, cfg.family)
         backend.close()
         digest = export_merged(cfg.base, cfg.family, adapter, staging)
+    elif cfg.svd_rank:
+        extra = {**(extra or {}), **_write_svd_adapter(cfg, backend, staging / ADAPTER_FILE)}
+        backend.close()
+        digest = export_merged(cfg.base, cfg.family, staging / ADAPTER_FILE, staging)
     else:
         digest = save_model(backend, cfg.family, staging)
     cost = {"steps": len(log), "train_seconds": round(log[-1]["elapsed_s"], 1) if log else 0.0,
@@ -406,6 +433,22 @@ def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extr
         for row in log:
             f.write(json.dumps(row) + "\n")
     _plot_loss(log, staging / "loss.png", Path(cfg.out).name)
+
+
+def _write_svd_adapter(cfg: TrainConfig, backend, path: Path) -> dict:
+    """A full fine-tune's projection updates at rank ``cfg.svd_rank``, as an adapter file."""
+    from edgerank.adapters import DECODER_TARGETS, svd_update, write_adapter
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+
+    base = ReferenceBackend(resolve(cfg.base, family=cfg.family), device="cpu")
+    try:
+        pairs, r, kept = svd_update(base.full_model.state_dict(), backend.full_model.state_dict(),
+                                    cfg.svd_rank, DECODER_TARGETS)
+    finally:
+        base.close()
+    write_adapter(pairs, path, r, r, {"base": cfg.base, "family": cfg.family, "made_by": "svd of a full fine-tune"})
+    return {"svd_rank": r, "svd_update_energy_kept": round(kept, 4)}
 
 
 def save_model(backend, family: str, folder: Path, extra: dict | None = None) -> str:

@@ -622,3 +622,84 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="has finished: that folder is its model"):
         export_checkpoint(TrainConfig(**args), tmp_path / "late")
+
+
+# ---------------------------------------------------------------- a full fine-tune, cut to low rank
+
+def test_svd_update_keeps_the_best_rank_r_part_of_each_update():
+    """A known update ``U diag(s) V^T`` (orthonormal U, V; s = 5, 3, 1, 0.5): rank 2 keeps
+    exactly ``5 u1 v1^T + 3 u2 v2^T`` and (25 + 9) / 35.25 of the energy; a tensor that is
+    not a projection (a norm) is not carried; a wrong base is refused."""
+    from edgerank.adapters import DECODER_TARGETS, svd_update
+
+    g = np.random.default_rng(0)
+    u, _ = np.linalg.qr(g.normal(size=(8, 4)))
+    v, _ = np.linalg.qr(g.normal(size=(6, 4)))
+    s = np.array([5.0, 3.0, 1.0, 0.5])
+    key, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"
+    base = {key: torch.from_numpy(g.normal(size=(8, 6))), norm: torch.ones(6, dtype=torch.float64)}
+    tuned = {key: base[key] + torch.from_numpy((u * s) @ v.T), norm: torch.full((6,), 1.5, dtype=torch.float64)}
+    pairs, r, kept = svd_update(base, tuned, 2, DECODER_TARGETS)
+    assert r == 2 and list(pairs) == [key]
+    a, b = pairs[key]
+    assert a.shape == (2, 6) and b.shape == (8, 2)
+    np.testing.assert_allclose(b @ a, (u[:, :2] * s[:2]) @ v[:, :2].T, atol=1e-12)
+    assert kept == pytest.approx(34 / 35.25, abs=1e-12)
+    pairs, r, kept = svd_update(base, tuned, 50, DECODER_TARGETS)  # r is capped at the smallest side
+    assert r == 6 and kept == pytest.approx(1.0)
+    np.testing.assert_allclose(pairs[key][1] @ pairs[key][0], (u * s) @ v.T, atol=1e-12)
+    with pytest.raises(ValueError, match="wrong base"):
+        svd_update({key: torch.zeros(6, 8)}, tuned, 2, DECODER_TARGETS)
+
+
+def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe_tokenizer):
+    """``svd_rank`` writes a full fine-tune as the base plus its update's rank-r adapter, the
+    layout a LoRA run leaves (so the 4-bit converters keep the update unmerged). At full rank
+    the projections are the trained ones; the merge is base + B @ A exactly. It is an export
+    option: a run checkpointed without it exports and resumes with it."""
+    from edgerank.adapters import merge_lora, read_adapter, state_digest
+    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.sources import resolve
+    from edgerank.train import export_checkpoint
+
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    args = dict(base=str(base), family="qwen3-reranker", data=str(data), out=str(tmp_path / "out"), loss="kl",
+                teacher_temperature=0.2, adapter="full", steps=4, queries_per_step=len(TOPICS), lr=1e-3,
+                warmup=0.0, checkpoint_every=2, device="cpu")
+    assert train(TrainConfig(**args), progress=False, stop_after=2) is None
+    trained = torch.load(tmp_path / ".out.partial" / "checkpoint.pt", weights_only=False)["trainable"]
+    base_state = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu").full_model.state_dict()
+
+    full = export_checkpoint(TrainConfig(**args, svd_rank=10_000), tmp_path / "full")
+    low = export_checkpoint(TrainConfig(**args, svd_rank=1), tmp_path / "low")
+    for folder, rank in ((full, None), (low, 1)):
+        pairs, meta = read_adapter(folder / "adapter.safetensors")
+        assert meta["made_by"] == "svd of a full fine-tune" and meta["r"] == meta["alpha"]
+        assert rank is None or int(meta["r"]) == rank
+        assert {k.rsplit(".", 2)[-2] for k in pairs} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"}
+        state = ReferenceBackend(resolve(str(folder)), device="cpu").full_model.state_dict()
+        assert state_digest(state) == state_digest(merge_lora(base_state, folder / "adapter.safetensors"))
+        cost = json.loads((folder / "train_config.json").read_text())["cost"]
+        assert cost["svd_rank"] == int(meta["r"]) and cost["checkpoint_step"] == 2
+    moved = [k for k in trained if k.endswith("proj.weight")]
+    assert moved
+    cost_low = json.loads((low / "train_config.json").read_text())["cost"]
+    assert cost_low["svd_update_energy_kept"] < 0.99
+    full_state = ReferenceBackend(resolve(str(full)), device="cpu").full_model.state_dict()
+    r_full = int(read_adapter(full / "adapter.safetensors")[1]["r"])  # capped at the smallest side of all
+    exact = [name for name in moved if min(trained[name].shape) <= r_full]
+    assert exact
+    for name in exact:  # where r reaches a projection's smaller side, it is the trained one
+        key = "model." + name if "model." + name in full_state else name
+        torch.testing.assert_close(full_state[key], trained[name], atol=1e-6, rtol=0)
+    norm = next(k for k in trained if k.endswith("input_layernorm.weight"))
+    key = "model." + norm if "model." + norm in full_state else norm
+    assert not torch.equal(trained[norm], base_state[key])  # training moved the norm ...
+    assert torch.equal(full_state[key], base_state[key])  # ... and the export leaves it at the base
+    assert train(TrainConfig(**args, svd_rank=1), progress=False) == tmp_path / "out"
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+    with pytest.raises(ValueError, match="svd_rank"):
+        TrainConfig(**{**args, "adapter": "lora"}, svd_rank=4).validate()
