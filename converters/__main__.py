@@ -24,7 +24,8 @@ def fidelity_warning(report: dict, out: str) -> str | None:
         return None
     return (f"warning: {out} was written, but it ranks unlike its source (Spearman {rho:.3f} over "
             f"{report['pairs']} pairs, below {MIN_SPEARMAN}). Quantization erased what the model "
-            f"learned, as when a fine-tune of a 4-bit base rounds back to it; try a wider --quant (int8, q8_0)")
+            f"learned, as when a full fine-tune of a 4-bit base rounds back to it; train it with --svd-rank "
+            f"(python -m edgerank.train), or try a wider --quant (int8, q8_0)")
 
 
 @exits_on(OutputExistsError, ValueError)
