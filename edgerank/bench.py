@@ -54,7 +54,13 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
 
     source = resolve(model)
     out: dict[str, dict] = {}
-    if any(c.startswith(("onnx", "edgerank")) for c in configs):
+    if source.kind == "artifact":  # an artifact (calibrated, say) runs as it is; it has no fp32 or GGUF form
+        other = [c for c in configs if c in ("fp32-reference", "llamacpp-q4")]
+        if other:
+            raise ValueError(f"{model} is an edgerank artifact: {', '.join(other)} need the HF folder or GGUF it "
+                             f"came from; run the artifact with --configs onnx-int4-full,edgerank,edgerank-lowmem")
+        artifact = source.path
+    elif any(c.startswith(("onnx", "edgerank")) for c in configs):
         artifact = cached_artifact(model, "int4", progress)
     for c in configs:
         if c == "fp32-reference":

@@ -116,6 +116,14 @@ def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_
     assert by["onnx-int4-full"]["work_skipped"] == 0.0
     assert by["edgerank"]["work_skipped"] > 0.1
     assert by["edgerank"]["computed_fraction_per_layer"][-1] < 1.0
+    # the artifact itself (calibrated in place, say) benches as it is, with the same result
+    direct = bench.run_bench(str(artifact), ["onnx-int4-full", "edgerank"], queries, top_k=2, subset={},
+                             lowmem_mb=None, progress=False)
+    for row in direct["configs"]:
+        assert row["work_skipped"] == by[row["name"]]["work_skipped"]
+        assert row["ndcg@10"] == by[row["name"]]["ndcg@10"]
+    with pytest.raises(ValueError, match="edgerank artifact: fp32-reference need"):
+        bench.prepare(str(artifact), ["edgerank", "fp32-reference"], progress=False)
 
 
 def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, bpe_tokenizer, wordpiece_tokenizer,
