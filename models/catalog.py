@@ -124,7 +124,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             name="edgerank-smollm2-rerank",
             family="qwen3-reranker",
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
-            description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct + LoRA r16 (top 10 layers)",
+            description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct fully fine-tuned, "
+                        "kept as the base + a rank-32 SVD adapter",
             made_by="edgerank recipe edgerank-smollm2-rerank (trained locally)",
             wheels=(), files=(), entry="", size_bytes=548_200_000,
             base="smollm2-135m",
