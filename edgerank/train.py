@@ -132,10 +132,15 @@ class TrainConfig:
 EXPORT_FIELDS = ("svd_rank",)
 
 
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_upper")  # unused by a full fine-tune
+
+
 def _same_run(saved: dict, cfg: TrainConfig) -> bool:
-    """Whether a checkpoint's saved config is ``cfg``'s run (export-only fields aside)."""
+    """Whether a checkpoint's saved config is ``cfg``'s run (export-only fields aside, and
+    the LoRA fields of a full fine-tune, which it never reads)."""
     def run(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in EXPORT_FIELDS}
+        unused = EXPORT_FIELDS + (LORA_FIELDS if d.get("adapter") == "full" else ())
+        return {k: v for k, v in d.items() if k not in unused}
     return run(saved) == run(dataclasses.asdict(cfg))
 
 

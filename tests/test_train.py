@@ -672,7 +672,7 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
     trained = torch.load(tmp_path / ".out.partial" / "checkpoint.pt", weights_only=False)["trainable"]
     base_state = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu").full_model.state_dict()
 
-    full = export_checkpoint(TrainConfig(**args, svd_rank=10_000), tmp_path / "full")
+    full = export_checkpoint(TrainConfig(**args, svd_rank=10_000, lora_upper=1), tmp_path / "full")  # LoRA: unused
     low = export_checkpoint(TrainConfig(**args, svd_rank=1), tmp_path / "low")
     for folder, rank in ((full, None), (low, 1)):
         pairs, meta = read_adapter(folder / "adapter.safetensors")
