@@ -424,9 +424,13 @@ def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extr
         backend.close()
         digest = export_merged(cfg.base, cfg.family, adapter, staging)
     elif cfg.svd_rank:
-        extra = {**(extra or {}), **_write_svd_adapter(cfg, backend, staging / ADAPTER_FILE)}
+        from edgerank.backends.reference import ReferenceBackend
+        from edgerank.sources import resolve
+
+        base = ReferenceBackend(resolve(cfg.base, family=cfg.family), device="cpu")  # loaded once: cut, then merged
+        extra = {**(extra or {}), **_write_svd_adapter(cfg, base, backend, staging / ADAPTER_FILE)}
         backend.close()
-        digest = export_merged(cfg.base, cfg.family, staging / ADAPTER_FILE, staging)
+        digest = export_merged(cfg.base, cfg.family, staging / ADAPTER_FILE, staging, base_backend=base)
     else:
         digest = save_model(backend, cfg.family, staging)
     cost = {"steps": len(log), "train_seconds": round(log[-1]["elapsed_s"], 1) if log else 0.0,
@@ -440,18 +444,12 @@ def _write_model(cfg: TrainConfig, backend, staging: Path, log: list[dict], extr
     _plot_loss(log, staging / "loss.png", Path(cfg.out).name)
 
 
-def _write_svd_adapter(cfg: TrainConfig, backend, path: Path) -> dict:
-    """A full fine-tune's projection updates at rank ``cfg.svd_rank``, as an adapter file."""
+def _write_svd_adapter(cfg: TrainConfig, base, backend, path: Path) -> dict:
+    """``backend``'s projection updates over ``base`` at rank ``cfg.svd_rank``, as an adapter file."""
     from edgerank.adapters import DECODER_TARGETS, svd_update, write_adapter
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
 
-    base = ReferenceBackend(resolve(cfg.base, family=cfg.family), device="cpu")
-    try:
-        pairs, r, kept = svd_update(base.full_model.state_dict(), backend.full_model.state_dict(),
-                                    cfg.svd_rank, DECODER_TARGETS)
-    finally:
-        base.close()
+    pairs, r, kept = svd_update(base.full_model.state_dict(), backend.full_model.state_dict(),
+                                cfg.svd_rank, DECODER_TARGETS)
     write_adapter(pairs, path, r, r, {"base": cfg.base, "family": cfg.family, "made_by": "svd of a full fine-tune"})
     return {"svd_rank": r, "svd_update_energy_kept": round(kept, 4)}
 
@@ -485,8 +483,9 @@ def save_model(backend, family: str, folder: Path, extra: dict | None = None) ->
     return digest
 
 
-def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
-    """Load ``base``, merge ``adapter`` into it exactly, save it into ``folder``."""
+def export_merged(base: str, family: str, adapter: Path, folder: Path, base_backend=None) -> str:
+    """Load ``base``, merge ``adapter`` into it exactly, save it into ``folder``.
+    ``base_backend``: ``base`` already loaded on the reference path (merged into, then closed)."""
     from edgerank.adapters import merge_lora, read_adapter
     from edgerank.backends.reference import ReferenceBackend
     from edgerank.pull import sha256_file
@@ -496,10 +495,9 @@ def export_merged(base: str, family: str, adapter: Path, folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / ADAPTER_FILE).resolve() != Path(adapter).resolve():
         shutil.copyfile(adapter, folder / ADAPTER_FILE)  # the converters keep it unmerged
-    backend = ReferenceBackend(resolve(base, family=family), device="cpu")
-    merged = merge_lora(backend.full_model.state_dict(), adapter)
-    backend.full_model.load_state_dict(merged)
+    backend = base_backend or ReferenceBackend(resolve(base, family=family), device="cpu")
     try:
+        backend.full_model.load_state_dict(merge_lora(backend.full_model.state_dict(), adapter))
         return save_model(backend, family, folder, {"base": base, "adapter_sha256": sha256_file(adapter),
                                                      "lora_r": int(meta["r"]), "lora_alpha": int(meta["alpha"])})
     finally:
