@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the converters read ada
 ADAPTER_FILE = "adapter.safetensors"  # beside a LoRA-trained model's merged weights
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_TARGETS = ("query", "key", "value", "dense")
+ADAPTER_DTYPES = ("float32", "float16")  # how an adapter file stores A and B
 
 
 def attach_lora(module: torch.nn.Module, kind: str, n_layers: int, r: int, alpha: int,
@@ -73,14 +74,17 @@ def save_adapter(module: torch.nn.Module, prefix: str, path: Path, r: int, alpha
 
 
 def write_adapter(pairs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, r: int, alpha: int,
-                  metadata: dict[str, str]) -> None:
-    """Write ``{weight key: (A [r, in], B [out, r])}`` as an adapter file, atomically."""
+                  metadata: dict[str, str], dtype: str = "float32") -> None:
+    """Write ``{weight key: (A [r, in], B [out, r])}`` as an adapter file, atomically, its
+    tensors stored as ``dtype`` (float32, or float16 for half the size)."""
     from safetensors.numpy import save_file
 
+    if dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"an adapter is stored as one of {', '.join(ADAPTER_DTYPES)}, not {dtype!r}")
     tensors = {}
     for key, (a, b) in pairs.items():
-        tensors[f"{key}.lora_A"] = np.ascontiguousarray(a, dtype=np.float32)
-        tensors[f"{key}.lora_B"] = np.ascontiguousarray(b, dtype=np.float32)
+        tensors[f"{key}.lora_A"] = np.ascontiguousarray(a, dtype=dtype)
+        tensors[f"{key}.lora_B"] = np.ascontiguousarray(b, dtype=dtype)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"r": str(r), "alpha": str(alpha), **metadata})
     tmp.replace(path)
@@ -137,11 +141,12 @@ def adapter_file(folder: str | Path) -> Path | None:
 
 
 def lora_updates(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{weight key: (A, alpha / r * B)}``, B scaled in float64: each update is ``B @ A``.
-    The merge below and the converters (which keep the update unmerged) both read this."""
+    """``{weight key: (A as float32, alpha / r * B in float64)}``: each update is ``B @ A``,
+    whatever dtype the file stores. The merge below and the converters (which keep the
+    update unmerged) both read this."""
     pairs, meta = read_adapter(path)
     scale = float(meta["alpha"]) / float(meta["r"])
-    return {key: (a, b.astype(np.float64) * scale) for key, (a, b) in pairs.items()}
+    return {key: (a.astype(np.float32), b.astype(np.float64) * scale) for key, (a, b) in pairs.items()}
 
 
 def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edgerank.adapters import ADAPTER_FILE
+from edgerank.adapters import ADAPTER_DTYPES, ADAPTER_FILE
 from edgerank.data import candidates, labels, read_groups
 from edgerank.errors import exits_on, is_int, is_number, positive_int, refuse_output_over_inputs
 from edgerank.tokenization import encode_pairs
@@ -76,6 +76,8 @@ class TrainConfig:
     svd_rank: int | None = _opt(None, "full fine-tuning of an LLM: write the update as its best rank-N "
                                 "approximation, an adapter beside the base weights, so that 4-bit "
                                 "artifacts keep it instead of rounding it away (unset: the dense model)")
+    svd_dtype: str = _opt("float32", "how --svd-rank's adapter is stored (float16: half the size)",
+                          ADAPTER_DTYPES)
     steps: int = _opt(1000, "optimizer steps")
     queries_per_step: int = _opt(8, "query groups per step")
     group_size: int = _opt(8, "candidates per query (the positive first, if any)")
@@ -107,6 +109,10 @@ class TrainConfig:
                                  "to low rank; LoRA is low-rank already")
             if not is_int(self.svd_rank) or self.svd_rank < 1:
                 raise ValueError(f"svd_rank must be an integer of at least 1, not {self.svd_rank!r}")
+        if self.svd_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"svd_dtype must be one of {', '.join(ADAPTER_DTYPES)}, not {self.svd_dtype!r}")
+        if self.svd_dtype != "float32" and self.svd_rank is None:
+            raise ValueError("svd_dtype stores --svd-rank's adapter: give svd_rank too")
         for name in ("steps", "queries_per_step", "group_size", "grad_accum", "max_length",
                      "checkpoint_every", "lora_r"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
@@ -129,7 +135,7 @@ class TrainConfig:
 
 # Fields that shape only how the trained model is written, not the run: a checkpoint
 # resumes (or exports) under any value of them.
-EXPORT_FIELDS = ("svd_rank",)
+EXPORT_FIELDS = ("svd_rank", "svd_dtype")
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_upper")  # unused by a full fine-tune
@@ -450,7 +456,8 @@ def _write_svd_adapter(cfg: TrainConfig, base, backend, path: Path) -> dict:
 
     pairs, r, kept = svd_update(base.full_model.state_dict(), backend.full_model.state_dict(),
                                 cfg.svd_rank, DECODER_TARGETS)
-    write_adapter(pairs, path, r, r, {"base": cfg.base, "family": cfg.family, "made_by": "svd of a full fine-tune"})
+    write_adapter(pairs, path, r, r, {"base": cfg.base, "family": cfg.family, "made_by": "svd of a full fine-tune"},
+                  dtype=cfg.svd_dtype)
     return {"svd_rank": r, "svd_update_energy_kept": round(kept, 4)}
 
 

@@ -674,7 +674,8 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
 
     full = export_checkpoint(TrainConfig(**args, svd_rank=10_000, lora_upper=1), tmp_path / "full")  # LoRA: unused
     low = export_checkpoint(TrainConfig(**args, svd_rank=1), tmp_path / "low")
-    for folder, rank in ((full, None), (low, 1)):
+    half = export_checkpoint(TrainConfig(**args, svd_rank=1, svd_dtype="float16"), tmp_path / "half")
+    for folder, rank in ((full, None), (low, 1), (half, 1)):
         pairs, meta = read_adapter(folder / "adapter.safetensors")
         assert meta["made_by"] == "svd of a full fine-tune" and meta["r"] == meta["alpha"]
         assert rank is None or int(meta["r"]) == rank
@@ -684,6 +685,13 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
         assert state_digest(state) == state_digest(merge_lora(base_state, folder / "adapter.safetensors"))
         cost = json.loads((folder / "train_config.json").read_text())["cost"]
         assert cost["svd_rank"] == int(meta["r"]) and cost["checkpoint_step"] == 2
+    low_pairs, half_pairs = (read_adapter(f / "adapter.safetensors")[0] for f in (low, half))
+    assert low_pairs.keys() == half_pairs.keys()
+    for key, (a, b) in half_pairs.items():  # float16: the same update, rounded, in half the bytes
+        assert a.dtype == b.dtype == np.float16
+        np.testing.assert_array_equal(a, low_pairs[key][0].astype(np.float16))
+        np.testing.assert_array_equal(b, low_pairs[key][1].astype(np.float16))
+    assert (half / "adapter.safetensors").stat().st_size < (low / "adapter.safetensors").stat().st_size
     moved = [k for k in trained if k.endswith("proj.weight")]
     assert moved
     cost_low = json.loads((low / "train_config.json").read_text())["cost"]
@@ -703,3 +711,7 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
     with pytest.raises(ValueError, match="svd_rank"):
         TrainConfig(**{**args, "adapter": "lora"}, svd_rank=4).validate()
+    with pytest.raises(ValueError, match="give svd_rank too"):
+        TrainConfig(**args, svd_dtype="float16").validate()
+    with pytest.raises(ValueError, match="svd_dtype must be one of"):
+        TrainConfig(**args, svd_rank=4, svd_dtype="int8").validate()
