@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the converters read ada
 ADAPTER_FILE = "adapter.safetensors"  # beside a LoRA-trained model's merged weights
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ENCODER_TARGETS = ("query", "key", "value", "dense")
-ADAPTER_DTYPES = ("float32", "float16")  # how an adapter file stores A and B
+ADAPTER_DTYPES = ("float32", "float16", "int8")  # how an adapter file stores A and B
 
 
 def attach_lora(module: torch.nn.Module, kind: str, n_layers: int, r: int, alpha: int,
@@ -76,18 +76,34 @@ def save_adapter(module: torch.nn.Module, prefix: str, path: Path, r: int, alpha
 def write_adapter(pairs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, r: int, alpha: int,
                   metadata: dict[str, str], dtype: str = "float32") -> None:
     """Write ``{weight key: (A [r, in], B [out, r])}`` as an adapter file, atomically, its
-    tensors stored as ``dtype`` (float32, or float16 for half the size)."""
+    tensors stored as ``dtype``: float32, float16 (half the size) or int8 (a quarter:
+    symmetric, one float32 scale per rank component, in ``NAME.lora_A.scale`` [r] and
+    ``NAME.lora_B.scale`` [r], so each of the r terms of ``B @ A`` keeps its own range)."""
     from safetensors.numpy import save_file
 
     if dtype not in ADAPTER_DTYPES:
         raise ValueError(f"an adapter is stored as one of {', '.join(ADAPTER_DTYPES)}, not {dtype!r}")
     tensors = {}
     for key, (a, b) in pairs.items():
-        tensors[f"{key}.lora_A"] = np.ascontiguousarray(a, dtype=dtype)
-        tensors[f"{key}.lora_B"] = np.ascontiguousarray(b, dtype=dtype)
+        if dtype == "int8":
+            tensors[f"{key}.lora_A"], tensors[f"{key}.lora_A.scale"] = _int8_rows(np.asarray(a))
+            qb, tensors[f"{key}.lora_B.scale"] = _int8_rows(np.asarray(b).T)
+            tensors[f"{key}.lora_B"] = np.ascontiguousarray(qb.T)
+        else:
+            tensors[f"{key}.lora_A"] = np.ascontiguousarray(a, dtype=dtype)
+            tensors[f"{key}.lora_B"] = np.ascontiguousarray(b, dtype=dtype)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"r": str(r), "alpha": str(alpha), **metadata})
     tmp.replace(path)
+
+
+def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: ``q * scale[:, None]`` approximates ``x``."""
+    x = x.astype(np.float64)
+    peak = np.abs(x).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0)
+    q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
 
 
 def svd_update(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], rank: int,
@@ -115,7 +131,8 @@ def svd_update(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], ra
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
-    """``{weight key: (A, B)}`` and the metadata of an adapter file."""
+    """``{weight key: (A, B)}`` and the metadata of an adapter file (int8 tensors come
+    back scaled, as float32; float32 and float16 as stored)."""
     from safetensors import safe_open
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -127,7 +144,13 @@ def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarr
                 base = k[: -len(".lora_A")]
                 if base + ".lora_B" not in keys:
                     raise ValueError(f"{path}: {base} has lora_A but no lora_B")
-                pairs[base] = (f.get_tensor(k), f.get_tensor(base + ".lora_B"))
+                a, b = f.get_tensor(k), f.get_tensor(base + ".lora_B")
+                if a.dtype == np.int8 or b.dtype == np.int8:
+                    if not {k + ".scale", base + ".lora_B.scale"} <= keys:
+                        raise ValueError(f"{path}: {base} is stored as int8 but has no scales")
+                    a = a.astype(np.float32) * f.get_tensor(k + ".scale")[:, None]
+                    b = b.astype(np.float32) * f.get_tensor(base + ".lora_B.scale")[None, :]
+                pairs[base] = (a, b)
     for need in ("r", "alpha"):
         if need not in meta:
             raise ValueError(f"{path} is not an edgerank adapter: metadata {need!r} is missing")

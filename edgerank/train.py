@@ -76,7 +76,8 @@ class TrainConfig:
     svd_rank: int | None = _opt(None, "full fine-tuning of an LLM: write the update as its best rank-N "
                                 "approximation, an adapter beside the base weights, so that 4-bit "
                                 "artifacts keep it instead of rounding it away (unset: the dense model)")
-    svd_dtype: str = _opt("float32", "how --svd-rank's adapter is stored (float16: half the size)",
+    svd_dtype: str = _opt("float32", "how --svd-rank's adapter is stored (float16: half the size, "
+                          "int8: a quarter, one scale per rank component)",
                           ADAPTER_DTYPES)
     steps: int = _opt(1000, "optimizer steps")
     queries_per_step: int = _opt(8, "query groups per step")

@@ -126,7 +126,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
             description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct fully fine-tuned, "
                         "kept as the base + a rank-12 SVD adapter",
-            made_by="edgerank recipe edgerank-smollm2-rerank (1,000 steps, 4.2 h on 2 CPU cores); pulled as "
+            made_by="edgerank recipe edgerank-smollm2-rerank (1,000 steps on 2 CPU cores); pulled as "
                     "smollm2-135m + its 7.4 MB fp16 adapter from this checkout",
             wheels=(), files=(), entry="", size_bytes=549_135_765,
             base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",

@@ -413,11 +413,15 @@ def test_every_shipped_adapter_is_in_the_checkout_small_pinned_and_what_its_reci
         path = ADAPTERS / m.adapter
         assert path.is_file() and path.stat().st_size <= 8_000_000
         assert sha256_file(path) == m.adapter_sha256
-        pairs, meta = read_adapter(path)
+        _, meta = read_adapter(path)
         assert meta["base"] == m.base and meta["family"] == m.family
         recipe = RECIPES[m.recipe].config
         assert recipe["base"] == m.base and int(meta["r"]) == recipe["svd_rank"]
-        assert {str(t.dtype) for pair in pairs.values() for t in pair} == {recipe["svd_dtype"]}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys() if k.endswith((".lora_A", ".lora_B"))} \
+                == {recipe["svd_dtype"]}
 
 
 @pytest.mark.slow
@@ -719,7 +723,8 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
     full = export_checkpoint(TrainConfig(**args, svd_rank=10_000, lora_upper=1), tmp_path / "full")  # LoRA: unused
     low = export_checkpoint(TrainConfig(**args, svd_rank=1), tmp_path / "low")
     half = export_checkpoint(TrainConfig(**args, svd_rank=1, svd_dtype="float16"), tmp_path / "half")
-    for folder, rank in ((full, None), (low, 1), (half, 1)):
+    q8 = export_checkpoint(TrainConfig(**args, svd_rank=1, svd_dtype="int8"), tmp_path / "q8")
+    for folder, rank in ((full, None), (low, 1), (half, 1), (q8, 1)):
         pairs, meta = read_adapter(folder / "adapter.safetensors")
         assert meta["made_by"] == "svd of a full fine-tune" and meta["r"] == meta["alpha"]
         assert rank is None or int(meta["r"]) == rank
@@ -736,6 +741,16 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
         np.testing.assert_array_equal(a, low_pairs[key][0].astype(np.float16))
         np.testing.assert_array_equal(b, low_pairs[key][1].astype(np.float16))
     assert (half / "adapter.safetensors").stat().st_size < (low / "adapter.safetensors").stat().st_size
+    from safetensors.numpy import load_file
+
+    stored = load_file(q8 / "adapter.safetensors")
+    for key, (a, b) in read_adapter(q8 / "adapter.safetensors")[0].items():  # int8: one scale per component
+        assert stored[key + ".lora_A"].dtype == stored[key + ".lora_B"].dtype == np.int8
+        a32, b32 = low_pairs[key]
+        np.testing.assert_allclose(a, a32, rtol=0, atol=float(np.abs(a32).max()) / 254 + 1e-7)
+        np.testing.assert_allclose(b, b32, rtol=0, atol=float(np.abs(b32).max()) / 254 + 1e-7)
+        top = np.unravel_index(np.argmax(np.abs(a32)), a32.shape)
+        assert abs(stored[key + ".lora_A"][top]) == 127  # the component's peak uses the full range
     moved = [k for k in trained if k.endswith("proj.weight")]
     assert moved
     cost_low = json.loads((low / "train_config.json").read_text())["cost"]
@@ -758,4 +773,4 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
     with pytest.raises(ValueError, match="give svd_rank too"):
         TrainConfig(**args, svd_dtype="float16").validate()
     with pytest.raises(ValueError, match="svd_dtype must be one of"):
-        TrainConfig(**args, svd_rank=4, svd_dtype="int8").validate()
+        TrainConfig(**args, svd_rank=4, svd_dtype="int4").validate()
