@@ -125,13 +125,13 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="qwen3-reranker",
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
             description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct fully fine-tuned, "
-                        "kept as the base + a rank-12 SVD adapter",
+                        "kept as the base + a rank-24 SVD adapter",
             made_by="edgerank recipe edgerank-smollm2-rerank (1,000 steps on 2 CPU cores); pulled as "
-                    "smollm2-135m + its 7.4 MB fp16 adapter from this checkout",
-            wheels=(), files=(), entry="", size_bytes=549_135_765,
+                    "smollm2-135m + its 7.5 MB int8 adapter from this checkout",
+            wheels=(), files=(), entry="", size_bytes=549_222_098,
             base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",
-            adapter_sha256="14899eca99bdf2006df9d77bb40fff0f3a722a81c74197f0a3df646841a1d437",
-            weights_sha256="b749b8ad1c12762a3d87d1e809efa7b299f638ec5b86869189fb94413ac2d027",
+            adapter_sha256="dac470ac9a2e825155cbbec7fd57be28990368c7c900960e7a87bf5c048ad367",
+            weights_sha256="4f006a6d6abdd5073eb29586941554a0872e105fa267b21182a4819aed88c628",
             recipe="edgerank-smollm2-rerank",
         ),
         BuiltinModel(
