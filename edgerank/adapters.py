@@ -169,7 +169,7 @@ def lora_updates(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     update unmerged) both read this."""
     pairs, meta = read_adapter(path)
     scale = float(meta["alpha"]) / float(meta["r"])
-    return {key: (a.astype(np.float32), b.astype(np.float64) * scale) for key, (a, b) in pairs.items()}
+    return {key: (a.astype(np.float32, copy=False), b.astype(np.float64) * scale) for key, (a, b) in pairs.items()}
 
 
 def merge_lora(state: dict[str, torch.Tensor], adapter: str | Path) -> dict[str, torch.Tensor]:

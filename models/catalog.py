@@ -46,7 +46,7 @@ class BuiltinModel:
     # exactly and checked against weights_sha256 (edgerank.adapters.state_digest).
     # Without one: made by running the recipe (python -m edgerank.train --recipe NAME).
     base: str | None = None
-    adapter: str | None = None  # file under models/adapters/: one edgerank trained, <= 8 MB
+    adapter: str | None = None  # file under models/adapters/ (none ships: weights are not committed)
     adapter_sha256: str | None = None
     weights_sha256: str | None = None
     recipe: str | None = None
@@ -125,13 +125,10 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="qwen3-reranker",
             licence="Apache-2.0 base; SQuAD (CC BY-SA), MedQuAD (CC BY) data",
             description="edgerank's LLM yes/no reranker: SmolLM2-135M-Instruct fully fine-tuned, "
-                        "kept as the base + a rank-24 SVD adapter",
-            made_by="edgerank recipe edgerank-smollm2-rerank (1,000 steps on 2 CPU cores); pulled as "
-                    "smollm2-135m + its 7.5 MB int8 adapter from this checkout",
-            wheels=(), files=(), entry="", size_bytes=549_222_098,
-            base="smollm2-135m", adapter="edgerank-smollm2-rerank.safetensors",
-            adapter_sha256="dac470ac9a2e825155cbbec7fd57be28990368c7c900960e7a87bf5c048ad367",
-            weights_sha256="4f006a6d6abdd5073eb29586941554a0872e105fa267b21182a4819aed88c628",
+                        "kept as the base + a rank-32 SVD adapter",
+            made_by="edgerank recipe edgerank-smollm2-rerank (trained locally)",
+            wheels=(), files=(), entry="", size_bytes=580_900_000,
+            base="smollm2-135m",
             recipe="edgerank-smollm2-rerank",
         ),
         BuiltinModel(

@@ -398,54 +398,6 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
         pulling.pull("tiny-tampered", progress=False)
 
 
-def test_every_shipped_adapter_is_in_the_checkout_small_pinned_and_what_its_recipe_writes():
-    """An adapter in the catalog ships under models/adapters (issue 5: at most 8 MB), matches
-    its pin, names its base and family, and has the rank and dtype its recipe writes, so
-    re-running the recipe makes a model of the same form as the one pulled."""
-    from edgerank.adapters import read_adapter
-    from edgerank.pull import sha256_file
-    from models.catalog import ADAPTERS, BUILTINS
-    from models.recipes import RECIPES
-
-    shipped = [m for m in BUILTINS.values() if m.adapter]
-    assert shipped
-    for m in shipped:
-        path = ADAPTERS / m.adapter
-        assert path.is_file() and path.stat().st_size <= 8_000_000
-        assert sha256_file(path) == m.adapter_sha256
-        _, meta = read_adapter(path)
-        assert meta["base"] == m.base and meta["family"] == m.family
-        recipe = RECIPES[m.recipe].config
-        assert recipe["base"] == m.base and int(meta["r"]) == recipe["svd_rank"]
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            assert {str(f.get_tensor(k).dtype) for k in f.keys() if k.endswith((".lora_A", ".lora_B"))} \
-                == {recipe["svd_dtype"]}
-
-
-@pytest.mark.slow
-def test_pull_edgerank_smollm2_rerank_assembles_the_pinned_model_and_it_ranks(edgerank_home):
-    """The shipped adapter over the real base merges to the pinned weights (pull checks the
-    digest), keeps the adapter for the converters, and the result ranks an answer first."""
-    from edgerank.adapters import read_adapter
-    from edgerank.pull import pull
-    from models.catalog import ADAPTERS, BUILTINS
-
-    m = BUILTINS["edgerank-smollm2-rerank"]
-    path = pull(m.name, progress=False)
-    assert json.loads((path / "edgerank.json").read_text())["weights_sha256"] == m.weights_sha256
-    kept, _ = read_adapter(path / "adapter.safetensors")
-    assert kept.keys() == read_adapter(ADAPTERS / m.adapter)[0].keys()
-    from edgerank.api import Reranker
-
-    docs = ["Mitochondria make most of the chemical energy that powers a cell.",
-            "Paris is the capital and most populous city of France.",
-            "The Eiffel Tower was built for the 1889 World's Fair."]
-    ranking = Reranker(m.name, backend="reference").rank("what is the capital of france", docs)
-    assert ranking[0].index == 1
-
-
 def test_recipe_model_not_trained_yet_says_how_to_make_it(tmp_path, monkeypatch):
     from edgerank import pull as pulling
     from edgerank.errors import ModelNotFoundError
