@@ -218,6 +218,40 @@ def test_lora_training_reduces_loss_and_merges_exactly(tmp_path, bpe_tokenizer):
     assert (out / "loss.png").is_file() and not (tmp_path / ".out.partial").exists()
 
 
+def test_bf16_on_a_cpu_trains_with_bf16_matmuls(tmp_path, bpe_tokenizer, monkeypatch):
+    """--precision bf16 on a CPU: the linear layers compute in bf16 (seen by a global forward
+    hook), the loss falls as much as in fp32, and the weights end near fp32's, not equal."""
+    import edgerank.train as training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)  # autocast runs on any CPU
+    base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
+    data = tmp_path / "groups.jsonl"
+    write_jsonl(_groups(), data)
+    before = _eval_loss(base, data, "qwen3-reranker")
+    dtypes: dict[str, set] = {}
+    outs, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        seen = dtypes.setdefault(precision, set())
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: seen.add(out.dtype) if isinstance(mod, torch.nn.Linear) else None)
+        try:
+            outs[precision] = train(TrainConfig(
+                base=str(base), family="qwen3-reranker", data=str(data), out=str(tmp_path / precision),
+                loss="kl", teacher_temperature=0.2, adapter="full", steps=12, queries_per_step=len(TOPICS),
+                lr=1e-3, warmup=0.0, checkpoint_every=100, device="cpu", precision=precision), progress=False)
+        finally:
+            hook.remove()
+        losses[precision] = _eval_loss(outs[precision], data, "qwen3-reranker")
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert losses["fp32"] < 0.5 * before and losses["bf16"] < 0.5 * before, (before, losses)
+    from safetensors.torch import load_file
+
+    w32, w16 = (load_file(outs[p] / "model.safetensors") for p in ("fp32", "bf16"))
+    moved = [k for k in w32 if k.endswith("proj.weight")]
+    assert moved and any(not torch.equal(w32[k], w16[k]) for k in moved)
+    assert all(w32[k].dtype == w16[k].dtype == torch.float32 for k in moved)  # master weights stay fp32
+
+
 def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
     """save_adapter + merge (the pull path) reproduce the in-memory LoRA model's outputs."""
     from edgerank.adapters import merge_lora, save_adapter, state_digest
@@ -298,17 +332,25 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece
         torch.testing.assert_close(wa[k], wc[k], atol=1e-6, rtol=0)
 
 
-def test_bad_configs_are_refused(tmp_path):
+def test_bad_configs_are_refused(tmp_path, monkeypatch):
     data = tmp_path / "g.jsonl"
     write_jsonl(_groups(teacher=False), data)
     with pytest.raises(ValueError, match="loss must be"):
         train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="mse"))
     with pytest.raises(ValueError, match="teacher_scores"):
         train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="kl"))
-    with pytest.raises(ValueError, match="need CUDA"):
-        from edgerank.train import _load
+    import edgerank.train as training
 
-        _load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", precision="bf16", device="cpu"))
+    with pytest.raises(ValueError, match="QLoRA training needs CUDA"):
+        training._load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", adapter="lora",
+                                   qlora=True, device="cpu"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert not training.cpu_has_native_bf16()
+    with pytest.raises(ValueError, match="native bf16"):
+        training._load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", precision="bf16",
+                                   device="cpu"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
+    assert training.cpu_has_native_bf16()
 
 
 
