@@ -62,7 +62,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="edgerank-smollm2-rerank",
             description="yes/no LLM reranker (Qwen3-Reranker template) from SmolLM2-135M-Instruct: full "
-                        "fine-tuning that also ranks from 30% depth, shipped as the base + a rank-32 SVD adapter",
+                        "fine-tuning that also ranks from 30% depth, written as the base + a rank-32 SVD adapter",
             # Full fine-tuning learns faster than LoRA here (RESULTS §10.5), and its update, cut to
             # low rank, survives the int4 conversion that rounds a dense update away (§10.6).
             # Rank 32 in fp32: DL19 nDCG@10 0.4928 as int4, against 0.4810 at rank 24 in int8 and
