@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
     table = Table(title=f"{args.src} -> {args.out} ({args.to} {args.quant})", show_header=False)
     for key in ("size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb", "pairs", "spearman",
-                "pearson", "topk_agreement", "max_abs_diff"):
+                "pearson", "kendall_tau_b", "topk_agreement", "max_abs_diff", "diff_over_spread"):
         if key in report:
             v = report[key]
             table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))

@@ -6,30 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerank.metrics import precision_at_k_vs, spearman
+from converters.sample import SAMPLE
+from edgerank.metrics import kendall_tau, precision_at_k_vs, spearman
 
 DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
 
-BUILTIN_SAMPLE = [
-    ("how do vaccines train the immune system", [
-        "Vaccines expose the immune system to a harmless piece of a pathogen so it learns to respond.",
-        "The stock market closed higher on Friday after strong earnings.",
-        "Memory B cells keep antibodies ready after a booster shot.",
-        "Rivers carry sediment from mountains to the sea.",
-    ]),
-    ("what is the capital of france", [
-        "Paris is the capital and most populous city of France.",
-        "Berlin is the capital of Germany.",
-        "The Seine flows through Paris.",
-        "Croissants are a French pastry.",
-    ]),
-]
-
-
 def sample_pairs(n_queries: int = 4, per_query: int = 16) -> list[tuple[str, list[str]]]:
-    """``n_queries`` DL19 queries with their top BM25 candidates, else a built-in sample."""
+    """``n_queries`` DL19 queries with their top BM25 candidates, else the built-in sample
+    (``converters/sample.py``: 64 pairs, relevant and irrelevant passages per query)."""
     if not DL19.is_dir():
-        return BUILTIN_SAMPLE
+        return SAMPLE
     from edgerank.datasets import load_beir, load_run
 
     coll = load_beir(DL19)
@@ -38,7 +24,12 @@ def sample_pairs(n_queries: int = 4, per_query: int = 16) -> list[tuple[str, lis
 
 
 def compare(reference, converted, pairs) -> dict:
-    """Agreement of two Rerankers over ``pairs``: rank correlation, top-10, max difference."""
+    """Agreement of two Rerankers over ``pairs``: rank correlations, top-10, differences.
+
+    Spearman alone misleads where the source's scores nearly tie (a 0.03 difference can
+    reorder scores 0.01 apart), so the report also carries Kendall's tau-b and
+    ``diff_over_spread``: the RMS score difference over the standard deviation of the
+    source's scores, 0 for a perfect copy, about 1.4 for unrelated scores."""
     ref, got, agree = [], [], []
     for query, docs in pairs:
         a, b = reference.score(query, docs), converted.score(query, docs)
@@ -51,5 +42,7 @@ def compare(reference, converted, pairs) -> dict:
         "spearman": spearman(ref, got),
         "pearson": float(np.corrcoef(ref, got)[0, 1]),
         "topk_agreement": float(np.mean(agree)),
+        "kendall_tau_b": kendall_tau(ref, got),
         "max_abs_diff": float(np.max(np.abs(ref - got))),
+        "diff_over_spread": float(np.sqrt(np.mean((ref - got) ** 2)) / max(float(np.std(ref)), 1e-12)),
     }
