@@ -22,7 +22,7 @@ import torch
 
 from edgerank.data import read_groups
 from edgerank.train import _batch, _loss, _trainable_model, cpu_has_native_bf16
-from models.recipes import recipe_config
+from edgerank.recipes import recipe_config
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """The 3B-shaped scale run: Llama-3.2-3B's real shape with random bf16 weights.
 
     python bench/scale_3b.py make   --out /tmp/l3b --tokenizer-from ARTIFACT_OR_HF_FOLDER
-    python -m converters /tmp/l3b --to onnx --quant int4 --out /tmp/l3b-int4 --model-spec zeroshot-chatml --no-verify
-    python -m converters /tmp/l3b --to gguf --quant q4_k_m --out /tmp/l3b.gguf --model-spec zeroshot-chatml --no-verify
+    python -m edgerank.converters /tmp/l3b --to onnx --quant int4 --out /tmp/l3b-int4 --model-spec zeroshot-chatml --no-verify
+    python -m edgerank.converters /tmp/l3b --to gguf --quant q4_k_m --out /tmp/l3b.gguf --model-spec zeroshot-chatml --no-verify
     python bench/scale_3b.py run    --artifact /tmp/l3b-int4 --gguf /tmp/l3b.gguf --json scale.json
 
 ``make`` writes one safetensors shard per layer (never the whole model in memory).

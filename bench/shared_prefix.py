@@ -43,7 +43,7 @@ def bench_score(args) -> list[float]:
         runs = {"full": dataclasses.replace(shared, prefix_len=0), "shared": shared}
         got = {}
         for name in (["full", "shared"] if i % 2 == 0 else ["shared", "full"]):
-            got[name] = timed(lambda: backend.score(runs[name]))
+            got[name] = timed(lambda: backend.score(runs[name]).values)
         worst = max(worst, float(abs(got["full"][0] - got["shared"][0]).max()))
         ratios.append(got["shared"][1] / got["full"][1])
         print(f"{q['qid']}: prefix {shared.prefix_len} tokens, full {got['full'][1]:.2f} s, "

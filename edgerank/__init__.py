@@ -4,6 +4,7 @@ from edgerank.api import CallStats, Ranking, RankResult, Reranker, rank
 from edgerank.errors import (
     BackendUnavailableError,
     EdgerankError,
+    MissingExtraError,
     ModelFormatError,
     ModelNotFoundError,
     OfflineError,
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rank", "Reranker", "RankResult", "Ranking", "CallStats",
     "EdgerankError", "ModelNotFoundError", "ModelFormatError", "UnsupportedModelError",
-    "BackendUnavailableError", "OfflineError",
+    "BackendUnavailableError", "MissingExtraError", "OfflineError",
 ]

@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
 from edgerank.api import Reranker
 from edgerank.backends import BACKENDS
 from edgerank.errors import exits_on, positive_int
+from edgerank.table import format_table
 
 EXAMPLE_QUERY = "how do vaccines train the immune system"
 EXAMPLE_DOCS = [
@@ -25,6 +23,11 @@ EXAMPLE_DOCS = [
     "Booster shots remind the immune system of an antigen so that memory B cells stay ready.",
     "The history of the printing press begins with Gutenberg in the 15th century.",
 ]
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @exits_on(FileNotFoundError)
@@ -41,20 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the documents to rank after the query (or no arguments for the example)")
     query = EXAMPLE_QUERY if args.query is None else args.query
     docs = args.documents or EXAMPLE_DOCS
-    console = Console()
     with Reranker(model=args.model, backend=args.backend) as reranker:
         ranking = reranker.rank(query, docs, top_k=args.top_k)
     s = ranking.stats
-    table = Table(title=f"query: {query!r}", caption=(
-        f"{s.model} on {s.backend}: {s.candidates} candidates, {s.tokens} tokens, "
-        f"{s.wall_s * 1000:.0f} ms, peak RSS {s.peak_rss_mb:.0f} MB"))
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("index", justify="right")
-    table.add_column("document")
-    for pos, r in enumerate(ranking, 1):
-        table.add_row(str(pos), f"{r.score:.4f}", str(r.index), r.document[:100])
-    console.print(table)
+    rows = [[str(pos), f"{r.score:.4f}", str(r.index), _clip(r.document, 70)] for pos, r in enumerate(ranking, 1)]
+    print(f"query: {query!r}")
+    print(format_table(["rank", "score", "index", "document"], rows, right=(0, 1, 2)))
+    print(f"{s.model} on {s.backend}: {s.candidates} candidates, {s.tokens} tokens, "
+          f"{s.wall_s * 1000:.0f} ms, peak RSS {s.peak_rss_mb:.0f} MB")
     return 0
 
 

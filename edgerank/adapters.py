@@ -133,24 +133,23 @@ def svd_update(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], ra
 def read_adapter(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
     """``{weight key: (A, B)}`` and the metadata of an adapter file (int8 tensors come
     back scaled, as float32; float32 and float16 as stored)."""
-    from safetensors import safe_open
+    from edgerank.converters.safetensors_file import SafetensorsFile
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        keys = set(f.keys())
-        for k in sorted(keys):
-            if k.endswith(".lora_A"):
-                base = k[: -len(".lora_A")]
-                if base + ".lora_B" not in keys:
-                    raise ValueError(f"{path}: {base} has lora_A but no lora_B")
-                a, b = f.get_tensor(k), f.get_tensor(base + ".lora_B")
-                if a.dtype == np.int8 or b.dtype == np.int8:
-                    if not {k + ".scale", base + ".lora_B.scale"} <= keys:
-                        raise ValueError(f"{path}: {base} is stored as int8 but has no scales")
-                    a = a.astype(np.float32) * f.get_tensor(k + ".scale")[:, None]
-                    b = b.astype(np.float32) * f.get_tensor(base + ".lora_B.scale")[None, :]
-                pairs[base] = (a, b)
+    f = SafetensorsFile(path)
+    meta, keys = f.metadata, set(f.keys())
+    for k in sorted(keys):
+        if k.endswith(".lora_A"):
+            base = k[: -len(".lora_A")]
+            if base + ".lora_B" not in keys:
+                raise ValueError(f"{path}: {base} has lora_A but no lora_B")
+            a, b = f.get(k), f.get(base + ".lora_B")
+            if a.dtype == np.int8 or b.dtype == np.int8:
+                if not {k + ".scale", base + ".lora_B.scale"} <= keys:
+                    raise ValueError(f"{path}: {base} is stored as int8 but has no scales")
+                a = a.astype(np.float32) * f.get(k + ".scale")[:, None]
+                b = b.astype(np.float32) * f.get(base + ".lora_B.scale")[None, :]
+            pairs[base] = (a, b)
     for need in ("r", "alpha"):
         if need not in meta:
             raise ValueError(f"{path} is not an edgerank adapter: metadata {need!r} is missing")

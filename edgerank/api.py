@@ -15,12 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgerank.backends import default_backend, load_backend
+from edgerank.backends import Backend, default_backend, load_backend
 from edgerank.errors import is_int
 from edgerank.memory import PeakRSS
 from edgerank.sources import ModelSource, check_max_length, resolve
 from edgerank.tokenization import distinct, encode_pairs
-from models.specs import SPECS
+from edgerank.specs import SPECS
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Reranker:
         self.backend_name = backend or default_backend(self.source)
         self.instruction = instruction
         self.max_length = max_length
-        self._backend = load_backend(self.backend_name, self.source, **backend_options)
+        self._backend: Backend | None = load_backend(self.backend_name, self.source, **backend_options)
         self._lock = threading.Lock()
         self.last_stats: CallStats | None = None
 
@@ -138,15 +138,9 @@ class Reranker:
                                  instruction or self.instruction, self.max_length)
             unique, copy_of = distinct(batch)
             t1 = time.perf_counter()
-            if getattr(self._backend, "prunes", False):
-                out = self._backend.score(unique, top_k=top_k)
-                scores, tier, provisional = out.values, out.tier, out.provisional
-                stats.extra = out.stats
-            else:
-                scores = self._backend.score(unique)
-                tier = np.zeros(len(unique.sequences), dtype=np.int64)
-                provisional = np.zeros(len(unique.sequences), dtype=bool)
-            scores = np.asarray(scores, dtype=np.float64)
+            out = self._backend.score(unique, top_k=top_k)
+            scores, tier, provisional = np.asarray(out.values, dtype=np.float64), out.tier, out.provisional
+            stats.extra = out.stats
             t2 = time.perf_counter()
         if scores.shape != (len(unique.sequences),) or not np.all(np.isfinite(scores)):
             raise RuntimeError(f"backend {self.backend_name!r} returned invalid scores {scores!r}")

@@ -1,4 +1,4 @@
-"""Open an edgerank artifact (written by ``converters.onnx_export``) and check it first.
+"""Open an edgerank artifact (written by ``edgerank.converters.onnx_export``) and check it first.
 
 The runtime refuses an artifact whose format or format version it does not know, or whose
 files do not match the sha256 sums in ``manifest.json``, before it loads anything.
@@ -12,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerank import layout
 from edgerank.errors import ModelFormatError
-from edgerank.pull import sha256_file
-
-FORMAT = "edgerank-artifact"
-FORMAT_VERSION = 1  # what the converter writes
-SUPPORTED_VERSIONS = (1,)  # what the runtime reads
+from edgerank.layout import FORMAT, SUPPORTED_VERSIONS, sha256_file
 
 
 @dataclass
@@ -30,7 +27,7 @@ class Artifact:
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
         path = Path(path)
-        mf = path / "manifest.json"
+        mf = path / layout.MANIFEST
         try:
             manifest = json.loads(mf.read_text())
         except (OSError, ValueError) as e:
@@ -43,7 +40,7 @@ class Artifact:
                 f"{path} has artifact format version {version!r}; this edgerank reads version(s) "
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Re-convert the model with this edgerank's converter")
         files = manifest.get("files") or {}
-        for rel in ["tokenizer.json", "embed.npy", "head.npz", *manifest.get("layers", [])]:
+        for rel in [layout.TOKENIZER, layout.EMBED, layout.HEAD, *manifest.get("layers", [])]:
             if rel not in files:
                 raise ModelFormatError(f"{path}: manifest lists no {rel}")
         for rel, info in files.items():
@@ -76,5 +73,5 @@ class Artifact:
         return self.manifest["files"][self.manifest["layers"][i]]["size"]
 
     def head(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / "head.npz") as z:
+        with np.load(self.path / layout.HEAD) as z:
             return {k: z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k] for k in z.files}

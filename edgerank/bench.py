@@ -106,7 +106,7 @@ def default_gguf_quant(source) -> str:
 
 def _size_bytes(model: str) -> int:
     """On-disk size of what a configuration loads (a built-in name resolves to its file)."""
-    from converters.output import size_on_disk
+    from edgerank.converters.output import size_on_disk
     from edgerank.sources import resolve
 
     p = Path(model)
@@ -204,11 +204,11 @@ def load_queries(data: Path | None, n: int | None, depth: int) -> tuple[list[dic
         check_run(coll, run, qids, depth, run_path)
         return [{"qid": q, "query": coll.queries[q], "docs": [(d, coll.corpus[d]) for d, _ in run[q][:depth]],
                  "qrels": coll.qrels[q]} for q in qids], str(data)
-    from converters.sample import SAMPLE
+    from edgerank.converters.sample import SAMPLE
 
     out = []
-    for i, (query, docs) in enumerate(SAMPLE):  # the first three documents answer the query
-        out.append({"qid": str(i), "query": query, "docs": [(str(j), d) for j, d in enumerate(docs)],
+    for i, (query, docs) in enumerate(SAMPLE[: n or None]):  # the first three documents answer the query
+        out.append({"qid": str(i), "query": query, "docs": [(str(j), d) for j, d in enumerate(docs[:depth])],
                     "qrels": {"0": 2, "1": 2, "2": 2}})
     return out, "built-in sample"
 
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    from models.catalog import DEFAULT_MODEL
+    from edgerank.catalog import DEFAULT_MODEL
 
     model = args.model or DEFAULT_MODEL
     depth = args.depth or (100 if args.full else 30)

@@ -44,7 +44,7 @@ def source_digest(path: Path, family: str | None = None) -> str:
 
 def _source_path(model: str) -> Path:
     from edgerank import pull
-    from models.catalog import BUILTINS
+    from edgerank.catalog import BUILTINS
 
     if str(model) in BUILTINS:
         if not pull.is_present(str(model)):
@@ -64,7 +64,7 @@ def _override(model: str, family: str | None) -> str | None:
         return None
     from edgerank.errors import UnsupportedModelError
     from edgerank.sources import resolve
-    from models.catalog import BUILTINS
+    from edgerank.catalog import BUILTINS
 
     try:  # a built-in's family is in the catalog; anything else is read from its files
         detected = BUILTINS[model].family if model in BUILTINS else resolve(model).spec.family
@@ -100,7 +100,7 @@ def _cached(model: str, to: str, quant: str, progress: bool, family: str | None 
     dest = cache_dir() / (f"{_name(model, family)}-{quant}" + (".gguf" if to == "gguf" else ""))
     # the converter renames its output into place last, so the file that marks it complete
     if not (dest if to == "gguf" else dest / "manifest.json").is_file():
-        from converters import convert
+        from edgerank.converters import convert
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         convert(model, to, quant, dest, family=family, force=True, verify=False, progress=progress)

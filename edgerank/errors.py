@@ -33,6 +33,11 @@ class BackendUnavailableError(EdgerankError, RuntimeError):
     """The backend cannot run here: a missing optional dependency, or the model's format."""
 
 
+class MissingExtraError(BackendUnavailableError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install 'edgerank[EXTRA]'``)."""
+
+
 class OfflineError(EdgerankError, ConnectionError):
     """A download was needed and the network (or the hub) cannot be reached."""
 

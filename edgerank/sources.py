@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, UnsupportedModelError, is_int
-from models.catalog import BUILTINS, DEFAULT_MODEL
-from models.specs import ModelSpec, get_spec
+from edgerank.catalog import BUILTINS, DEFAULT_MODEL
+from edgerank.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, is_int
+from edgerank.specs import ModelSpec, get_spec
 
 DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
 GGUF_ENCODER_ARCHS = {"bert"}  # mean-pooled embedding models (bi-encoders)
@@ -17,7 +17,7 @@ ENCODER_TYPES = {"bert", "xlm-roberta", "roberta"}
 GGUF_MAGIC = b"GGUF"
 # Set in a fine-tuned model's folder by edgerank's trainer, read back here.
 FAMILY_FILE = "edgerank.json"
-# edgerank's own GGUF keys (llama.cpp ignores them), written by converters/gguf_export.py:
+# edgerank's own GGUF keys (llama.cpp ignores them), written by edgerank/converters/gguf_export.py:
 # the reranker family, and the LoRA adapter file that must sit beside the model.
 FAMILY_KEY = "edgerank.family"
 LORA_KEY = "edgerank.lora_adapter"
@@ -43,17 +43,13 @@ def resolve(model: str | Path | None = None, family: str | None = None, pull: bo
     model = DEFAULT_MODEL if model is None else model
     name = str(model)
     if name.startswith("hf:"):
-        path = _hub_snapshot(name[3:])
-    elif name in BUILTINS:
-        from edgerank import pull as pulling
+        from edgerank import supply
 
-        if not pulling.is_present(name):
-            if not pull:
-                raise ModelNotFoundError(
-                    f"built-in model {name!r} is not pulled yet: run `python -m edgerank.models pull {name}`"
-                )
-            pulling.pull(name)
-        path = pulling.entry_path(name)
+        path = supply.hub_snapshot(name[3:])
+    elif name in BUILTINS:
+        from edgerank import supply
+
+        path = supply.builtin_path(name, pull=pull)
         family = family or BUILTINS[name].family
     else:
         path = Path(name).expanduser()
@@ -211,20 +207,3 @@ def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
         f"model type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not supported; "
         f"edgerank runs {', '.join(sorted(DECODER_ARCHS | ENCODER_TYPES))}"
     )
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    """Download (or find cached) a Hugging Face Hub model; offline, a clear error."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise OfflineError("hf: models need huggingface_hub: pip install 'edgerank[reference]'") from e
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]))
-    except Exception as e:  # huggingface_hub raises several connection / not-cached errors
-        raise OfflineError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "The Hub is unreachable from this machine: download the model elsewhere and pass "
-            "its folder as model=PATH"
-        ) from e

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from edgerank.errors import ModelFormatError, UnsupportedModelError
-from models.specs import ModelSpec
+from edgerank.specs import ModelSpec
 
 # Characters kept before tokenising a document: far more than max_length tokens can use
 # (tokens average ~4 characters), so cutting here never changes the result, and a 1 MB

@@ -1,6 +1,6 @@
 """``python -m edgerank.train``: fine-tune a reranker on the reference (torch) path.
 
-    python -m edgerank.train --recipe edgerank-minilm-ce          # a recipe from models/recipes.py
+    python -m edgerank.train --recipe edgerank-minilm-ce          # a recipe from edgerank/recipes.py
     python -m edgerank.train --base smollm2-135m --family qwen3-reranker \\
         --data groups.jsonl --loss kl --adapter lora --lora-upper 10 --steps 300 --out DIR
 
@@ -104,7 +104,7 @@ class TrainConfig:
         if self.qlora and self.adapter != "lora":
             raise ValueError("qlora trains LoRA adapters: pass adapter='lora'")
         if self.svd_rank is not None:
-            from models.specs import get_spec
+            from edgerank.specs import get_spec
 
             if self.adapter != "full" or get_spec(self.family).kind != "decoder":
                 raise ValueError("svd_rank cuts a full fine-tune of an LLM (adapter='full', a decoder family) "
@@ -508,7 +508,7 @@ def export_merged(base: str, family: str, adapter: Path, folder: Path, base_back
     ``base_backend``: ``base`` already loaded on the reference path (merged into, then closed)."""
     from edgerank.adapters import merge_lora, read_adapter
     from edgerank.backends.reference import ReferenceBackend
-    from edgerank.pull import sha256_file
+    from edgerank.layout import sha256_file
     from edgerank.sources import resolve
 
     _, meta = read_adapter(adapter)
@@ -566,7 +566,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Defaults apply without --recipe; a recipe sets its own, and "
                                        "options given override the recipe's.")
-    p.add_argument("--recipe", help="a recipe from models/recipes.py (data, teacher and config)")
+    p.add_argument("--recipe", help="a recipe from edgerank/recipes.py (data, teacher and config)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--stop-after", type=positive_int, help="run this many steps, checkpoint, and stop (resume later)")
     p.add_argument("--export-checkpoint", metavar="DIR", type=Path,
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
     if args.recipe:
-        from models.recipes import recipe_config
+        from edgerank.recipes import recipe_config
 
         cfg = recipe_config(args.recipe, overrides=given)
     else:

@@ -130,7 +130,7 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
                                                                      tiny_model):
     """A model trained from a Q4_1 GGUF (SmolLM2's only form here) is compared on llama.cpp at
     q4_1, whose grid keeps the fine-tuning; other bases get q4_k_m, bi-encoders q4_0."""
-    from converters import convert
+    from edgerank.converters import convert
     from edgerank.sources import resolve
 
     base = tmp_path / "base.gguf"

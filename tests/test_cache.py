@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 
-from converters import convert
+from edgerank.converters import convert
 from edgerank import cache
 from edgerank.models import main as models_main
 

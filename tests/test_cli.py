@@ -13,7 +13,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_converting_a_missing_model_is_one_line(tmp_path, capsys):
-    from converters.__main__ import main
+    from edgerank.converters.__main__ import main
 
     assert main([str(tmp_path / "nope"), "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o")]) == 2
     assert "nope" in _one_error_line(capsys)
@@ -21,7 +21,7 @@ def test_converting_a_missing_model_is_one_line(tmp_path, capsys):
 
 
 def test_converting_onto_an_existing_output_is_refused_and_leaves_it(tiny_cross_encoder, tmp_path, capsys):
-    from converters.__main__ import main
+    from edgerank.converters.__main__ import main
 
     out = tmp_path / "mine.gguf"
     out.write_text("the user's file")
@@ -95,7 +95,7 @@ def test_force_never_converts_a_model_over_itself_or_its_folder(tiny_cross_encod
     with ``--force``: replacing it would delete the source (it once did)."""
     import shutil
 
-    from converters.__main__ import main
+    from edgerank.converters.__main__ import main
 
     model = tmp_path / "models" / "mine"
     shutil.copytree(tiny_cross_encoder, model)
@@ -172,7 +172,7 @@ def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, ar
 @pytest.mark.parametrize("module, argv", [
     ("edgerank.__main__", ["--help"]), ("edgerank.eval", ["--help"]), ("edgerank.calibrate", ["--help"]),
     ("edgerank.bench", ["--help"]), ("edgerank.train", ["--help"]), ("edgerank.data", ["--help"]),
-    ("edgerank.models", ["--help"]), ("converters.__main__", ["--help"]),
+    ("edgerank.models", ["--help"]), ("edgerank.converters.__main__", ["--help"]),
 ])
 def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
     """``--help`` is the documentation a command-line user reads: no option goes without a line."""
@@ -199,7 +199,7 @@ def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
 def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkeypatch, tmp_path, capsys, rho, rc):
     """The artifact stays written (the user may still want it), but the exit status and a
     one-line warning say it does not rank like its source (bench/RESULTS.md §10.5: 0.176)."""
-    import converters.__main__ as cli
+    import edgerank.converters.__main__ as cli
 
     monkeypatch.setattr(cli, "convert", lambda *a, **k: {"pairs": 64, "spearman": rho})
     assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o")]) == rc
@@ -212,7 +212,7 @@ def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkey
 
 
 def test_an_unverified_conversion_gives_no_fidelity_warning(monkeypatch, tmp_path, capsys):
-    import converters.__main__ as cli
+    import edgerank.converters.__main__ as cli
 
     monkeypatch.setattr(cli, "convert", lambda *a, **k: {"size_bytes": 1})
     assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o"), "--no-verify"]) == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import edgerank
-from converters import OutputExistsError, convert
-from converters import gguf_export
+from edgerank.converters import OutputExistsError, convert
+from edgerank.converters import gguf_export
 from edgerank.errors import ModelFormatError
 from tests.conftest import PAIRS, make_bert, make_decoder
 from tests.test_parity_transformers import reference_decoder_scores, qwen3_prompt
@@ -125,12 +125,6 @@ def test_a_q4_1_gguf_re_exports_to_q4_1_without_loss(tmp_path, bpe_tokenizer):
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
 
 
-@pytest.mark.slow
-def test_gguf_round_trip_smollm2_to_q8_0_keeps_the_ranking(smollm2_path, tmp_path):
-    report = convert(smollm2_path, "gguf", "q8_0", tmp_path / "s.gguf", progress=False)
-    assert report["spearman"] >= 0.95 and report["topk_agreement"] >= 0.8
-
-
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_qwen3, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"user's file")
@@ -231,8 +225,8 @@ def test_a_trained_lora_stays_unmerged_beside_a_quantized_gguf(tmp_path, bpe_tok
     assert np.abs(effect).max() > 0.05  # the adapter matters
     # the adapter file itself, beside f16 base weights: llama.cpp applies it as transformers
     # does (a larger update here, so that every projection's part of it shows)
-    from converters.gguf_export import write_gguf
-    from models.specs import get_spec
+    from edgerank.converters.gguf_export import write_gguf
+    from edgerank.specs import get_spec
 
     train_random_lora(base, tmp_path / "strong", std=0.05, seed=4)
     write_gguf(tmp_path / "strong", tmp_path / "s16.gguf", "f16", get_spec("qwen3-reranker"), None, progress=False,

@@ -178,10 +178,10 @@ def test_closing_a_reranker_waits_for_the_call_in_progress(tiny_qwen3):
     expected = r.score("query immune", DOCS)
     inner, started = r._backend.score, threading.Event()
 
-    def slow_score(batch):
+    def slow_score(batch, top_k=None):
         started.set()
         time.sleep(0.3)
-        return inner(batch)
+        return inner(batch, top_k)
 
     r._backend.score = slow_score
     got = {}
@@ -261,7 +261,7 @@ def test_a_max_length_that_is_not_a_positive_int_is_an_error(tiny_qwen3, max_len
     ("max_memory_mb", float("nan"), "max_memory_mb must be"), ("chunk_tokens", 0, "chunk_tokens must be a positive int"),
     ("chunk_tokens", 0.5, "chunk_tokens must be a positive int")])
 def test_a_runtime_knob_out_of_range_is_an_error(tiny_cross_encoder, tmp_path, knob, value, message):
-    from converters import convert
+    from edgerank.converters import convert
 
     art = tmp_path / "int4"
     convert(str(tiny_cross_encoder), "onnx", "int4", art, verify=False, progress=False)
@@ -281,7 +281,7 @@ def test_a_max_length_beyond_an_encoders_position_table_is_an_error(tiny_cross_e
     more is an error up front (it used to fail inside the position-embedding add)."""
     import json
 
-    from converters import convert
+    from edgerank.converters import convert
 
     positions = json.loads((tiny_cross_encoder / "config.json").read_text())["max_position_embeddings"]
     art = tmp_path / "int4"

@@ -13,8 +13,8 @@ import torch
 import transformers
 
 import edgerank
-from converters import OutputExistsError, convert, onnx_export
-from converters.quantize import dequantize_blocks, quantize_blocks
+from edgerank.converters import OutputExistsError, convert, onnx_export
+from edgerank.converters.quantize import dequantize_blocks, quantize_blocks
 from edgerank.budget import MemoryBudgetError
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 from tests.conftest import PAIRS, make_bert, make_decoder, snap_weights, train_random_lora, without_adapter
@@ -144,7 +144,7 @@ def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(tiny
     cross-encoder's pooler is the head that woke it."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from models.specs import ScoreFormula
+    from edgerank.specs import ScoreFormula
 
     def blas_threads() -> set[int]:
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgerank
-from converters import convert
+from edgerank.converters import convert
 from edgerank.calibrate import Recording, choose, evaluate_grid, record, simulate, write_setting
 from edgerank.pruning import PruningPolicy, dispersion, kmeans_1d
 from tests.conftest import make_decoder, write_beir

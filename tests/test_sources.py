@@ -12,8 +12,8 @@ import pytest
 import edgerank
 from edgerank import pull as pulling
 from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
-from models import catalog
-from models.catalog import BuiltinModel, ModelFile, Wheel
+from edgerank import catalog
+from edgerank.catalog import BuiltinModel, ModelFile, Wheel
 
 
 def _wheel(folder: Path, package: str, members: dict[str, bytes]) -> Wheel:

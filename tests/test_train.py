@@ -405,7 +405,7 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
     """A catalogued adapter model: merged on pull, verified by digest; tampering refused."""
     import dataclasses
 
-    import models.catalog as catalog
+    import edgerank.catalog as catalog
     from edgerank import pull as pulling
     from edgerank.adapters import save_adapter
     from edgerank.errors import ModelFormatError
@@ -417,7 +417,7 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
     adapters.mkdir()
     save_adapter(backend.model, backend.weight_prefix, adapters / "t.safetensors", 2, 4, str(base), "qwen3-reranker")
     digest = export_merged(str(base), "qwen3-reranker", adapters / "t.safetensors", tmp_path / "ref")
-    from edgerank.pull import sha256_file
+    from edgerank.layout import sha256_file
 
     entry = catalog.BuiltinModel(
         name="tiny-rerank", family="qwen3-reranker", licence="test", description="test", made_by="test",
@@ -482,7 +482,7 @@ def test_the_trainer_reads_each_layer_as_the_pruning_runtime_scores_it(kind, tmp
     per-layer head outputs (transformers' hidden states) equal the layer-wise runtime's
     recorded scores on an fp32 artifact, layer by layer."""
     import edgerank
-    from converters import convert
+    from edgerank.converters import convert
     from edgerank.backends.reference import ReferenceBackend
     from edgerank.sources import resolve
     from edgerank.tokenization import encode_pairs
@@ -552,8 +552,8 @@ def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_to
 
 
 def test_every_recipe_is_a_valid_training_config_of_a_listed_model():
-    from models.catalog import BUILTINS
-    from models.recipes import RECIPES
+    from edgerank.catalog import BUILTINS
+    from edgerank.recipes import RECIPES
 
     for recipe in RECIPES.values():
         TrainConfig(data="groups.jsonl", out="out", seed=recipe.seed, **recipe.config).validate()

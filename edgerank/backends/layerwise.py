@@ -1,20 +1,21 @@
 """The layer-wise runtime (``backend="edgerank"``): monolithic batched forwarding of an
 edgerank artifact on ONNX Runtime, with progressive cluster pruning.
 
-One call, for decoders::
+One call (:meth:`LayerwiseBackend.score`)::
 
-    tokens -> embedding rows (EmbeddingRows, LRU)
+    token ids -> embedding rows (EmbeddingRows, LRU) -> head.embed -> first hidden states
     for each layer (LayerSessions: resident, or streamed two at a time):
-        the shared prefix (template + query) runs once; its keys/values feed every candidate
-        before the layer, from min_depth on: head on each live candidate's last token ->
-            PruningPolicy.decide -> selected / dropped / deferred
-        live candidates run in length-sorted chunks under a token budget
-    head on the last token -> scores
+        from min_depth on: head.scores of the live candidates -> PruningRun.check
+            -> selected / dropped / deferred
+        decoders: the shared prefix (template + query) runs once; its keys/values feed
+            every candidate
+        the running rows go through the layer in length-sorted chunks under a token budget
+    head.scores of the top-K -> Scores
 
-Encoders (BERT/XLM-R) run the same loop without a prefix (their attention is
-bidirectional, so a shared prefix cannot be reused); cross-encoders score the [CLS] state
-through pooler + classifier, bi-encoders by cosine of mean-pooled states with the query,
-which runs alongside the candidates and is never pruned.
+What differs between decoders, cross-encoders and bi-encoders (embedding, pooling, the
+head) lives in ``backends/heads.py``; a bi-encoder's query is row 0 and is never pruned.
+Statistics and calibration recording watch the loop (:class:`CallCounters`,
+:class:`LayerRecorder`) rather than branch inside it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
-from threadpoolctl import ThreadpoolController
 
+from edgerank import layout
 from edgerank.artifact import Artifact
+from edgerank.backends import Scores
+from edgerank.backends.heads import head_for
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
@@ -38,33 +41,47 @@ from edgerank.sources import ModelSource
 from edgerank.streaming import LayerSessions
 from edgerank.tokenization import EncodedBatch, HFTokenizer
 
-# The head's matmuls are small numpy work between layers. Run on numpy's BLAS pool, they
-# leave its worker threads spinning for a while after each call, taking the cores from the
-# next layer's ONNX Runtime threads (a fifth slower per layer after a pruning check, bench/
-# RESULTS.md §10.4), so they run on one BLAS thread.
-_BLAS = ThreadpoolController()
-
 NEG = np.float32(-1e9)  # additive mask value: exp() of it is exactly 0 next to real scores
 
 
 @dataclass
-class Scores:
-    """A backend's answer: scores in input order, plus how far each candidate got.
+class CallCounters:
+    """What one call did, counted as the loop goes: layer x token work, padding, time per
+    stage, and how many layers each candidate ran."""
 
-    ``tier`` orders candidates before ``values`` do: 0 for the top-K (and for everything
-    when nothing was pruned); dropped candidates get 1 + the number of layers they missed,
-    so one dropped later ranks above one dropped earlier. ``provisional`` marks scores
-    taken from an intermediate layer."""
+    n_layers: int
+    n: int
+    work: int = 0
+    pad: int = 0
+    embed_s: float = 0.0
+    layers_s: float = 0.0
+    prune_s: float = 0.0
+    layers_done: np.ndarray = field(default=None)  # type: ignore[assignment]
 
-    values: np.ndarray
-    tier: np.ndarray
-    provisional: np.ndarray
-    stats: dict = field(default_factory=dict)
+    def __post_init__(self) -> None:
+        self.layers_done = np.zeros(self.n, dtype=np.int64)
+
+
+@dataclass
+class LayerRecorder:
+    """Every candidate's head score before each layer 1..L-1, then the final scores
+    (``record_layers=True``, which calibration replays through the pruning policy)."""
+
+    rows: list = field(default_factory=list)
+
+    def before_layer(self, layer: int, scores_now) -> None:
+        if layer > 0:
+            self.rows.append(scores_now())
+
+    def stats(self, final: np.ndarray, lengths: np.ndarray) -> dict:
+        return {"layer_scores": np.stack(self.rows + [final.copy()]),  # [L, n]
+                "candidate_lengths": lengths}
 
 
 class LayerwiseBackend:
+    """The edgerank runtime behind the backend contract (``edgerank.backends.Backend``)."""
+
     name = "edgerank"
-    prunes = True  # score(batch, top_k) returns Scores with tiers
 
     def __init__(self, source: ModelSource, threads: int | None = None, stream_weights: bool | None = None,
                  max_memory_mb: float | None = None, pruning: bool = True, threshold: float | None = None,
@@ -73,7 +90,7 @@ class LayerwiseBackend:
                  chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
-        self.tokenizer = HFTokenizer.from_file(self.artifact.path / "tokenizer.json")
+        self.tokenizer = HFTokenizer.from_file(self.artifact.path / layout.TOKENIZER)
         if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
@@ -84,12 +101,12 @@ class LayerwiseBackend:
             raise ValueError(f"chunk_tokens must be a positive int, or None to let the budget choose "
                              f"(got {chunk_tokens!r})")
         dims = self.artifact.dims
-        self.head = self.artifact.head()
+        self.head = head_for(self.artifact, self.spec)
         self.encoder = self.artifact.is_encoder
         self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
                            n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
                            layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
-                           head_bytes=sum(v.nbytes for v in self.head.values()))
+                           head_bytes=sum(v.nbytes for v in self.head.weights.values()))
         # "No earlier tokens": the past K/V fed to the prefix pass, and to every chunk when no
         # shared prefix applies (decoders only).
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
@@ -109,8 +126,8 @@ class LayerwiseBackend:
         self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
                                             exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
-        scales = self.artifact.path / "embed_scale.npy"
-        self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
+        scales = self.artifact.path / layout.EMBED_SCALE
+        self.embed = EmbeddingRows(self.artifact.path / layout.EMBED, scales if scales.is_file() else None,
                                    max_rows=self.plan.cache_rows)
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
@@ -122,164 +139,103 @@ class LayerwiseBackend:
         constructor override both)."""
         return self._policy_by_k.get(int(k), self.policy)
 
-    # ---- head: intermediate and final scores -------------------------------------------
-
-    @_BLAS.wrap(limits=1, user_api="blas")
-    def _head_scores(self, states: np.ndarray, query_state: np.ndarray | None = None) -> np.ndarray:
-        """Scores from per-candidate states: the last token (decoders), [CLS] (cross-encoders)
-        or the mean-pooled state (bi-encoders, against ``query_state``)."""
-        h = self.head
-        if not self.encoder:
-            x = states.astype(np.float32)
-            var = np.mean(x * x, axis=-1, keepdims=True)
-            x = x / np.sqrt(var + np.float32(self.artifact.dims["norm_eps"])) * h["norm"]
-            return self.spec.score.apply(x @ h["rows"].T)
-        if self.spec.kind == "cross-encoder":
-            pooled = np.tanh(states @ h["pool_weight"].T + h["pool_bias"])
-            return self.spec.score.apply(pooled @ h["cls_weight"].T + h["cls_bias"])
-        docs = states / np.maximum(np.linalg.norm(states, axis=-1, keepdims=True), 1e-12)
-        q = query_state / max(float(np.linalg.norm(query_state)), 1e-12)
-        return docs.astype(np.float64) @ q.astype(np.float64)
-
     # ---- one call ----------------------------------------------------------------------
 
     def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
         t_start = time.perf_counter()
         self.layers.reset_counters()
         rss0 = psutil.Process().memory_info().rss
-        n = len(batch.sequences)
+        n, q = len(batch.sequences), self.head.query_rows  # rows: [query (bi-encoders)] + candidates
         k = n if top_k is None else min(int(top_k), n)
         prefix_len = batch.prefix_len if self.shared_prefix else 0
-        prefix = batch.sequences[0][:prefix_len]
-        seqs = [s[prefix_len:] for s in batch.sequences]
-        types = batch.type_ids
-        if self.spec.kind == "bi-encoder":  # the query rides along as the last sequence
-            seqs = seqs + [batch.query]
-            types = types + [batch.query_type_ids]
+        seqs = ([batch.query] if q else []) + [s[prefix_len:] for s in batch.sequences]
+        types = ([batch.query_type_ids] if q else []) + batch.type_ids if batch.type_ids is not None else None
         lengths = np.array([len(s) for s in seqs])
-        plan_chunk = plan_call(self.shape, self.plan, self.max_memory_mb, int(lengths.sum()) + prefix_len,
-                               prefix_len, int(lengths.max()), self.embed.cached_bytes / MB)
+        chunk_tokens = plan_call(self.shape, self.plan, self.max_memory_mb, int(lengths.sum()) + prefix_len,
+                                 prefix_len, int(lengths.max()), self.embed.cached_bytes / MB)
+        L = self.artifact.n_layers
+        count = CallCounters(L, n)
+        recorder = LayerRecorder() if self.record_layers else None
 
         t0 = time.perf_counter()
-        states = [self._embed(s, types[i] if types else None) for i, s in enumerate(seqs)]
-        prefix_state = self._embed(prefix, None)[None] if prefix_len else None
-        embed_s = time.perf_counter() - t0
-        touched = len(set().union(*map(set, seqs), prefix)) / self.embed.vocab
+        states = [self.head.embed(self.embed.rows(np.asarray(s, dtype=np.int64)), types[i] if types else None)
+                  for i, s in enumerate(seqs)]
+        prefix = batch.sequences[0][:prefix_len]
+        prefix_state = self.embed.rows(np.asarray(prefix, dtype=np.int64))[None] if prefix_len else None
+        count.embed_s = time.perf_counter() - t0
 
-        L = self.artifact.n_layers
         policy = self.policy_for(k)
         run = PruningRun(policy, n, k, L)
-        computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query last)
-        scores = np.zeros(n)
-        provisional = np.zeros(n, dtype=bool)
-        layers_done = np.zeros(n, dtype=np.int64)
-        record = [] if self.record_layers else None
-        work = pad = 0
-        t_layers = t_prune = 0.0
+        scores, provisional = np.zeros(n), np.zeros(n, dtype=bool)
+        computing = np.arange(n)  # candidates that run through the next layer
         self.layers.prefetch(0)
         for layer in range(L):
-            if record is not None and layer > 0:
-                record.append(self._head_scores(*self._pool(states, np.arange(n), seqs)))
+            if recorder is not None:
+                recorder.before_layer(layer, lambda: self.head.scores(states, np.arange(n) + q))
             if run.wants_check(layer):
-                tp = time.perf_counter()
-                now = self._head_scores(*self._pool(states, run.live, seqs))
-                live = run.live
-                d = run.check(layer, now)
-                scores[live], provisional[live] = now, True  # provisional until the last layer
-                stopped = live[d.dropped] if policy.exact_order else np.setdiff1d(live, run.computing())
-                if run.done:
-                    stopped = live
-                for i in stopped:
-                    states[i] = None
-                computing = run.computing() if not run.done else np.array([], dtype=np.int64)
-                if self.spec.kind == "bi-encoder":
-                    computing = np.append(computing, n)
-                provisional[computing[computing < n]] = False
-                t_prune += time.perf_counter() - tp
+                computing = self._prune(run, layer, states, scores, provisional, count)
                 if run.done:
                     break
             tl = time.perf_counter()
             sess = self.layers.get(layer)
             self.layers.prefetch(layer + 1)
-            past = None if self.encoder else self._no_past
-            if prefix_state is not None:
-                prefix_state, past = self._run_prefix(sess, prefix_state)
-                work += prefix_len
-            for chunk in length_chunks(lengths, plan_chunk, rows=computing, min_fill=0.75):
-                w, p = self._run_chunk(sess, states, seqs, chunk, lengths, past, prefix_len)
-                work += w
-                pad += p
-            layers_done[computing[computing < n]] += 1
+            past = None
+            if not self.encoder:
+                past = self._no_past
+                if prefix_state is not None:
+                    prefix_state, past = self._run_prefix(sess, prefix_state)
+                    count.work += prefix_len
+            rows = np.concatenate([np.arange(q), computing + q])
+            for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
+                w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len)
+                count.work, count.pad = count.work + w, count.pad + p
+            count.layers_done[computing] += 1
             self.layers.done(layer)
             del sess
-            t_layers += time.perf_counter() - tl
+            count.layers_s += time.perf_counter() - tl
         self.layers.release()
-        tier = run.tiers()
 
+        tier = run.tiers()
         final = np.flatnonzero((tier == 0) & ~provisional)
         if len(final):
-            scores[final] = self._head_scores(*self._pool(states, final, seqs))
-        full_work = L * (int(lengths[:n].sum()) + prefix_len + (int(lengths[n]) if self.spec.kind == "bi-encoder" else 0))
-        unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
-        stats = {
-            "layers": L, "top_k": k, "pruning": policy.enabled, "threshold": policy.threshold,
-            "min_depth": policy.min_depth, "clusters": policy.clusters,
-            "first_check_layer": run.first if run.first <= L else None,
-            "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
-            "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[:n].sum()),
-            "prefix_tokens_saved": (n - 1) * prefix_len if prefix_len else 0,
-            "layer_token_work": int(work), "layer_token_work_unpruned": int(full_work),
-            "work_skipped": 1.0 - work / full_work if full_work else 0.0,
-            "work_saved_vs_unshared": 1.0 - work / unshared if unshared else 0.0,
-            "padding_fraction": pad / (work + pad) if work + pad else 0.0,
-            "layers_per_candidate": np.bincount(layers_done, minlength=L + 1).tolist(),
-            "pruning_steps": run.steps, "selected": len(run.selected), "dropped": int((run.dropped_at >= 0).sum()),
-            "chunk_tokens": plan_chunk, "stream_weights": self.plan.stream,
-            "embed_s": embed_s, "layers_s": t_layers, "prune_s": t_prune,
-            "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
-            "embed_cache_rows": len(self.embed._cache), "vocab_touched_fraction": touched,
-            "rss_start_mb": rss0 / MB,
-            "wall_s": time.perf_counter() - t_start,
-        }
-        if record is not None:
-            record.append(scores.copy())
-            stats["layer_scores"] = np.stack(record)  # [L, n]: before layers 1..L-1, then final
-            stats["candidate_lengths"] = lengths[:n]
+            scores[final] = self.head.scores(states, final + q)
+        stats = self._stats(batch, run, count, lengths, prefix_len, chunk_tokens, seqs, rss0)
+        if recorder is not None:
+            stats.update(recorder.stats(scores, lengths[q:]))
+        stats["wall_s"] = time.perf_counter() - t_start
         return Scores(scores, tier, provisional, stats)
 
     # ---- pieces ------------------------------------------------------------------------
 
-    def _embed(self, ids: list[int], type_ids: list[int] | None) -> np.ndarray:
-        x = self.embed.rows(np.asarray(ids, dtype=np.int64))
-        if not self.encoder:
-            return x
-        h, off = self.head, self.artifact.dims.get("position_offset", 0)
-        x = x + h["position"][off: off + len(ids)]
-        if "token_type" in h:
-            x = x + h["token_type"][np.asarray(type_ids if type_ids is not None else [0] * len(ids))]
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        eps = np.float32(self.artifact.dims["norm_eps"])
-        return ((x - mu) / np.sqrt(var + eps) * h["ln_weight"] + h["ln_bias"]).astype(np.float32)
-
-    def _pool(self, states, rows, seqs) -> tuple:
-        """Per-row states the head reads, and (bi-encoders) the query's pooled state."""
-        if not self.encoder:
-            return (np.stack([states[i][-1] for i in rows]),)
-        if self.spec.kind == "cross-encoder":
-            return (np.stack([states[i][0] for i in rows]),)
-        q = states[len(seqs) - 1].mean(0)
-        return np.stack([states[i].mean(0) for i in rows]), q
+    def _prune(self, run: PruningRun, layer: int, states: list, scores: np.ndarray, provisional: np.ndarray,
+               count: CallCounters) -> np.ndarray:
+        """One pruning check before ``layer``: score the live candidates, let the policy
+        decide, free the states of those that stop; returns the candidates still running."""
+        tp = time.perf_counter()
+        q = self.head.query_rows
+        live = run.live
+        now = self.head.scores(states, live + q)
+        d = run.check(layer, now)
+        scores[live], provisional[live] = now, True  # provisional until the last layer
+        computing = run.computing() if not run.done else np.array([], dtype=np.int64)
+        stopped = live if run.done else (live[d.dropped] if run.policy.exact_order
+                                         else np.setdiff1d(live, computing))
+        for i in stopped:
+            states[i + q] = None
+        provisional[computing] = False
+        count.prune_s += time.perf_counter() - tp
+        return computing
 
     def _run_prefix(self, sess, prefix_state: np.ndarray):
         P = prefix_state.shape[1]
         cos, sin = self.rope(np.arange(P)[None])
         mask = np.triu(np.full((P, P), NEG, np.float32), 1)[None, None, None]
-        out, key, value = sess.run(None, {"hidden": prefix_state, "cos": cos, "sin": sin, "mask": mask,
-                                          "past_key": self._no_past[0], "past_value": self._no_past[1]})
+        out, key, value = sess.run(None, {layout.HIDDEN: prefix_state, layout.COS: cos, layout.SIN: sin,
+                                          layout.MASK: mask, layout.PAST_KEY: self._no_past[0],
+                                          layout.PAST_VALUE: self._no_past[1]})
         return out, (key, value)
 
-    def _run_chunk(self, sess, states, seqs, chunk, lengths, past, prefix_len) -> tuple[int, int]:
+    def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len) -> tuple[int, int]:
         """Run one chunk of rows through a layer, in place; returns (real, padded) tokens."""
         width = int(lengths[chunk].max())
         B, H = len(chunk), self.shape.hidden
@@ -289,18 +245,45 @@ class LayerwiseBackend:
         valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
         if self.encoder:
             mask = np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
-            (out,) = sess.run(None, {"hidden": x, "mask": mask})
+            (out,) = sess.run(None, {layout.HIDDEN: x, layout.MASK: mask})
         else:
             causal = np.tril(np.ones((width, width), bool))
             mask = np.where(causal[None] & valid[:, None, :], 0.0, NEG).astype(np.float32)[:, None, None]
-            pos = prefix_len + np.arange(width)[None].repeat(B, 0)
-            cos, sin = self.rope(pos)
-            out, _, _ = sess.run(None, {"hidden": x, "cos": cos, "sin": sin, "mask": mask,
-                                        "past_key": past[0], "past_value": past[1]})
+            cos, sin = self.rope(prefix_len + np.arange(width)[None].repeat(B, 0))
+            out, _, _ = sess.run(None, {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
+                                        layout.PAST_KEY: past[0], layout.PAST_VALUE: past[1]})
         for r, i in enumerate(chunk):
             states[i] = out[r, : lengths[i]]
         real = int(lengths[chunk].sum())
         return real, B * width - real
+
+    def _stats(self, batch: EncodedBatch, run: PruningRun, count: CallCounters, lengths: np.ndarray,
+               prefix_len: int, chunk_tokens: int, seqs: list, rss0: int) -> dict:
+        """The call's statistics (``ranking.stats.extra``)."""
+        L, n, policy, q = count.n_layers, count.n, run.policy, self.head.query_rows
+        full_work = L * (int(lengths.sum()) + prefix_len)
+        unshared = L * (sum(len(s) for s in batch.sequences) + (len(batch.query) if batch.query else 0))
+        touched = len(set().union(*map(set, seqs), batch.sequences[0][:prefix_len])) / self.embed.vocab
+        work, pad = count.work, count.pad
+        return {
+            "layers": L, "top_k": run.k, "pruning": policy.enabled, "threshold": policy.threshold,
+            "min_depth": policy.min_depth, "clusters": policy.clusters,
+            "first_check_layer": run.first if run.first <= L else None,
+            "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
+            "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[q:].sum()),
+            "prefix_tokens_saved": (n - 1) * prefix_len if prefix_len else 0,
+            "layer_token_work": int(work), "layer_token_work_unpruned": int(full_work),
+            "work_skipped": 1.0 - work / full_work if full_work else 0.0,
+            "work_saved_vs_unshared": 1.0 - work / unshared if unshared else 0.0,
+            "padding_fraction": pad / (work + pad) if work + pad else 0.0,
+            "layers_per_candidate": np.bincount(count.layers_done, minlength=L + 1).tolist(),
+            "pruning_steps": run.steps, "selected": len(run.selected), "dropped": int((run.dropped_at >= 0).sum()),
+            "chunk_tokens": chunk_tokens, "stream_weights": self.plan.stream,
+            "embed_s": count.embed_s, "layers_s": count.layers_s, "prune_s": count.prune_s,
+            "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
+            "embed_cache_rows": len(self.embed._cache), "vocab_touched_fraction": touched,
+            "rss_start_mb": rss0 / MB,
+        }
 
     def close(self) -> None:
         self.layers.close()

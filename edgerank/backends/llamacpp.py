@@ -28,6 +28,7 @@ import ctypes
 import numpy as np
 import psutil
 
+from edgerank.backends import Scores
 from edgerank.errors import BackendUnavailableError, ModelFormatError
 from edgerank.sources import ModelSource
 from edgerank.tokenization import EncodedBatch, LlamaCppTokenizer, label_token_ids
@@ -57,7 +58,7 @@ class LlamaCppBackend:
         if source.kind != "gguf":
             raise BackendUnavailableError(
                 f"backend 'llamacpp' runs GGUF files; {source.path} is a {source.kind} model "
-                "(convert it: python -m converters SRC --to gguf)"
+                "(convert it: python -m edgerank.converters SRC --to gguf)"
             )
         if source.spec.kind == "cross-encoder":
             raise BackendUnavailableError(
@@ -114,17 +115,17 @@ class LlamaCppBackend:
         self.label_ids = [] if self.embedding else label_token_ids(self.tokenizer, self.spec.score.labels)
         self._batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
 
-    def score(self, batch: EncodedBatch) -> np.ndarray:
-        """One score per sequence, decoding many sequences per ``llama_decode`` call."""
+    def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
+        """One score per sequence, decoding many sequences per ``llama_decode`` call
+        (every candidate runs to the last layer, whatever ``top_k``)."""
         seqs = [batch.query] + batch.sequences if self.embedding else batch.sequences
         width = self.n_embd if self.embedding else len(self.label_ids)
         out = np.zeros((len(seqs), width), dtype=np.float64)
         for group in self._groups(seqs):
             out[group] = self._decode([seqs[i] for i in group])
-        if self.embedding:  # cosine of mean-pooled embeddings
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-            return out[1:] @ out[0]
-        return self.spec.score.apply(out)
+        if self.embedding:  # mean-pooled embeddings; the query is row 0, as on every backend
+            return Scores.final(self.spec.score.apply(out[1:], query=out[0]))
+        return Scores.final(self.spec.score.apply(out))
 
     def _groups(self, seqs: list[list[int]]) -> list[list[int]]:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

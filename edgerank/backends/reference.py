@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgerank.backends import Scores
 from edgerank.chunking import length_chunks
 from edgerank.errors import ModelFormatError
 from edgerank.sources import ModelSource
@@ -56,8 +57,9 @@ class ReferenceBackend:
             self.model = model
 
     @torch.inference_mode()
-    def score(self, batch: EncodedBatch) -> np.ndarray:
-        """One score per sequence of ``batch``, via the spec's score formula."""
+    def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
+        """One score per sequence of ``batch``, via the spec's score formula (every
+        candidate runs to the last layer, whatever ``top_k``)."""
         seqs = batch.sequences
         if self.spec.kind == "bi-encoder":
             seqs = [batch.query] + seqs
@@ -65,9 +67,9 @@ class ReferenceBackend:
         shared = batch.prefix_len if self.spec.kind == "decoder" else 0  # the template prefix, run once a chunk
         for chunk in length_chunks([len(s) - shared for s in seqs], self.batch_tokens, min_fill=0.75):
             out[chunk] = self._forward([seqs[i] for i in chunk], batch, chunk, shared)
-        if self.spec.kind == "bi-encoder":
-            return out[1:] @ out[0]  # cosine: the embeddings are L2-normalised
-        return self.spec.score.apply(out)
+        if self.spec.kind == "bi-encoder":  # the query is row 0, as on every backend
+            return Scores.final(self.spec.score.apply(out[1:], query=out[0]))
+        return Scores.final(self.spec.score.apply(out))
 
     def _head_width(self) -> int:
         if self.spec.kind == "decoder":

@@ -50,9 +50,18 @@ class ScoreFormula:
     kind: Literal["yes_no", "expected_label", "classifier", "cosine"]
     labels: tuple[str, ...] = ()
 
-    def apply(self, head_logits: np.ndarray) -> np.ndarray:
-        """Scores from head outputs of shape ``[n, len(labels)]`` (or ``[n, num_labels]``)."""
+    def apply(self, head_logits: np.ndarray, query: np.ndarray | None = None) -> np.ndarray:
+        """Scores from head outputs of shape ``[n, len(labels)]`` (or ``[n, num_labels]``).
+
+        ``cosine`` takes the candidates' pooled embeddings ``[n, H]`` and the query's
+        ``[H]`` (every backend hands over both; none normalises them itself)."""
         x = np.asarray(head_logits, dtype=np.float64)
+        if self.kind == "cosine":
+            if query is None:
+                raise ValueError("the cosine score formula needs the query's embedding")
+            q = np.asarray(query, dtype=np.float64)
+            docs = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+            return docs @ (q / max(float(np.linalg.norm(q)), 1e-12))
         if self.kind == "yes_no" or self.kind == "classifier" and x.shape[1] > 1:
             return _sigmoid(self.logit(x))
         if self.kind == "expected_label":
@@ -61,8 +70,6 @@ class ScoreFormula:
             return p @ np.arange(x.shape[1], dtype=np.float64)
         if self.kind == "classifier":
             return x[:, 0]  # one logit: the score itself
-        if self.kind == "cosine":
-            return x[:, 0]  # backends hand over the cosine itself
         raise ValueError(f"unknown score formula {self.kind!r}")
 
     def logit(self, head_logits):

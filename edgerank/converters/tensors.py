@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from edgerank.adapters import ADAPTER_FILE
+from edgerank.converters.safetensors_file import SafetensorsFile
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 
 SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3", "bert", "xlm-roberta"}
@@ -75,22 +76,10 @@ def weight_shards(folder: Path) -> list[Path]:
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, fp32 array) for every tensor of every shard, one at a time."""
-    from safetensors import safe_open
-
     for shard in weight_shards(folder):
-        with safe_open(shard, framework="pt") as f:  # torch reads bf16, numpy cannot
-            for name in f.keys():
-                yield name, f.get_tensor(name).float().numpy()
-
-
-def safetensors_names(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
-    names = []
-    for shard in weight_shards(folder):
-        with safe_open(shard, framework="pt") as f:
-            names.extend(f.keys())
-    return names
+        f = SafetensorsFile(shard)
+        for name in f.keys():
+            yield name, f.get(name, float32=True)
 
 
 def iter_gguf(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -139,12 +128,10 @@ class TensorReader:
         self.src = Path(src)
         self._index: dict[str, object] = {}
         if self.src.is_dir():
-            from safetensors import safe_open
-
             for shard in weight_shards(self.src):
-                with safe_open(shard, framework="pt") as f:
-                    for name in f.keys():
-                        self._index[name] = shard
+                f = SafetensorsFile(shard)
+                for name in f.keys():
+                    self._index[name] = f
             self.config = hf_config(self.src)
         else:
             from gguf import GGUFReader
@@ -174,15 +161,8 @@ class TensorReader:
         handle = self._index.get(name)
         if handle is None:
             raise ModelFormatError(f"{self.src} has no tensor {name!r}")
-        if self.src.is_dir():
-            import torch
-            from safetensors import safe_open
-
-            # opened per tensor: a shard's memory map (and the pages it touched, which
-            # count as resident) is released as soon as the tensor is copied out
-            with safe_open(handle, framework="pt") as f:
-                t = f.get_tensor(name)
-                return (t.float() if t.dtype != torch.float32 else t.clone()).numpy()  # own copy
+        if self.src.is_dir():  # read into its own array: no shard stays mapped
+            return handle.get(name, float32=True)
         w = _dequantized(handle)
         _drop_mapped_pages(self._reader)
         if self.config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):

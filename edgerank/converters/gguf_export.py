@@ -26,11 +26,11 @@ import numpy as np
 from gguf.quants import quant_shape_to_byte_shape, quantize
 from tqdm.auto import tqdm
 
-from converters.tensors import ArchConfig, hf_config, iter_gguf, iter_safetensors
-from converters.vocab import add_tokenizer
+from edgerank.converters.tensors import ArchConfig, hf_config, iter_gguf, iter_safetensors
+from edgerank.converters.vocab import add_tokenizer
 from edgerank.errors import UnsupportedModelError
 from edgerank.sources import FAMILY_KEY, LORA_KEY
-from models.specs import ModelSpec
+from edgerank.specs import ModelSpec
 
 QUANTS = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),

@@ -1,0 +1,42 @@
+"""The artifact's layout: its file names, its layer graphs' input and output names, its
+format and version, and how its files are checked. One home, imported by the writer
+(``edgerank.converters.onnx_export``, ``onnx_graphs``) and the reader (``artifact``,
+``backends.layerwise``), as gguf-py's ``constants.py`` serves its writer and reader."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+FORMAT = "edgerank-artifact"
+FORMAT_VERSION = 1  # what the converter writes
+SUPPORTED_VERSIONS = (1,)  # what the runtime reads
+
+# files, relative to the artifact folder
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+EMBED = "embed.npy"  # int8 rows (with EMBED_SCALE) or fp32
+EMBED_SCALE = "embed_scale.npy"  # one fp32 scale per int8 row
+HEAD = "head.npz"
+LAYERS_DIR = "layers"
+
+
+def layer_file(i: int) -> str:
+    """Layer ``i``'s graph, relative to the artifact folder."""
+    return f"{LAYERS_DIR}/layer_{i:02d}.onnx"
+
+
+# layer graph inputs: hidden states [B,T,H] and the additive attention mask; decoders also
+# take the rotary tables [B,T,D] and the shared prefix's keys/values [1,KVH,1,P,D]
+HIDDEN, MASK, COS, SIN, PAST_KEY, PAST_VALUE = "hidden", "mask", "cos", "sin", "past_key", "past_value"
+# layer graph outputs: new hidden states; decoders also this call's own keys/values
+HIDDEN_OUT, KEY, VALUE = "hidden_out", "key", "value"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (artifacts, wheels and models are checked by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
