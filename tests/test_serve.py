@@ -92,6 +92,7 @@ def test_cohere_sdk_v2_client_ranks_like_edgerank(url):
     resp = client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=3)
     assert [(r.index, r.relevance_score) for r in resp.results] == reference(QUERY, DOCS, 3)
     assert resp.meta.api_version.version == "2"
+    assert resp.meta.edgerank["candidates"] == len(DOCS)  # the SDK keeps the server's extra field
 
 
 def test_cohere_sdk_v1_client_returns_documents(url):
