@@ -431,6 +431,34 @@ def test_a_client_that_disconnects_while_queued_costs_nothing(reranker):
         assert post(url, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={}).status_code == 200
 
 
+def test_a_client_that_disconnects_while_its_call_runs_costs_only_that_call(reranker):
+    gated = Gated(reranker)
+    with serving(gated, max_queue=4) as (url, app):
+        queue = app.state.runtime["queue"]
+        gone: list = []
+        quitter = background_post(url, {"query": "quitter " + QUERY, "documents": DOCS}, gone, timeout=0.5)
+        wait_for(lambda: len(gated.calls) == 1)  # its call is running, held at the gate
+        quitter.join(10)
+        assert isinstance(gone[0], httpx.TimeoutException)
+        assert queue.pending == 1  # a running call cannot be interrupted: it still counts
+        gated.gate.set()
+        wait_for(lambda: queue.pending == 0)  # it finished; nobody read it
+        ok = post(url, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={})
+        assert ok.status_code == 200
+        assert [(x["index"], x["relevance_score"]) for x in ok.json()["results"]] == reference(QUERY, DOCS)
+        assert gated.calls == ["quitter " + QUERY, QUERY]
+
+
+def test_raw_scores_invert_the_sigmoid_of_yes_no_heads():
+    """TEI's raw_scores for a yes/no head: the logit whose sigmoid the model's score is."""
+    from scipy.special import logit
+
+    from edgerank.serve import _logit
+
+    for p in (1e-9, 0.01, 0.3, 0.5, 0.77, 0.999999):
+        assert _logit(p) == pytest.approx(float(logit(p)), rel=1e-9, abs=1e-9)
+
+
 # ---- the command line: SIGTERM drains, refuses to bind off loopback without a key ----------
 
 def free_port() -> int:

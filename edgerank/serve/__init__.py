@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import secrets
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -161,12 +162,14 @@ class ModelQueue:
         self.reranker, self.max_queue = reranker, max_queue
         self.pending = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-model")
-        self._recent: collections.deque[float] = collections.deque(maxlen=16)
+        self._recent: collections.deque[float] = collections.deque(maxlen=16)  # recent call times
+        self._recent_lock = threading.Lock()  # appended on the worker thread, read on the loop's
         self._on_depth = on_depth or (lambda n: None)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: recent call time x calls ahead."""
-        per_call = sum(self._recent) / len(self._recent) if self._recent else 1.0
+        with self._recent_lock:
+            per_call = sum(self._recent) / len(self._recent) if self._recent else 1.0
         return max(1, math.ceil(per_call * self.pending))
 
     def _release(self) -> None:
@@ -177,7 +180,8 @@ class ModelQueue:
         started = time.perf_counter()
         ranking = self.reranker.rank(query, documents, top_k=top_k)
         elapsed = time.perf_counter() - started
-        self._recent.append(elapsed)
+        with self._recent_lock:
+            self._recent.append(elapsed)
         return ranking, started, elapsed
 
     async def rank(self, request: Request, query: str, documents: list[str], top_k: int | None,
