@@ -449,6 +449,22 @@ def test_a_client_that_disconnects_while_its_call_runs_costs_only_that_call(rera
         assert gated.calls == ["quitter " + QUERY, QUERY]
 
 
+def test_a_failing_call_is_a_json_500_and_the_server_goes_on(reranker):
+    class Flaky(Gated):
+        def rank(self, query, documents, top_k=None):
+            if query == "boom":
+                raise RuntimeError("backend returned invalid scores")
+            return self.inner.rank(query, documents, top_k=top_k)
+
+    with serving(Flaky(reranker)) as (url, app):
+        r = post(url, "/v1/rerank", {"query": "boom", "documents": DOCS}, headers={})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"code": 500, "type": "server_error",
+                                      "message": "internal error: RuntimeError: backend returned invalid scores"}}
+        assert post(url, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={}).status_code == 200
+        assert app.state.runtime["queue"].pending == 0
+
+
 def test_raw_scores_invert_the_sigmoid_of_yes_no_heads():
     """TEI's raw_scores for a yes/no head: the logit whose sigmoid the model's score is."""
     from scipy.special import logit

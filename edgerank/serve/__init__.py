@@ -147,7 +147,7 @@ class Busy(Exception):
 
 
 class ClientGone(Exception):
-    """The client disconnected while its request waited."""
+    """The client disconnected before its answer was ready."""
 
 
 class ModelQueue:
@@ -419,6 +419,10 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.headers)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # uvicorn still logs the traceback
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
     def parse(model: type[BaseModel], data: Any) -> Any:
         if not isinstance(data, dict):
             raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
@@ -440,7 +444,7 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
                            f"(--max-queue {settings.max_queue}); retry later",
                            {"Retry-After": str(queue.retry_after())}) from None
         except ClientGone:
-            raise ApiError(499, "the client disconnected before its request ran") from None
+            raise ApiError(499, "the client disconnected before its answer was ready") from None
         except (ValueError, TypeError) as e:  # input the model cannot take, e.g. a query too long
             raise ApiError(422, str(e)) from None
         metrics.record_call(ranking)
