@@ -370,6 +370,9 @@ def test_full_queue_answers_429_with_retry_after_and_loses_nothing(reranker):
         r = post(url, "/v2/rerank", {"model": "m", "query": QUERY, "documents": DOCS}, headers={})
         assert r.status_code == 429
         assert int(r.headers["Retry-After"]) >= 1
+        big = post(url, "/v1/rerank", {"query": QUERY, "documents": ["x" * 100_000] * 20}, headers={})
+        assert big.status_code == 429  # refused before its body is held, read only to be dropped
+        assert app.state.runtime["reading"] == 0
         assert r.json()["error"]["type"] == "rate_limit_error" and "--max-queue 1" in r.json()["error"]["message"]
         gated.gate.set()
         for t in threads:
@@ -383,8 +386,9 @@ def test_full_queue_answers_429_with_retry_after_and_loses_nothing(reranker):
         codes = {(s.labels["route"], s.labels["code"]): s.value for s in families["edgerank_requests"].samples
                  if s.name == "edgerank_requests_total"}
         assert codes[("/v1/rerank", "200")] == 2 and codes[("/v2/rerank", "429")] == 1
+        assert codes[("/v1/rerank", "429")] == 1
         assert {s.labels["code"]: s.value for s in families["edgerank_errors"].samples
-                if s.name == "edgerank_errors_total"} == {"429": 1}
+                if s.name == "edgerank_errors_total"} == {"429": 2}
         scored = [s.value for s in families["edgerank_documents_scored"].samples if s.name.endswith("_total")]
         assert scored == [2 * len(DOCS)]
         assert [s.value for s in families["edgerank_queue_depth"].samples] == [0]

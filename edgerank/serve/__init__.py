@@ -228,7 +228,7 @@ class Metrics:
                                 ["route", "code"], registry=r)
         self.errors = Counter("edgerank_errors", "Requests answered with an error, by status code",
                               ["code"], registry=r)
-        self.latency = Histogram("edgerank_request_seconds", "Time from request to response, rerank routes",
+        self.latency = Histogram("edgerank_request_seconds", "Time from request to response of rankings served (2xx)",
                                  ["route"], registry=r,
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.queue_depth = Gauge("edgerank_queue_depth", "Rerank requests running or waiting for the model",
@@ -329,11 +329,13 @@ def tei_response(body: TeiBody, ranking: Ranking, raw_logits: bool) -> list[dict
 DRAIN_BYTES = 16 * 1024 * 1024  # read on past the limit (and drop) so the client sees the 413
 
 
-async def read_body(request: Request, limit: int) -> Any:
-    """The JSON body; more than ``limit`` bytes is a 413, and is never held in memory."""
+async def read_body(request: Request, limit: int, keep: bool = True) -> Any:
+    """The JSON body; more than ``limit`` bytes is a 413, and is never held in memory.
+    ``keep=False`` reads the body and drops it (a request refused before it is read)."""
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > limit
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     with contextlib.suppress(ClientDisconnect):
         async for chunk in request.stream():
             size += len(chunk)
@@ -341,8 +343,10 @@ async def read_body(request: Request, limit: int) -> Any:
                 too_big = True
                 if size > limit + DRAIN_BYTES:
                     break
-            else:
+            elif keep:
                 chunks.append(chunk)
+    if not keep:
+        return None
     if too_big:
         raise ApiError(413, f"the request body is larger than the server's limit of {limit} bytes "
                        "(--max-body-bytes)", {"Connection": "close"})
@@ -387,7 +391,7 @@ class Guard:
         self.metrics.requests.labels(route, code).inc()
         if status[0] >= 400:
             self.metrics.errors.labels(code).inc()
-        if route.endswith("rerank"):
+        if route.endswith("rerank") and status[0] < 400:  # the latency of rankings served
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
@@ -405,6 +409,7 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
         state["queue"] = ModelQueue(model, settings.max_queue, metrics.queue_depth.set)
         state["name"] = model.source.name
         state["created"] = int(time.time())
+        state["reading"] = 0  # requests admitted whose bodies are being read
         try:
             yield
         finally:
@@ -440,9 +445,7 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
         try:
             ranking, queue_s = await queue.rank(request, query, texts, top_k, settings.timeout_s)
         except Busy:
-            raise ApiError(429, f"the server is busy: {queue.pending} requests are running or queued "
-                           f"(--max-queue {settings.max_queue}); retry later",
-                           {"Retry-After": str(queue.retry_after())}) from None
+            raise busy(queue) from None
         except ClientGone:
             raise ApiError(499, "the client disconnected before its answer was ready") from None
         except (ValueError, TypeError) as e:  # input the model cannot take, e.g. a query too long
@@ -454,8 +457,26 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
         t = ranking.stats.truncated
         return {"X-Edgerank-Truncated": ",".join(map(str, t))} if t else {}
 
+    async def admit_and_read(request: Request) -> Any:
+        """The body, if the queue has room for the request: bodies are held only for requests
+        that can run, so a flood of large requests cannot grow memory past the queue's bound."""
+        queue: ModelQueue = state["queue"]
+        if queue.pending + state["reading"] > settings.max_queue:
+            await read_body(request, settings.max_body_bytes, keep=False)
+            raise busy(queue)
+        state["reading"] += 1
+        try:
+            return await read_body(request, settings.max_body_bytes)
+        finally:
+            state["reading"] -= 1
+
+    def busy(queue: ModelQueue) -> ApiError:
+        return ApiError(429, f"the server is busy: {queue.pending} requests are running or queued "
+                        f"(--max-queue {settings.max_queue}); retry later",
+                        {"Retry-After": str(queue.retry_after())})
+
     async def cohere_route(request: Request, version: str) -> Response:
-        data = await read_body(request, settings.max_body_bytes)
+        data = await admit_and_read(request)
         if version == "1" and isinstance(data, dict) and "texts" in data and "documents" not in data:
             return await tei_route(request, data)  # llama.cpp answers TEI's body on these routes too
         body: RerankBody = parse(RerankBody, data)
