@@ -101,6 +101,7 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
     """``clients`` concurrent clients, each sending its share of ``requests`` one after another."""
     results: list[dict] = []
     peak = {"rss_mb": rss_mb(proc), "queue_depth": 0.0}
+    rss_samples: list[float] = [peak["rss_mb"]]  # the server's RSS every 50 ms: between calls it swings by tens of MB
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -123,7 +124,8 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
 
         async def watch() -> None:
             while not stop.is_set():
-                peak["rss_mb"] = max(peak["rss_mb"], rss_mb(proc))
+                rss_samples.append(rss_mb(proc))
+                peak["rss_mb"] = max(peak["rss_mb"], rss_samples[-1])
                 with_metrics = await http.get(url + "/metrics")
                 peak["queue_depth"] = max(peak["queue_depth"], queue_depth(with_metrics.text))
                 await asyncio.sleep(0.05)
@@ -148,6 +150,9 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
         "latency_max_s": round(lat[-1], 3) if lat else None,
         "peak_queue_depth": peak["queue_depth"], "peak_rss_mb": round(peak["rss_mb"], 1),
         "429_without_retry_after": sum(1 for r in results if r["status"] == 429 and not r["retry_after"]),
+        # growth vs fluctuation: the median RSS over the first and the last quarter of the run
+        "rss_first_quarter_median_mb": round(statistics.median(rss_samples[:max(1, len(rss_samples) // 4)]), 1),
+        "rss_last_quarter_median_mb": round(statistics.median(rss_samples[-max(1, len(rss_samples) // 4):]), 1),
     }
 
 
