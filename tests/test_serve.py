@@ -319,6 +319,7 @@ def test_response_says_what_pruning_dropped_at_which_layer():
         assert sum(s["dropped"] for s in info["pruning_steps"] if s["layer"] == layer) == hist[layer]
     assert hist[info["layers"]] == len(DOCS) - len(pruned)
     assert not {p["index"] for p in pruned} & {x["index"] for x in body["results"]}
+    assert all(extra["document_scores"][r.index] == r.score for r in expected)  # the top K: final scores
 
 
 # ---- the queue: 429, timeouts, disconnects, metrics ----------------------------------------
