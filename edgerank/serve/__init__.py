@@ -25,15 +25,14 @@ from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 import edgerank
 from edgerank import Ranking, Reranker
 
-API_VERSION = "1"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
                429: "rate_limit_error", 499: "client_closed_request",
@@ -522,9 +521,11 @@ def create_app(settings: Settings, reranker: Reranker | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    page = resources.files(__name__).joinpath("playground.html").read_text(encoding="utf-8")
+
     @app.get("/")
     async def playground() -> HTMLResponse:
-        return HTMLResponse(resources.files(__name__).joinpath("playground.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
