@@ -147,6 +147,10 @@ class Reranker:
         # every copy of a candidate takes its one score; a top-K of the distinct candidates
         # holds every candidate of the top-K of all, so pruning stays safe
         scores, tier, provisional = scores[copy_of], np.asarray(tier)[copy_of], np.asarray(provisional)[copy_of]
+        if "layers" in stats.extra:  # per input document, for callers (the server) that show what pruning dropped
+            n_layers = int(stats.extra["layers"])
+            stats.extra["document_scores"] = scores.tolist()
+            stats.extra["dropped_before_layer"] = [n_layers + 1 - int(t) if t else None for t in tier]
         # pruned candidates (tier > 0) rank below the top-K whatever their provisional score
         order = np.lexsort((-scores, tier))[: top_k or len(documents)]
         stats.tokens, stats.prefix_tokens, stats.truncated = unique.n_tokens, batch.prefix_len, batch.truncated

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
+from edgerank.extras import require
+
+require("eval", "python -m edgerank.eval")
+
+from rich.console import Console  # noqa: E402
 from rich.table import Table
 from tqdm.auto import tqdm
 

@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "safetensors"),
     "eval": ("bm25s", "rich"),
     "bench": ("matplotlib", "rich", "torch", "transformers", "llama_cpp"),
+    "server": ("fastapi", "uvicorn", "prometheus_client"),
 }
 
 

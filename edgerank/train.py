@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from edgerank.extras import require
+
+require("train", "python -m edgerank.train")
+
+import torch  # noqa: E402
 from tqdm.auto import tqdm
 
 from edgerank.adapters import ADAPTER_DTYPES, ADAPTER_FILE
