@@ -162,11 +162,16 @@ def _import_backend(backend: str | None) -> None:
 class Worker:
     """The parent's handle on one configuration's subprocess."""
 
-    def __init__(self, name: str, spec: dict) -> None:
+    def __init__(self, name: str, spec: dict, tree: Path | None = None) -> None:
+        """``tree``: run the worker from another checkout of edgerank (its code on the
+        path first), to compare two versions side by side (``bench/compare_trees.py``)."""
         self.name = name
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.proc = subprocess.Popen([sys.executable, "-m", "edgerank.bench", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                     env={**os.environ, "TQDM_DISABLE": "1"})
+                                     env=env, cwd=tree)
         self.hello = self._read()
 
     def _read(self) -> dict:
