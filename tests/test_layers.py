@@ -97,3 +97,17 @@ def test_a_missing_extra_is_one_error_naming_the_install_that_fixes_it(monkeypat
         assert isinstance(e, ImportError) and isinstance(e, edgerank.BackendUnavailableError)
     else:
         raise AssertionError("a missing extra must be refused")
+
+
+def test_without_torch_a_conversion_is_verified_against_an_fp32_artifact(monkeypatch, tmp_path, tiny_qwen3):
+    """On the core install the converter's check runs the source as an fp32 artifact on
+    ONNX Runtime; its figures match the check against transformers."""
+    from edgerank import extras
+
+    with_torch = convert(tiny_qwen3, "onnx", "int4", tmp_path / "a", family="qwen3-reranker", progress=False)
+    monkeypatch.setitem(extras.EXTRAS, "reference", ("no_such_module_xyz",))
+    without = convert(tiny_qwen3, "onnx", "int4", tmp_path / "b", family="qwen3-reranker", progress=False)
+    assert with_torch["reference"] == "reference" and without["reference"] == "edgerank"
+    assert without["pairs"] == with_torch["pairs"] == 64
+    assert abs(without["spearman"] - with_torch["spearman"]) < 0.02
+    assert abs(without["max_abs_diff"] - with_torch["max_abs_diff"]) < 2e-3

@@ -92,12 +92,29 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
 
 
 def _verify(source, converted: Path, to: str) -> dict:
-    """Score sample pairs with the full-precision source and the converted model (unpruned)."""
-    from edgerank.converters.verify import compare, sample_pairs
-    from edgerank.api import Reranker
+    """Score sample pairs with the full-precision source and the converted model (unpruned).
 
+    The source runs on the torch reference backend where the ``reference`` extra is
+    installed; on the core install it runs as an fp32 artifact on ONNX Runtime (converted
+    into a temporary folder), which equals transformers within 1e-3 (tests)."""
+    import tempfile
+
+    from edgerank import extras
+    from edgerank.api import Reranker
+    from edgerank.converters.verify import compare, sample_pairs
+
+    if to == "gguf":
+        extras.require("llamacpp", "verifying a GGUF conversion (or pass --no-verify)")
     pairs = sample_pairs()
     options = {"backend": "llamacpp"} if to == "gguf" else {"backend": "edgerank", "pruning": False}
-    with Reranker(source.path, backend="reference", family=source.spec.family) as ref, \
-            Reranker(converted, family=source.spec.family, **options) as conv:
-        return compare(ref, conv, pairs)
+    family = source.spec.family
+    with tempfile.TemporaryDirectory(prefix="edgerank-verify-") as tmp:
+        if extras.missing("reference"):
+            reference = Path(tmp) / "fp32"
+            convert(source.path, "onnx", "fp32", reference, family=family, verify=False, progress=False)
+            ref_options = {"backend": "edgerank", "pruning": False}
+        else:
+            reference, ref_options = source.path, {"backend": "reference"}
+        with Reranker(reference, family=family, **ref_options) as ref, \
+                Reranker(converted, family=family, **options) as conv:
+            return {**compare(ref, conv, pairs), "reference": ref_options["backend"]}
