@@ -95,7 +95,8 @@ class LayerwiseBackend:
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's head scores (calibration)
-        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
+        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights,
+                                    (self.artifact.path / "tokenizer.json").stat().st_size)
         if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
@@ -157,8 +158,7 @@ class LayerwiseBackend:
             seqs = seqs + [batch.query]
             types = types + [batch.query_type_ids]
         lengths = np.array([len(s) for s in seqs])
-        plan_chunk = plan_call(self.shape, self.plan, self.max_memory_mb, int(lengths.sum()) + prefix_len,
-                               prefix_len, int(lengths.max()), self.embed.cached_bytes / MB)
+        plan_chunk = self.plan_chunk(batch)
 
         t0 = time.perf_counter()
         states = [self._embed(s, types[i] if types else None) for i, s in enumerate(seqs)]
@@ -246,6 +246,16 @@ class LayerwiseBackend:
             stats["layer_scores"] = np.stack(record)  # [L, n]: before layers 1..L-1, then final
             stats["candidate_lengths"] = lengths[:n]
         return Scores(scores, tier, provisional, stats)
+
+    def plan_chunk(self, batch: EncodedBatch) -> int:
+        """Tokens per chunk for ``batch`` under the budget; a :class:`MemoryBudgetError`
+        before any work if the call cannot fit."""
+        prefix_len = batch.prefix_len if self.shared_prefix else 0
+        lengths = [len(s) - prefix_len for s in batch.sequences]
+        if self.spec.kind == "bi-encoder":
+            lengths.append(len(batch.query))
+        return plan_call(self.shape, self.plan, self.max_memory_mb, sum(lengths) + prefix_len, prefix_len,
+                         max(lengths))
 
     # ---- pieces ------------------------------------------------------------------------
 
