@@ -26,6 +26,7 @@ class Artifact:
 
     path: Path
     manifest: dict
+    verified: bool = True  # every file's sha256 was checked at open
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
@@ -55,7 +56,7 @@ class Artifact:
             if verify and sha256_file(f) != info["sha256"]:
                 raise ModelFormatError(f"{path}: {rel} does not match its sha256 in manifest.json "
                                        "(the file was modified or corrupted)")
-        return cls(path, manifest)
+        return cls(path, manifest, verify)
 
     @property
     def dims(self) -> dict:

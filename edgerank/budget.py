@@ -75,7 +75,8 @@ def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, to
     ``tokenizer_bytes`` is the size of the model's tokenizer.json: loaded, a tokenizer
     takes ~20x its file (0.47 MB took 9.2 MB for minilm-l6)."""
     resident = SESSION_OVERHEAD * sum(shape.layer_bytes) / MB
-    window = SESSION_OVERHEAD * 2 * max(shape.layer_bytes) / MB
+    # two sessions, and the bytes of the one being built (checked, then parsed: edgerank.streaming)
+    window = (SESSION_OVERHEAD * 2 + 1) * max(shape.layer_bytes) / MB
     row_mb = 4 * shape.hidden / MB
     # the head is read from an npz (a copy while it is converted), the table's pages while
     # rows are read (a row may straddle two pages)
