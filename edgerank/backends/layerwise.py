@@ -31,7 +31,7 @@ from edgerank.artifact import Artifact
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
-from edgerank.errors import is_int, is_number
+from edgerank.errors import ModelFormatError, is_int, is_number
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
@@ -331,16 +331,18 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
     policy = PruningPolicy(enabled=enabled, exact_order=exact_order)
     for knob in ("threshold", "min_depth", "clusters"):
         value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
+        # a bad option is the caller's ValueError; a bad manifest is a bad artifact (a ValueError too)
+        error = ModelFormatError if source else ValueError
         if value is None:
             continue
         if knob == "clusters":
             if not is_int(value) or value < 2:
-                raise ValueError(f"{source}clusters must be an int >= 2 (one cluster can prune nothing; "
+                raise error(f"{source}clusters must be an int >= 2 (one cluster can prune nothing; "
                                  f"got {value!r})")
             policy.clusters = int(value)
         else:
             if not (is_number(value) and 0 <= value < float("inf")):
-                raise ValueError(f"{source}{knob} must be a number >= 0 (got {value!r})")
+                raise error(f"{source}{knob} must be a number >= 0 (got {value!r})")
             setattr(policy, knob, float(value))
     return policy
 
@@ -351,13 +353,13 @@ def _per_k_policies(by_k: object, given: dict, calibrated: dict, enabled: bool, 
     main calibrated ones; ``{"off": true}`` turns pruning off for that K, unless the caller
     chose knobs of their own."""
     if not isinstance(by_k, dict):
-        raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+        raise ModelFormatError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
     chose_knobs = any(v is not None for v in given.values())
     policies = {}
     for key, entry in by_k.items():
         k = int(key) if isinstance(key, str) and key.isdigit() else 0
         if k < 1 or not isinstance(entry, dict):
-            raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+            raise ModelFormatError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
         off = bool(entry.get("off")) and not chose_knobs
         policies[k] = _policy(given, {**calibrated, **entry}, enabled and not off, exact_order,
                               f"{where}by_k: {key}: ")
