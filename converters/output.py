@@ -94,8 +94,13 @@ def atomic_path(dest: Path, force: bool, is_dir: bool, companions: tuple[str, ..
             raise OutputExistsError(f"{path} exists and is not an edgerank artifact or GGUF: --force only "
                                     "replaces what edgerank wrote; remove it yourself or choose another output")
     check_output_location(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:  # a read-only or full file system: one clear error, nothing written
+        from edgerank.errors import OutputLocationError
+
+        raise OutputLocationError(f"cannot write {dest}: {e.strerror or e}") from e
     # mkdtemp makes the folder 0700; the output gets the mode any folder made here would
     os.chmod(staging, 0o777 & ~umask())
     target = staging if is_dir else staging / dest.name

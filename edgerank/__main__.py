@@ -27,7 +27,7 @@ EXAMPLE_DOCS = [
 ]
 
 
-@exits_on(FileNotFoundError)
+@exits_on(FileNotFoundError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank", description=__doc__)
     parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")

@@ -114,7 +114,7 @@ class Reranker:
         self.source: ModelSource = resolve(model, family=family)
         check_max_length(self.source, max_length)
         _check_instruction(self.spec, instruction)
-        self.backend_name = backend or default_backend(self.source)
+        self.backend_name = default_backend(self.source) if backend is None else backend
         self.instruction = instruction
         self.max_length = max_length
         self._backend = load_backend(self.backend_name, self.source, **backend_options)
