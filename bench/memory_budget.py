@@ -120,11 +120,11 @@ def smallest_budget(model: str, query: str, docs: list[str], stream: bool) -> fl
         unique, _ = edgerank.tokenization.distinct(batch)
 
         def accepted(budget: float) -> bool:
-            from edgerank.budget import plan_load
+            from edgerank.budget import plan_load, tokenizer_mb
 
             try:
-                tok_bytes = (b.artifact.path / "tokenizer.json").stat().st_size
-                b.plan, b.max_memory_mb = plan_load(b.shape, budget, stream, tok_bytes), budget
+                tok = tokenizer_mb((b.artifact.path / "tokenizer.json").stat().st_size, b.tokenizer.vocab_size)
+                b.plan, b.max_memory_mb = plan_load(b.shape, budget, stream, tok), budget
                 b.plan_chunk(unique)
                 return True
             except MemoryBudgetError:

@@ -23,7 +23,15 @@ RUNTIME_MB = 11.0
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.embedding): the table's pages held at once are bounded by this.
 EMBED_READ_ROWS = 256
-TOKENIZER_FACTOR = 22  # a loaded tokenizer's RSS over its tokenizer.json size
+# A loaded tokenizer's RSS, bounded two ways, each covering both tokenizers measured
+# (minilm-l6: 0.47 MB file, 30,522 tokens -> 9.2 MB; smollm2-135m: 3.4 MB, 49,152 -> 29.4 MB).
+TOKENIZER_PER_FILE_BYTE = 22
+TOKENIZER_PER_TOKEN = 650
+
+
+def tokenizer_mb(file_bytes: int, vocab_size: int) -> float:
+    """What loading a tokenizer.json of ``file_bytes`` with ``vocab_size`` tokens adds, in MB."""
+    return min(TOKENIZER_PER_FILE_BYTE * file_bytes, TOKENIZER_PER_TOKEN * vocab_size) / MB
 DEFAULT_CHUNK_TOKENS = 1024  # activations ~0.25 MB/token for a 0.5B model; larger chunks were not faster (bench/RESULTS.md §6.1)
 MIN_CACHE_ROWS = 1024
 DEFAULT_CACHE_ROWS = 16384
@@ -70,18 +78,16 @@ class Shape:
         return 4 * 2 * self.n_layers * self.n_kv_heads * self.head_dim * prefix
 
 
-def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, tokenizer_bytes: int = 0) -> Plan:
-    """Streaming mode and cache size for a budget (``None``: unbounded, all resident).
-
-    ``tokenizer_bytes`` is the size of the model's tokenizer.json: loaded, a tokenizer
-    takes ~20x its file (0.47 MB took 9.2 MB for minilm-l6)."""
+def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, tokenizer_mb: float = 0.0) -> Plan:
+    """Streaming mode and cache size for a budget (``None``: unbounded, all resident);
+    ``tokenizer_mb`` is the loaded tokenizer's share (:func:`tokenizer_mb`)."""
     resident = SESSION_OVERHEAD * sum(shape.layer_bytes) / MB
     window = SESSION_OVERHEAD * 2 * max(shape.layer_bytes) / MB
     row_mb = 4 * shape.hidden / MB
     # the head is read from an npz (a copy while it is converted), the table's pages while
     # rows are read (a row may straddle two pages)
     # and one weight matrix dequantized to fp32 by a MatMulNBits kernel
-    fixed = (2 * shape.head_bytes / MB + RUNTIME_MB + TOKENIZER_FACTOR * tokenizer_bytes / MB
+    fixed = (2 * shape.head_bytes / MB + RUNTIME_MB + tokenizer_mb
              + EMBED_READ_ROWS * 2 * 4096 / MB + 4 * shape.hidden * shape.ffn / MB)
     if max_memory_mb is None:
         s = bool(stream)

@@ -86,11 +86,26 @@ class LayerSessions:
         except Exception as e:  # onnxruntime raises InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, ...
             raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer "
                                    f"({type(e).__name__}: {str(e).strip()[:200]})") from e
+        self._check_inputs(sess, rel)
         if self._identity(path, rel) != before:
             raise ModelFormatError(f"{self.artifact.path}: {rel} changed while it was being loaded")
         with self._lock:
             self.load_s += time.perf_counter() - t0
         return sess
+
+    def _check_inputs(self, sess: ort.InferenceSession, rel: str) -> None:
+        """The layer graph's fixed sizes must be the manifest's: a mismatch would fail deep in
+        ONNX Runtime at the first call."""
+        dims = self.artifact.manifest["dims"]
+        want = {"hidden": (-1, dims["hidden"]), "cos": (-1, dims["head_dim"]),
+                "past_key": (1, dims["n_kv_heads"])}
+        for inp in sess.get_inputs():
+            if inp.name in want:
+                axis, size = want[inp.name]
+                got = inp.shape[axis] if -len(inp.shape) <= axis < len(inp.shape) else None
+                if isinstance(got, int) and got != size:
+                    raise ModelFormatError(f"{self.artifact.path}: {rel} takes {inp.name} of size {got} on axis "
+                                           f"{axis}; the manifest's dims say {size}")
 
     def _identity(self, path, rel: str) -> tuple[int, int, int]:
         try:

@@ -65,6 +65,10 @@ class HFTokenizer:
         finally:
             self._tok.encode_special_tokens = False
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def encode_with_specials(self, first: str, second: str | None = None, budget: int | None = None):
         """``[CLS] first [SEP] (second [SEP])`` as the tokenizer's post-processor builds it;
         a ``[SEP]`` written in the texts is plain text.

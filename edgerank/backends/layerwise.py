@@ -28,7 +28,7 @@ import psutil
 from threadpoolctl import ThreadpoolController
 
 from edgerank.artifact import Artifact
-from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
+from edgerank.budget import MB, Plan, Shape, plan_call, plan_load, tokenizer_mb
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
 from edgerank.errors import ModelFormatError, is_int, is_number
@@ -86,6 +86,7 @@ class LayerwiseBackend:
         dims = self.artifact.dims
         self.head = self.artifact.head()
         self.encoder = self.artifact.is_encoder
+        _check_parts(self.artifact.path, self.spec, self.encoder, self.head, dims["hidden"])
         self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
                            n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
                            layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
@@ -95,8 +96,8 @@ class LayerwiseBackend:
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's head scores (calibration)
-        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights,
-                                    (self.artifact.path / "tokenizer.json").stat().st_size)
+        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tokenizer_mb(
+            (self.artifact.path / "tokenizer.json").stat().st_size, self.tokenizer.vocab_size))
         if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
@@ -111,8 +112,14 @@ class LayerwiseBackend:
                                             exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / "embed_scale.npy"
-        self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
-                                   max_rows=self.plan.cache_rows)
+        try:
+            self.embed = EmbeddingRows(self.artifact.path / "embed.npy", scales if scales.is_file() else None,
+                                       max_rows=self.plan.cache_rows)
+        except ValueError as e:  # numpy: not an .npy file
+            raise ModelFormatError(f"{self.artifact.path}: embed.npy is not a readable table ({e})") from e
+        if self.embed._table.ndim != 2 or self.embed.hidden != dims["hidden"]:
+            raise ModelFormatError(f"{self.artifact.path}: embed.npy has shape {self.embed._table.shape}; the "
+                                   f"manifest's dims.hidden is {dims['hidden']}")
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
@@ -323,6 +330,27 @@ class LayerwiseBackend:
 
     def close(self) -> None:
         self.layers.close()
+
+
+# head.npz arrays each kind of model reads, and which axis is the hidden size
+_HEAD = {"decoder": {"norm": 0, "rows": 1},
+         "cross-encoder": {"pool_weight": 1, "pool_bias": 0, "cls_weight": 1, "cls_bias": None,
+                           "position": 1, "ln_weight": 0, "ln_bias": 0},
+         "bi-encoder": {"position": 1, "ln_weight": 0, "ln_bias": 0}}
+
+
+def _check_parts(path, spec, encoder: bool, head: dict, hidden: int) -> None:
+    """Refuse an artifact whose head does not fit the family it is run as, or the hidden
+    size its manifest states, before any work (not a KeyError mid-call)."""
+    if encoder != (spec.kind != "decoder"):
+        raise ModelFormatError(f"{path}: a {'BERT-style encoder' if encoder else 'decoder'} artifact cannot run "
+                               f"as the {spec.family!r} family ({spec.kind})")
+    for key, axis in _HEAD[spec.kind].items():
+        if key not in head:
+            raise ModelFormatError(f"{path}: head.npz has no {key!r}, which a {spec.kind} needs")
+        if axis is not None and (head[key].ndim <= axis or head[key].shape[axis] != hidden):
+            raise ModelFormatError(f"{path}: head.npz {key!r} has shape {head[key].shape}, not one of "
+                                   f"hidden size {hidden}")
 
 
 def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, where: str = "") -> PruningPolicy:
