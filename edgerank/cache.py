@@ -2,7 +2,8 @@
 
 Built-in models and model paths are converted on first use (the int4 artifact the
 runtime runs, a GGUF for the llama.cpp comparison) and reused afterwards. An entry's name
-is the model's name, a digest of its source files (path, sizes, modification times) and
+is the model's name, a digest of its source files (names, sizes, modification times, first
+64 KiB; not where they are, so a moved cache is reused) and
 the quantization: ``minilm-l6-25228b0153-int4``. A retrained model gets a new digest, so
 its old conversions are never used again; :func:`entries` finds those and
 :func:`clean` removes them (``python -m edgerank.models cache --clean``), and nothing
