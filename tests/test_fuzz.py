@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import traceback
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -74,10 +75,11 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(all
                      st.binary(max_size=5), st.lists(st.integers(), max_size=2))
 documents = st.one_of(st.lists(text, max_size=6), st.lists(st.one_of(text, anything), max_size=4), anything)
 top_k = st.one_of(st.none(), st.integers(-3, 10), anything)
+invisible = st.text("\x00\u200b\ufeff \t\n\u2028", max_size=4)  # blank once rendered
 
 
 @FAST
-@given(query=st.one_of(text, anything), documents=documents, top_k=top_k,
+@given(query=st.one_of(text, invisible, anything), documents=documents, top_k=top_k,
        instruction=st.one_of(st.none(), text))
 def test_rank_arguments(reranker, query, documents, top_k, instruction):
     try:
@@ -85,6 +87,9 @@ def test_rank_arguments(reranker, query, documents, top_k, instruction):
     except Exception as e:  # noqa: BLE001 - the point is which ones
         check_documented(e)
         return
+    # a query with nothing visible in it (whitespace, NUL, zero-width characters) is refused
+    assert not all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in query), \
+        f"blank query {query!r} was ranked"
     n = len(documents)
     assert len(ranking) == (n if top_k is None else min(top_k, n))
     assert len({r.index for r in ranking}) == len(ranking)
@@ -94,7 +99,8 @@ def test_rank_arguments(reranker, query, documents, top_k, instruction):
 
 
 options = st.fixed_dictionaries({}, optional={
-    "threshold": anything, "min_depth": anything, "clusters": anything, "threads": st.one_of(st.integers(-1, 3), anything),
+    "threshold": anything, "min_depth": anything, "clusters": anything,
+    "threads": st.one_of(st.integers(-1, 3), anything),
     "max_memory_mb": st.one_of(st.floats(0, 500), anything), "chunk_tokens": st.one_of(st.integers(-1, 64), anything),
     "stream_weights": st.booleans(), "pruning": st.booleans(), "exact_order": st.booleans(),
     "backend": st.one_of(st.sampled_from(["edgerank", "", "torch"]), anything),
