@@ -126,7 +126,11 @@ class LayerSessions:
             return self._resident[i]
         self.prefetch(i)
         t0 = time.perf_counter()
-        sess = self._pending[i].result()
+        try:
+            sess = self._pending[i].result()
+        except Exception:
+            self.release()  # a layer that cannot be loaded ends the call: hold nothing after it
+            raise
         self.io_wait_s += time.perf_counter() - t0
         return sess
 
@@ -135,7 +139,10 @@ class LayerSessions:
         if self.stream:
             fut = self._pending.pop(i, None)
             if fut is not None:
-                fut.result()  # let a load in flight finish before dropping it
+                try:
+                    fut.result()  # let a load in flight finish before dropping it
+                except Exception:  # noqa: BLE001 - a failed load of a layer no longer wanted
+                    pass
 
     def reset_counters(self) -> None:
         self.io_wait_s = self.load_s = 0.0

@@ -174,16 +174,6 @@ class LayerwiseBackend:
         touched = len(set().union(*map(set, seqs), prefix)) / self.embed.vocab
 
         L = self.artifact.n_layers
-        self.layers.prefetch(0)
-        try:
-            return self._layers_and_head(batch, n, k, L, seqs, lengths, states, prefix_len, prefix_state, plan_chunk,
-                                         embed_s, touched, t_start, rss0)
-        finally:  # a failed call (a layer file changed, say) must not keep streamed layers
-            self.layers.release()
-
-    def _layers_and_head(self, batch, n, k, L, seqs, lengths, states, prefix_len, prefix_state, plan_chunk,
-                         embed_s, touched, t_start, rss0) -> Scores:
-        """The layer loop and the final head of :meth:`score`."""
         policy = self.policy_for(k)
         run = PruningRun(policy, n, k, L)
         computing = np.arange(len(seqs))  # rows run through the next layer (bi-encoder query last)
@@ -193,6 +183,7 @@ class LayerwiseBackend:
         record = [] if self.record_layers else None
         work = pad = 0
         t_layers = t_prune = 0.0
+        self.layers.prefetch(0)
         for layer in range(L):
             if record is not None and layer > 0:
                 record.append(self._head_scores(*self._pool(states, np.arange(n), seqs)))
