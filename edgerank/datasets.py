@@ -43,8 +43,8 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
     queries = {_id(where, q): _text(where, q, "text") for where, q in _jsonl(root / "queries.jsonl")}
     qrels: dict[str, dict[str, int]] = {}
     qrels_path = root / f"qrels/{split}.tsv"
-    for n, parts in _lines(qrels_path):
-        if n == 1 and not parts[-1].lstrip("-").isdigit():
+    for i, (n, parts) in enumerate(_lines(qrels_path)):
+        if i == 0 and not parts[-1].lstrip("-").isdigit():
             continue  # header
         if len(parts) < 3 or not parts[-1].lstrip("-").isdigit():
             raise DataError(f"{qrels_path}:{n}: expected 'query-id corpus-id score' with an integer score, "
