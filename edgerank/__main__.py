@@ -30,7 +30,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-@exits_on(FileNotFoundError)
+@exits_on(FileNotFoundError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerank", description=__doc__)
     parser.add_argument("query", nargs="?", help="the query (default: a built-in example)")

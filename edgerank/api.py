@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,7 +48,7 @@ class CallStats:
     wall_s: float = 0.0
     encode_s: float = 0.0
     score_s: float = 0.0
-    peak_rss_mb: float = 0.0  # process peak during the call
+    peak_rss_mb: float = 0.0  # largest RSS sampled during the call (edgerank.memory.PeakRSS)
     rss_delta_mb: float = 0.0  # peak above the RSS at the start of the call
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures, over the distinct candidates
 
@@ -60,11 +61,18 @@ class Ranking(list):
         self.stats = stats
 
 
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing but whitespace, control and format characters (NUL,
+    zero-width spaces, BOMs): nothing a model could rank against."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def _validate(query: Any, documents: Any, top_k: Any) -> None:
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, not {type(query).__name__}")
-    if not query.strip():
-        raise ValueError("query is empty: there is nothing to rank against")
+    if is_blank(query):
+        raise ValueError("query is empty (only blank, control or format characters): there is nothing "
+                         "to rank against")
     if isinstance(documents, (str, bytes)):
         raise TypeError(f"documents must be a list of str (got a single {type(documents).__name__})")
     if not isinstance(documents, Sequence):  # results index into it, so an iterator will not do
@@ -106,7 +114,7 @@ class Reranker:
         self.source: ModelSource = resolve(model, family=family)
         check_max_length(self.source, max_length)
         _check_instruction(self.spec, instruction)
-        self.backend_name = backend or default_backend(self.source)
+        self.backend_name = default_backend(self.source) if backend is None else backend
         self.instruction = instruction
         self.max_length = max_length
         self._backend: Backend | None = load_backend(self.backend_name, self.source, **backend_options)

@@ -2,7 +2,8 @@
 
 Built-in models and model paths are converted on first use (the int4 artifact the
 runtime runs, a GGUF for the llama.cpp comparison) and reused afterwards. An entry's name
-is the model's name, a digest of its source files (path, sizes, modification times) and
+is the model's name, a digest of its source files (names, sizes, modification times, first
+64 KiB; not where they are, so a moved cache is reused) and
 the quantization: ``minilm-l6-25228b0153-int4``. A retrained model gets a new digest, so
 its old conversions are never used again; :func:`entries` finds those and
 :func:`clean` removes them (``python -m edgerank.models cache --clean``), and nothing
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerank.pull import edgerank_home
+from edgerank.pull import edgerank_home, ensure_dir
 
 REPORT_SUFFIX = ".conversion_report.json"
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
@@ -31,12 +32,23 @@ def cache_dir() -> Path:
     return edgerank_home() / "artifacts"
 
 
+SAMPLE_BYTES = 1 << 16
+
+
 def source_digest(path: Path, family: str | None = None) -> str:
-    """Digest of where a model's files are, their sizes and modification times, and of
-    ``family`` when the model is converted under a family other than its own."""
+    """Digest of a model's files (names, sizes, modification times and their first 64 KiB),
+    and of ``family`` when the model is converted under a family other than its own.
+
+    Not of where the files are: a cache moved elsewhere (``EDGERANK_HOME`` with it) keeps
+    naming its conversions the same and reuses them. The sampled bytes tell apart two
+    models of one name whose sizes and times happen to agree."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    stamp = [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stamp = []
+    for f in files:
+        with open(f, "rb") as fh:
+            head = hashlib.sha256(fh.read(SAMPLE_BYTES)).hexdigest()
+        stamp.append([f.name, f.stat().st_size, f.stat().st_mtime_ns, head])
     if family is not None:
         stamp.append(["family", family])
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:10]
@@ -102,7 +114,7 @@ def _cached(model: str, to: str, quant: str, progress: bool, family: str | None 
     if not (dest if to == "gguf" else dest / "manifest.json").is_file():
         from edgerank.converters import convert
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(dest.parent)
         convert(model, to, quant, dest, family=family, force=True, verify=False, progress=progress)
     return dest
 
@@ -157,8 +169,15 @@ def _state(path: Path, report: Path) -> tuple[str, str | None]:
     if m is None or source is None:
         return "unmanaged", source
     src = Path(source)
-    if not src.exists():
-        return "orphaned", source
+    if not src.exists():  # a built-in's source moves with the cache: find it where it is now
+        from edgerank import pull
+        from edgerank.catalog import BUILTINS
+
+        name = stem[: m.start()]
+        if name in BUILTINS and pull.is_present(name):
+            src = pull.entry_path(name)
+        else:
+            return "orphaned", source
     # named for the files alone, or for the files converted under a family override
     current = m["digest"] in (source_digest(src), source_digest(src, family))
     return ("current" if current else "stale"), source

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from edgerank.errors import DataError
 from edgerank.pull import edgerank_home
@@ -32,16 +33,22 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
         if not (root / need).is_file():
             raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
     corpus = {}
-    for line in open(root / "corpus.jsonl", encoding="utf-8"):
-        doc = json.loads(line)
-        title = (doc.get("title") or "").strip()
-        corpus[str(doc["_id"])] = f"{title} {doc['text']}".strip() if title else doc["text"]
-    queries = {str(q["_id"]): q["text"] for q in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
+    for where, doc in _jsonl(root / "corpus.jsonl"):
+        title = doc.get("title") or ""
+        text = _text(where, doc, "text")
+        if not isinstance(title, str):
+            raise DataError(f"{where}: \"title\" must be a string")
+        title = title.strip()
+        corpus[_id(where, doc)] = f"{title} {text}".strip() if title else text
+    queries = {_id(where, q): _text(where, q, "text") for where, q in _jsonl(root / "queries.jsonl")}
     qrels: dict[str, dict[str, int]] = {}
-    for n, line in enumerate(open(root / f"qrels/{split}.tsv", encoding="utf-8")):
-        parts = line.split()
-        if n == 0 and not parts[-1].lstrip("-").isdigit():
+    qrels_path = root / f"qrels/{split}.tsv"
+    for i, (n, parts) in enumerate(_lines(qrels_path)):
+        if i == 0 and not parts[-1].lstrip("-").isdigit():
             continue  # header
+        if len(parts) < 3 or not parts[-1].lstrip("-").isdigit():
+            raise DataError(f"{qrels_path}:{n}: expected 'query-id corpus-id score' with an integer score, "
+                            f"got {' '.join(parts)[:80]!r}")
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
     return Collection(root, corpus, queries, qrels)
 
@@ -49,15 +56,64 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
 def load_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
     """A TREC run, per query sorted as trec_eval sorts: score descending, then docid descending."""
     run: dict[str, list[tuple[str, float]]] = {}
-    for line in open(path, encoding="utf-8"):
-        parts = line.split()
+    for n, parts in _lines(Path(path)):
         if len(parts) < 6:
-            continue
-        run.setdefault(parts[0], []).append((parts[2], float(parts[4])))
+            raise DataError(f"{path}:{n}: a TREC run line is 'qid Q0 docid rank score tag', got "
+                            f"{' '.join(parts)[:80]!r}")
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise DataError(f"{path}:{n}: the score {parts[4]!r} is not a number") from None
+        if score != score:
+            raise DataError(f"{path}:{n}: the score is NaN")
+        run.setdefault(parts[0], []).append((parts[2], score))
     for qid, docs in run.items():
         docs.sort(key=lambda t: t[0], reverse=True)
         docs.sort(key=lambda t: t[1], reverse=True)
     return run
+
+
+def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, whitespace-split fields) of each non-blank line of a text file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line.split()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", object) for each non-blank line of a JSONL file; a line that is not a
+    JSON object is a :class:`DataError` naming its file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{where}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                yield where, row
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _id(where: str, row: dict) -> str:
+    if not isinstance(row.get("_id"), (str, int)) or isinstance(row.get("_id"), bool):
+        raise DataError(f"{where}: missing \"_id\" (a string)")
+    return str(row["_id"])
+
+
+def _text(where: str, row: dict, key: str) -> str:
+    if not isinstance(row.get(key), str):
+        raise DataError(f"{where}: missing \"{key}\" (a string)")
+    return row[key]
 
 
 def write_run(run: dict[str, list[tuple[str, float]]], path: Path, tag: str) -> None:

@@ -7,10 +7,13 @@ rows in fp32, bounded by ``max_rows``.
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from edgerank.budget import EMBED_READ_ROWS
 
 
 class EmbeddingRows:
@@ -44,7 +47,10 @@ class EmbeddingRows:
                 out[j] = row
         if missing:
             need = uniq[missing]
-            rows = np.asarray(self._table[need], dtype=np.float32)  # fancy index: reads just these rows
+            rows = np.empty((len(need), self.hidden), dtype=np.float32)
+            for at in range(0, len(need), EMBED_READ_ROWS):  # fancy index: reads just these rows
+                rows[at: at + EMBED_READ_ROWS] = self._table[need[at: at + EMBED_READ_ROWS]]
+                self._release_pages()
             if self._scales is not None:
                 rows *= self._scales[need, None]
             out[missing] = rows
@@ -53,6 +59,14 @@ class EmbeddingRows:
             while len(self._cache) > self.max_rows:
                 self._cache.popitem(last=False)
         return out[inverse].reshape(*ids.shape, self.hidden)
+
+    def _release_pages(self) -> None:
+        """Drop the table's pages from this process's RSS (they stay in the page cache):
+        pages read through the map count as the process's memory, up to the whole table,
+        which the budget does not hold (0.3 GB for a 128k x 3072 vocabulary)."""
+        mm = getattr(self._table, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     @property
     def cached_bytes(self) -> int:

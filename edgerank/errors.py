@@ -65,6 +65,11 @@ def refuse_output_over_inputs(out: str | os.PathLike, *inputs: str | os.PathLike
                                      "writing there would destroy it; choose another output")
 
 
+class OutputLocationError(EdgerankError, OSError):
+    """An output (or the cache) cannot be written where it was asked: a parent that is a
+    file, a folder this process may not write into. Raised before any work."""
+
+
 class OptionError(EdgerankError, TypeError):
     """An option the chosen backend does not take."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from edgerank.api import Reranker
 from edgerank.backends import BACKENDS
 from edgerank.datasets import bm25_run, check_run, find_run, load_beir, load_run
-from edgerank.errors import DataError, exits_on, option_pair, positive_int
+from edgerank.errors import DataError, OutputLocationError, exits_on, option_pair, positive_int, refuse_output_over_inputs
 from edgerank.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
@@ -97,7 +98,27 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
     }
 
 
-@exits_on(FileNotFoundError)
+def check_json_output(out: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse a ``--json`` path that is one of the inputs (or a file inside the data
+    folder's inputs), a folder, or in a folder that is missing or not writable."""
+    out = Path(out)
+    refuse_output_over_inputs(out, *inputs)
+    data = Path(inputs[0]) if inputs and inputs[0] else None
+    if data is not None and data.is_dir() and out.exists():
+        # the collection's own files (corpus, queries, qrels, shipped runs) are inputs too
+        if any(out.resolve() == f.resolve() for f in data.rglob("*") if f.is_file()):
+            raise OutputLocationError(f"--json {out} is a file of the collection {data}: writing there would "
+                                      "destroy it; choose another output")
+    if out.is_dir():
+        raise OutputLocationError(f"--json {out} is a folder; give a file name")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise OutputLocationError(f"--json {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OutputLocationError(f"--json {out}: not writable")
+
+
+@exits_on(FileNotFoundError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a backend option, e.g. pruning=False or max_memory_mb=400; repeatable")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the per-query figures and settings here")
     args = p.parse_args(argv)
+    if args.json:  # checked before the evaluation, not after it
+        check_json_output(args.json, args.data, args.run, args.model)
     report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run, dict(args.option))
     table = Table(title=f"{report['config']['model']} on {report['config']['backend']}, "
                         f"{Path(args.data).name}, depth {args.depth}, {report['stats']['queries']} queries")
@@ -123,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     table.caption = (f"{st['pairs']} pairs, {st['pairs_per_s']:.1f} pairs/s, "
                      f"median {st['latency_ms_median']:.0f} ms/query, peak RSS {st['peak_rss_mb']:.0f} MB")
     Console().print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.json:  # beside it first, renamed into place: a failed write leaves no half file
+        out = Path(args.json)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out)
     return 0
 
 

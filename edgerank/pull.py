@@ -23,16 +23,46 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
-from edgerank.layout import sha256_file
 from edgerank.catalog import BuiltinModel, Wheel, get_builtin
+from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, OutputLocationError
+from edgerank.layout import sha256_file
 
 COMPLETE_MARKER = "edgerank-pull.json"
 
 
 def edgerank_home() -> Path:
-    """Root of edgerank's cache: ``$EDGERANK_HOME`` or ``~/.cache/edgerank``."""
-    return Path(os.environ.get("EDGERANK_HOME") or "~/.cache/edgerank").expanduser()
+    """Root of edgerank's cache: ``$EDGERANK_HOME`` or ``~/.cache/edgerank``.
+
+    An empty ``HOME`` is treated as unset (``~`` would expand to ``/``, putting the cache
+    at ``/.cache/edgerank``): the account's home from the password database is used."""
+    if os.environ.get("EDGERANK_HOME"):
+        return Path(os.environ["EDGERANK_HOME"]).expanduser()
+    home = os.environ.get("HOME")
+    if not home:
+        import pwd
+
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = ""
+        if not home or home == "/":
+            raise OutputLocationError("HOME is empty and this account has no home folder: set EDGERANK_HOME "
+                                      "to the folder edgerank may keep its models in")
+    return Path(home) / ".cache" / "edgerank"
+
+
+def ensure_dir(path: Path) -> Path:
+    """``path`` as a folder under the cache, created if needed; an ``EDGERANK_HOME`` that is a
+    file or not writable is one clear :class:`OutputLocationError`, not a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputLocationError(f"cannot create {path} ({e.strerror or e}): edgerank's cache "
+                                  f"({edgerank_home()}, set by EDGERANK_HOME) must be a writable folder") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"cannot write into {path}: edgerank's cache ({edgerank_home()}, set by "
+                                  "EDGERANK_HOME) must be a writable folder")
+    return path
 
 
 def model_dir(name: str) -> Path:
@@ -80,7 +110,7 @@ def pull(name: str, progress: bool = True) -> Path:
             f"{name} is made by training, not downloaded: run `python -m edgerank.train --recipe "
             f"{m.recipe}` (its cost is in bench/RESULTS.md); it then resolves by name"
         )
-    work = final.parent / f".partial-{name}"
+    work = ensure_dir(final.parent) / f".partial-{name}"
     staging = work / "model"
     if staging.exists():
         shutil.rmtree(staging)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from edgerank.catalog import BUILTINS, DEFAULT_MODEL
 from edgerank.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, is_int
-from edgerank.specs import ModelSpec, get_spec
+from edgerank.specs import SPECS, ModelSpec, get_spec
 
 DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
 GGUF_ENCODER_ARCHS = {"bert"}  # mean-pooled embedding models (bi-encoders)
@@ -61,8 +61,14 @@ def resolve(model: str | Path | None = None, family: str | None = None, pull: bo
     if path.is_file():
         return _gguf_source(path, name, family)
     if (path / "manifest.json").is_file():
+        from edgerank.artifact import check_manifest
+
         manifest = _read_json(path / "manifest.json")
-        spec = get_spec(family or manifest.get("family", ""))
+        check_manifest(path, manifest)
+        if family is None and manifest.get("family") not in SPECS:
+            raise ModelFormatError(f"{path}: manifest.json names no known reranker family "
+                                   f"({manifest.get('family')!r}); pass family=")
+        spec = get_spec(family or manifest["family"])
         spec = spec.with_max_length(int(manifest.get("max_length") or spec.max_length))
         arch, dims = manifest.get("architecture", "?"), manifest.get("dims") or {}
         positions = None
@@ -98,10 +104,24 @@ def check_max_length(source: ModelSource, max_length: int | None) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else (a list, ``null``) is a ModelFormatError."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _field(path: Path, data: dict, key: str, kind: type | tuple, default=None):
+    """``data[key]`` if it is of ``kind`` (``default`` when absent or null), else a ModelFormatError."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ModelFormatError(f"{path}: {key!r} has the wrong type ({type(value).__name__}: {value!r:.80})")
+    return value
 
 
 def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
@@ -167,11 +187,16 @@ def gguf_metadata(path: Path) -> dict:
 
 
 def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
-    config = _read_json(path / "config.json")
-    model_type = config.get("model_type", "?")
-    archs = config.get("architectures") or []
+    cfg_path = path / "config.json"
+    config = _read_json(cfg_path)
+    model_type = _field(cfg_path, config, "model_type", str, "?")
+    archs = _field(cfg_path, config, "architectures", list, [])
+    if not all(isinstance(a, str) for a in archs):
+        raise ModelFormatError(f"{cfg_path}: 'architectures' must be a list of class names")
     if family is None and (path / FAMILY_FILE).is_file():
-        family = _read_json(path / FAMILY_FILE).get("family")
+        family = _field(path / FAMILY_FILE, _read_json(path / FAMILY_FILE), "family", str)
+        if family is not None and family not in SPECS:
+            raise ModelFormatError(f"{path / FAMILY_FILE} names an unknown reranker family {family!r}")
     if model_type in ENCODER_TYPES:
         if family is None:
             cls = any(a.endswith("ForSequenceClassification") for a in archs)
@@ -179,14 +204,19 @@ def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
         spec = get_spec(family)
         st_config = path / "sentence_bert_config.json"
         if spec.kind == "bi-encoder" and st_config.is_file():
-            spec = spec.with_max_length(int(_read_json(st_config).get("max_seq_length", spec.max_length)))
-        positions = config.get("max_position_embeddings")
+            length = _field(st_config, _read_json(st_config), "max_seq_length", int, spec.max_length)
+            if length < 1:
+                raise ModelFormatError(f"{st_config}: max_seq_length must be positive (got {length})")
+            spec = spec.with_max_length(length)
+        positions = _field(cfg_path, config, "max_position_embeddings", int)
         if positions and model_type in ("roberta", "xlm-roberta"):  # positions start after the pad id
-            positions -= int(config.get("pad_token_id", 1)) + 1
+            positions -= _field(cfg_path, config, "pad_token_id", int, 1) + 1
+        if positions is not None and positions < 1:
+            raise ModelFormatError(f"{cfg_path}: max_position_embeddings leaves no position")
         return _limited(ModelSource("hf", path, spec, name, model_type), positions)
     if model_type in DECODER_ARCHS:
         if family is None:
-            hint = f"{config.get('_name_or_path', '')} {path.name}".lower()
+            hint = f"{config.get('_name_or_path') or ''} {path.name}".lower()
             tok_cfg = path / "tokenizer_config.json"
             chat = str(_read_json(tok_cfg).get("chat_template", "")) if tok_cfg.is_file() else ""
             if "reranker" in hint:

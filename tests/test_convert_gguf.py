@@ -131,13 +131,17 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_qwen
     with pytest.raises(OutputExistsError, match="--force"):
         convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False)
     assert out.read_bytes() == b"user's file"
+    with pytest.raises(OutputExistsError, match="not an edgerank"):  # force replaces only a GGUF (issue 33)
+        convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False, force=True)
+    assert out.read_bytes() == b"user's file"
+    out.write_bytes(b"GGUF an older conversion")
     convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False, force=True)
-    assert out.read_bytes()[:4] == b"GGUF"
+    assert out.read_bytes()[:4] == b"GGUF" and len(out.read_bytes()) > 100
 
 
 def test_an_interrupted_conversion_leaves_nothing_and_keeps_the_old_output(tiny_qwen3, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
-    out.write_bytes(b"previous")
+    out.write_bytes(b"GGUF previous")
     real = gguf_export.write_gguf
 
     def interrupted(src, dest, *a, **k):
@@ -147,7 +151,7 @@ def test_an_interrupted_conversion_leaves_nothing_and_keeps_the_old_output(tiny_
     monkeypatch.setattr(gguf_export, "write_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_qwen3, "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False, force=True)
-    assert out.read_bytes() == b"previous"
+    assert out.read_bytes() == b"GGUF previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     monkeypatch.setattr(gguf_export, "write_gguf", real)
 

@@ -141,19 +141,23 @@ def test_family_detection_from_hf_config(tiny_qwen3, tiny_cross_encoder, tmp_pat
         (tiny_qwen3 / "edgerank.json").unlink()
 
 
-def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tiny_qwen3, tmp_path):
-    """Two folders of one name, or a model retrained in place, must not share a cached
-    artifact (the benchmark and calibration would silently run the wrong model)."""
+def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tiny_qwen3, bpe_tokenizer, tmp_path):
+    """Two different models of one name, or a model retrained in place, must not share a
+    cached artifact (the benchmark and calibration would silently run the wrong model); a
+    copy of one model, moved elsewhere, is the same model and keeps its name (issue 33)."""
     import os
     import shutil
 
     from edgerank.cache import cache_name
+    from tests.conftest import make_decoder
 
-    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    a, b, c = tmp_path / "a" / "model", tmp_path / "b" / "model", tmp_path / "c" / "model"
     shutil.copytree(tiny_qwen3, a)
-    shutil.copytree(tiny_qwen3, b)
+    make_decoder(b, "qwen3", bpe_tokenizer, seed=1)
+    shutil.copytree(tiny_qwen3, c)
     assert cache_name(str(a)).startswith("model-")
     assert cache_name(str(a)) != cache_name(str(b))
+    assert cache_name(str(a)) == cache_name(str(c))
     assert cache_name(str(a)) == cache_name(str(a))
     before = cache_name(str(a))
     weights = a / "model.safetensors"

@@ -31,10 +31,10 @@ from edgerank import layout
 from edgerank.artifact import Artifact
 from edgerank.backends import Scores
 from edgerank.backends.heads import head_for
-from edgerank.budget import MB, Plan, Shape, plan_call, plan_load
+from edgerank.budget import MB, Plan, Shape, plan_call, plan_load, tokenizer_mb
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
-from edgerank.errors import is_int, is_number
+from edgerank.errors import ModelFormatError, is_int, is_number
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
@@ -103,6 +103,7 @@ class LayerwiseBackend:
         dims = self.artifact.dims
         self.head = head_for(self.artifact, self.spec)
         self.encoder = self.artifact.is_encoder
+        _check_parts(self.artifact.path, self.spec, self.encoder, self.head.weights, dims["hidden"])
         self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
                            n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
                            layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
@@ -112,7 +113,8 @@ class LayerwiseBackend:
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's head scores (calibration)
-        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights)
+        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tokenizer_mb(
+            (self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size))
         if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
@@ -127,8 +129,14 @@ class LayerwiseBackend:
                                             exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
         scales = self.artifact.path / layout.EMBED_SCALE
-        self.embed = EmbeddingRows(self.artifact.path / layout.EMBED, scales if scales.is_file() else None,
-                                   max_rows=self.plan.cache_rows)
+        try:
+            self.embed = EmbeddingRows(self.artifact.path / layout.EMBED, scales if scales.is_file() else None,
+                                       max_rows=self.plan.cache_rows)
+        except ValueError as e:  # numpy: not an .npy file
+            raise ModelFormatError(f"{self.artifact.path}: {layout.EMBED} is not a readable table ({e})") from e
+        if self.embed._table.ndim != 2 or self.embed.hidden != dims["hidden"]:
+            raise ModelFormatError(f"{self.artifact.path}: {layout.EMBED} has shape {self.embed._table.shape}; the "
+                                   f"manifest's dims.hidden is {dims['hidden']}")
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
@@ -151,8 +159,7 @@ class LayerwiseBackend:
         seqs = ([batch.query] if q else []) + [s[prefix_len:] for s in batch.sequences]
         types = ([batch.query_type_ids] if q else []) + batch.type_ids if batch.type_ids is not None else None
         lengths = np.array([len(s) for s in seqs])
-        chunk_tokens = plan_call(self.shape, self.plan, self.max_memory_mb, int(lengths.sum()) + prefix_len,
-                                 prefix_len, int(lengths.max()), self.embed.cached_bytes / MB)
+        chunk_tokens = self.plan_chunk(batch)
         L = self.artifact.n_layers
         count = CallCounters(L, n)
         recorder = LayerRecorder() if self.record_layers else None
@@ -169,31 +176,33 @@ class LayerwiseBackend:
         scores, provisional = np.zeros(n), np.zeros(n, dtype=bool)
         computing = np.arange(n)  # candidates that run through the next layer
         self.layers.prefetch(0)
-        for layer in range(L):
-            if recorder is not None:
-                recorder.before_layer(layer, lambda: self.head.scores(states, np.arange(n) + q))
-            if run.wants_check(layer):
-                computing = self._prune(run, layer, states, scores, provisional, count)
-                if run.done:
-                    break
-            tl = time.perf_counter()
-            sess = self.layers.get(layer)
-            self.layers.prefetch(layer + 1)
-            past = None
-            if not self.encoder:
-                past = self._no_past
-                if prefix_state is not None:
-                    prefix_state, past = self._run_prefix(sess, prefix_state)
-                    count.work += prefix_len
-            rows = np.concatenate([np.arange(q), computing + q])
-            for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
-                w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len)
-                count.work, count.pad = count.work + w, count.pad + p
-            count.layers_done[computing] += 1
-            self.layers.done(layer)
-            del sess
-            count.layers_s += time.perf_counter() - tl
-        self.layers.release()
+        try:
+            for layer in range(L):
+                if recorder is not None:
+                    recorder.before_layer(layer, lambda: self.head.scores(states, np.arange(n) + q))
+                if run.wants_check(layer):
+                    computing = self._prune(run, layer, states, scores, provisional, count)
+                    if run.done:
+                        break
+                tl = time.perf_counter()
+                sess = self.layers.get(layer)
+                self.layers.prefetch(layer + 1)
+                past = None
+                if not self.encoder:
+                    past = self._no_past
+                    if prefix_state is not None:
+                        prefix_state, past = self._run_prefix(sess, prefix_state)
+                        count.work += prefix_len
+                rows = np.concatenate([np.arange(q), computing + q])
+                for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
+                    w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len)
+                    count.work, count.pad = count.work + w, count.pad + p
+                count.layers_done[computing] += 1
+                self.layers.done(layer)
+                del sess
+                count.layers_s += time.perf_counter() - tl
+        finally:  # a failed call (a layer file changed, say) must not keep streamed layers
+            self.layers.release()
 
         tier = run.tiers()
         final = np.flatnonzero((tier == 0) & ~provisional)
@@ -204,6 +213,16 @@ class LayerwiseBackend:
             stats.update(recorder.stats(scores, lengths[q:]))
         stats["wall_s"] = time.perf_counter() - t_start
         return Scores(scores, tier, provisional, stats)
+
+    def plan_chunk(self, batch: EncodedBatch) -> int:
+        """Tokens per chunk for ``batch`` under the budget; a :class:`MemoryBudgetError`
+        before any work if the call cannot fit."""
+        prefix_len = batch.prefix_len if self.shared_prefix else 0
+        lengths = [len(s) - prefix_len for s in batch.sequences]
+        if self.spec.kind == "bi-encoder":
+            lengths.append(len(batch.query))
+        return plan_call(self.shape, self.plan, self.max_memory_mb, sum(lengths) + prefix_len, prefix_len,
+                         max(lengths))
 
     # ---- pieces ------------------------------------------------------------------------
 
@@ -289,22 +308,45 @@ class LayerwiseBackend:
         self.layers.close()
 
 
+# head.npz arrays each kind of model reads, and which axis is the hidden size
+_HEAD = {"decoder": {"norm": 0, "rows": 1},
+         "cross-encoder": {"pool_weight": 1, "pool_bias": 0, "cls_weight": 1, "cls_bias": None,
+                           "position": 1, "ln_weight": 0, "ln_bias": 0},
+         "bi-encoder": {"position": 1, "ln_weight": 0, "ln_bias": 0}}
+
+
+def _check_parts(path, spec, encoder: bool, head: dict, hidden: int) -> None:
+    """Refuse an artifact whose head does not fit the family it is run as, or the hidden
+    size its manifest states, before any work (not a KeyError mid-call)."""
+    if encoder != (spec.kind != "decoder"):
+        raise ModelFormatError(f"{path}: a {'BERT-style encoder' if encoder else 'decoder'} artifact cannot run "
+                               f"as the {spec.family!r} family ({spec.kind})")
+    for key, axis in _HEAD[spec.kind].items():
+        if key not in head:
+            raise ModelFormatError(f"{path}: head.npz has no {key!r}, which a {spec.kind} needs")
+        if axis is not None and (head[key].ndim <= axis or head[key].shape[axis] != hidden):
+            raise ModelFormatError(f"{path}: head.npz {key!r} has shape {head[key].shape}, not one of "
+                                   f"hidden size {hidden}")
+
+
 def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, where: str = "") -> PruningPolicy:
     """The policy from the call's knobs (``given``, None where not given), else the
     calibrated ones (read from ``where``), else the defaults; a bad value is a ValueError."""
     policy = PruningPolicy(enabled=enabled, exact_order=exact_order)
     for knob in ("threshold", "min_depth", "clusters"):
         value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
+        # a bad option is the caller's ValueError; a bad manifest is a bad artifact (a ValueError too)
+        error = ModelFormatError if source else ValueError
         if value is None:
             continue
         if knob == "clusters":
             if not is_int(value) or value < 2:
-                raise ValueError(f"{source}clusters must be an int >= 2 (one cluster can prune nothing; "
+                raise error(f"{source}clusters must be an int >= 2 (one cluster can prune nothing; "
                                  f"got {value!r})")
             policy.clusters = int(value)
         else:
             if not (is_number(value) and 0 <= value < float("inf")):
-                raise ValueError(f"{source}{knob} must be a number >= 0 (got {value!r})")
+                raise error(f"{source}{knob} must be a number >= 0 (got {value!r})")
             setattr(policy, knob, float(value))
     return policy
 
@@ -315,13 +357,13 @@ def _per_k_policies(by_k: object, given: dict, calibrated: dict, enabled: bool, 
     main calibrated ones; ``{"off": true}`` turns pruning off for that K, unless the caller
     chose knobs of their own."""
     if not isinstance(by_k, dict):
-        raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+        raise ModelFormatError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
     chose_knobs = any(v is not None for v in given.values())
     policies = {}
     for key, entry in by_k.items():
         k = int(key) if isinstance(key, str) and key.isdigit() else 0
         if k < 1 or not isinstance(entry, dict):
-            raise ValueError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
+            raise ModelFormatError(f"{where}by_k must map K (a positive int) to a setting (got {by_k!r})")
         off = bool(entry.get("off")) and not chose_knobs
         policies[k] = _policy(given, {**calibrated, **entry}, enabled and not off, exact_order,
                               f"{where}by_k: {key}: ")

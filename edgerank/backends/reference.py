@@ -33,7 +33,11 @@ class ReferenceBackend:
             folder, extra = source.path.parent, {"gguf_file": source.path.name}
         elif source.kind != "hf":
             raise ModelFormatError(f"the reference backend reads HF folders and GGUF files, not {source.kind}")
-        tok = transformers.AutoTokenizer.from_pretrained(folder, **extra)
+        try:  # transformers says a folder without tokenizer files is a ValueError or OSError
+            tok = transformers.AutoTokenizer.from_pretrained(folder, **extra)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelFormatError(f"{source.path}: transformers cannot build its tokenizer (is tokenizer.json "
+                                   f"there?): {str(e).strip().splitlines()[0][:300]}") from e
         if not getattr(tok, "is_fast", False):
             raise ModelFormatError(f"{folder}: no fast tokenizer (tokenizer.json) could be built")
         self.hf_tokenizer = tok  # kept for saving a trained model (edgerank.train)
@@ -43,7 +47,12 @@ class ReferenceBackend:
             "cross-encoder": transformers.AutoModelForSequenceClassification,
             "bi-encoder": transformers.AutoModel,
         }[self.spec.kind]
-        model = auto.from_pretrained(folder, dtype=torch.float32, **extra).to(self.device).eval()
+        try:
+            model = auto.from_pretrained(folder, dtype=torch.float32, **extra)
+        except (OSError, ValueError, KeyError) as e:  # no weights file, or one of another model
+            raise ModelFormatError(f"{source.path}: transformers cannot load its weights: "
+                                   f"{str(e).strip().splitlines()[0][:300]}") from e
+        model = model.to(self.device).eval()
         self.full_model = model  # what save_pretrained writes; self.model is the part that scores
         self.weight_prefix = ""  # self.model's parameter names within full_model's state dict
         if self.spec.kind == "decoder":

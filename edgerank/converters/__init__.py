@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from edgerank.converters.output import OutputExistsError, atomic_path, size_on_disk
+from edgerank.converters.output import OutputExistsError, atomic_path, check_output_location, size_on_disk, written_by_edgerank
 from edgerank.errors import ModelFormatError, refuse_output_over_inputs
 from edgerank.memory import PeakRSS
 
@@ -39,6 +39,15 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
     refuse_output_over_inputs(out, src)
     if not force and (out.exists() or report_path.exists()):
         raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
+    for path in (out, report_path):  # checked before any work; atomic_path checks again at the end
+        if (path.exists() or path.is_symlink()) and not written_by_edgerank(path):
+            raise OutputExistsError(f"{path} exists and is not an edgerank artifact, GGUF or conversion report: "
+                                    "--force only replaces what edgerank wrote; remove it yourself or choose "
+                                    "another output")
+    if out.exists() and out.is_dir() != (to == "onnx"):
+        raise OutputExistsError(f"{out} is a {'folder' if out.is_dir() else 'file'}; a {to} conversion writes a "
+                                f"{'folder' if to == 'onnx' else 'file'}: choose another output")
+    check_output_location(out)
     source = resolve(src, family=family)
     refuse_output_over_inputs(out, source.path)  # a built-in name resolves into the cache
     if source.kind == "artifact":
