@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from edgerank.artifact import Artifact
 from edgerank.errors import ModelFormatError
-from edgerank.pull import sha256_file
+from edgerank.layout import sha256_file
 
 
 def session_options(threads: int) -> ort.SessionOptions:
