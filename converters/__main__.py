@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify,
                      instruction=args.instruction, rank_readout=args.rank_readout)
-    table = Table(title=f"{args.src} -> {args.out} ({args.to} {report['quant']})", show_header=False)
+    table = Table(title=f"{args.src} -> {args.out} ({args.to} {report.get('quant', args.quant)})", show_header=False)
     for key in ("source_quant", "size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb",
                 "pairs", "spearman", "pearson", "topk_agreement", "max_abs_diff", "relevance_score",
                 "rank_readout"):
