@@ -61,6 +61,14 @@ def build_server(build_dir: Path, jobs: int = 2) -> Path:
     return binary
 
 
+def _repack_is_safe() -> bool:
+    import llama_cpp
+
+    from edgerank.backends.llamacpp import extra_buffers_are_safe
+
+    return extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,14 +78,16 @@ def _free_port() -> int:
 class Server:
     """``llama-server -m GGUF --reranking`` on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, binary: Path, model: Path, threads: int, ctx: int, log: Path) -> None:
+    def __init__(self, binary: Path, model: Path, threads: int, log: Path) -> None:
         self.port = _free_port()
         self._log = open(log, "w")
-        # one slot: requests are served one document at a time, like edgerank's call on one core set
+        # llama-server's own defaults (slots, batch sizes, context) but the threads: llama.cpp as users run it;
+        # no weight repacking where llama.cpp would pick its AMX kernels, which crash on the first decode
+        # (llama.cpp#20824; the llamacpp backend does the same)
+        self.repack = _repack_is_safe()
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(model), "--reranking", "--host", "127.0.0.1", "--port", str(self.port),
-             "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-ub", str(ctx), "-b", str(ctx),
-             "--parallel", "1", "--no-webui"],
+             "-t", str(threads), "-tb", str(threads), "--no-webui", *([] if self.repack else ["--no-repack"])],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             _maybe_reranker(args.edgerank_model, reranker.spec.family) as runtime:
         spec = reranker.spec
         log = (args.out or Path("llama-server")).with_suffix(".server.log")
-        with Server(Path(binary), args.model, args.threads, ctx=spec.max_length, log=log) as server:
+        with Server(Path(binary), args.model, args.threads, log=log) as server:
             for qid, query, docs in queries:
                 docs = [d.rstrip() for d in docs]  # edgerank right-strips documents; the server does not
                 server.rerank(query, docs[:2])  # warm-up per query is not counted (first call pays page-ins)
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
     result = {
         "model": str(args.model), "relevance_score": kind, "queries": len(rows), "depth": args.depth,
-        "threads": args.threads, "server": str(binary),
+        "threads": args.threads, "server": str(binary), "server_repack": server.repack,
         "spearman_min": min(r["spearman"] for r in rows), "spearman_median": statistics.median(r["spearman"] for r in rows),
         "max_abs_diff": max(r["max_abs_diff"] for r in rows),
         "server_median_ms": statistics.median(server_ms), "edgerank_median_ms": statistics.median(edgerank_ms),
