@@ -78,16 +78,19 @@ def _free_port() -> int:
 class Server:
     """``llama-server -m GGUF --reranking`` on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, binary: Path, model: Path, threads: int, log: Path) -> None:
+    def __init__(self, binary: Path, model: Path, threads: int, log: Path, parallel: int = 1) -> None:
         self.port = _free_port()
         self._log = open(log, "w")
-        # llama-server's own defaults (slots, batch sizes, context) but the threads: llama.cpp as users run it;
+        # llama-server's own defaults (batch sizes, context) but the threads and slots: llama.cpp as users run
+        # it. One slot: with several, documents of one request decode in one batch, and on this llama.cpp
+        # (0.3.36's) a causal rank-pooled document then comes back wrong (RESULTS §12: 0.31 for 0.86).
         # no weight repacking where llama.cpp would pick its AMX kernels, which crash on the first decode
         # (llama.cpp#20824; the llamacpp backend does the same)
         self.repack = _repack_is_safe()
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(model), "--reranking", "--host", "127.0.0.1", "--port", str(self.port),
-             "-t", str(threads), "-tb", str(threads), "--no-webui", *([] if self.repack else ["--no-repack"])],
+             "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "--no-webui",
+             *([] if self.repack else ["--no-repack"])],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -154,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=10)
     p.add_argument("--depth", type=int, default=30)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--parallel", type=int, default=1, help="llama-server slots (-np); see Server")
     p.add_argument("--edgerank-model", default=None,
                    help="also time edgerank's default runtime on this model (e.g. the built-in the GGUF came "
                         "from), and its Spearman against the server")
     p.add_argument("--out", type=Path, help="write the figures as JSON")
     args = p.parse_args(argv)
-    if args.queries <= 0 or args.depth <= 0 or args.threads <= 0:
-        p.error("--queries, --depth and --threads must be positive")
+    if args.queries <= 0 or args.depth <= 0 or args.threads <= 0 or args.parallel <= 0:
+        p.error("--queries, --depth, --threads and --parallel must be positive")
     binary = args.server or build_server(args.build_dir)
     if not Path(binary).is_file():
         p.error(f"--server {binary}: no such file")
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             _maybe_reranker(args.edgerank_model, reranker.spec.family) as runtime:
         spec = reranker.spec
         log = (args.out or Path("llama-server")).with_suffix(".server.log")
-        with Server(Path(binary), args.model, args.threads, log=log) as server:
+        with Server(Path(binary), args.model, args.threads, log=log, parallel=args.parallel) as server:
             for qid, query, docs in queries:
                 docs = [d.rstrip() for d in docs]  # edgerank right-strips documents; the server does not
                 server.rerank(query, docs[:2])  # warm-up per query is not counted (first call pays page-ins)
