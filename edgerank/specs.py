@@ -35,6 +35,22 @@ class PromptTemplate:
         # str.replace, not str.format: queries may contain braces.
         return self.prefix.replace("{instruction}", instruction or "").replace("{query}", query)
 
+    def rerank_template(self, instruction: str | None) -> str:
+        """The whole prompt with ``{query}`` and ``{document}`` left as placeholders: what
+        llama-server's ``format_prompt_rerank`` reads from ``tokenizer.chat_template.rerank``.
+
+        llama-server replaces ``{query}`` first, then ``{document}``, in the whole string, and
+        tokenises it in one piece with special tokens parsed and no BOS added. So a
+        ``{query}`` in the instruction becomes the query there as here (``render_prefix``
+        replaces it too), but a ``{document}`` in the instruction would become the document
+        there only: refused. The document must be sent right-stripped (edgerank strips it).
+        """
+        if instruction and "{document}" in instruction:
+            raise ValueError("the instruction contains '{document}', which llama-server would replace by each "
+                             "document; edgerank keeps it as text, so the two prompts would differ")
+        head = self.prefix.replace("{instruction}", instruction or "")
+        return head + self.separator + "{document}" + self.suffix
+
 
 @dataclass(frozen=True)
 class ScoreFormula:

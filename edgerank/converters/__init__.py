@@ -19,10 +19,36 @@ FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "
 __all__ = ["convert", "OutputExistsError", "FORMATS"]
 
 
-def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str | None = None,
-            force: bool = False, verify: bool = True, progress: bool = True) -> dict:
+# A GGUF source's dominant weight type -> the GGUF quant that keeps those weights as they are.
+SOURCE_GRIDS = {"F16": "f16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k_m"}
+FOUR_BIT = ("q4_0", "q4_1", "q4_k_m")
+
+
+def source_quant(path: Path) -> str | None:
+    """The storage type of most of a GGUF's weight matrices (``Q4_1``...), None if not quantised."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors
+                    if len(t.shape) == 2 and t.name.startswith("blk."))
+    name = types.most_common(1)[0][0] if types else None
+    return None if name in (None, "F32", "BF16") else name
+
+
+def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family: str | None = None,
+            force: bool = False, verify: bool = True, progress: bool = True, instruction: str | None = None,
+            rank_readout: bool | None = None) -> dict:
     """Convert ``src`` (HF folder, .gguf, or built-in name) and return the conversion report.
 
+    ``quant`` None picks the default: for a GGUF source already quantised, the grid that
+    keeps its weights (a Q4_1 source stays Q4_1); otherwise ``q4_k_m`` (gguf) or ``int4``.
+    Asking for another 4-bit grid than a 4-bit source's re-rounds every weight: the report's
+    ``warnings`` say so. ``instruction`` fills the rerank template written into a GGUF
+    (default: the family's). ``rank_readout`` rotates a llama/qwen2 yes/no reranker so that
+    llama-server's rank pooling returns its logit (``gguf_export.RankReadout``); None (the
+    default) does so unless the source is a quantised GGUF and the output 4-bit, where the
+    rotation would re-round weights that sit on their grid (the report then says so).
     The output appears only when everything succeeded (written beside ``out`` and renamed
     into place); ``out`` is never overwritten unless ``force``. The report is also written
     as ``<out>.conversion_report.json``.
@@ -32,8 +58,10 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
 
     if to not in FORMATS:
         raise ValueError(f"output format {to!r} is not available; choose from: {', '.join(FORMATS)}")
-    if quant not in FORMATS[to]:
+    if quant is not None and quant not in FORMATS[to]:
         raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
+    if instruction is not None and to != "gguf":
+        raise ValueError("--instruction fills the rerank template of a GGUF; an ONNX artifact takes it at rank time")
     out = Path(out)
     report_path = out.with_name(out.name + ".conversion_report.json")
     refuse_output_over_inputs(out, src)
@@ -60,9 +88,24 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
         raise ModelFormatError(
             f"{source.path} is a base model plus the LoRA adapter {source.adapter.name}; "
             "convert from the trained HF folder it came from")
+    warnings = []
+    grid = source_quant(source.path) if source.kind == "gguf" else None
+    if quant is None:
+        quant = (SOURCE_GRIDS.get(grid, "q4_k_m") if to == "gguf" else "int4")
+    elif to == "gguf" and SOURCE_GRIDS.get(grid) in FOUR_BIT and quant in FOUR_BIT and quant != SOURCE_GRIDS[grid]:
+        warnings.append(f"the source is already quantised to {grid}; {quant} re-rounds every weight onto another "
+                        f"4-bit grid, which costs ranking quality (bench/RESULTS.md); "
+                        f"--quant {SOURCE_GRIDS[grid]} keeps the source's weights as they are")
+    if rank_readout is None:
+        rank_readout = not (grid is not None and quant in FOUR_BIT)
     label_ids = None
-    if to == "gguf" and source.kind == "hf" and source.spec.kind == "decoder":
-        label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
+    if to == "gguf" and source.spec.kind == "decoder" and source.kind in ("hf", "gguf"):
+        if source.kind == "hf":
+            label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
+        else:
+            from edgerank.converters.vocab import gguf_label_ids
+
+            label_ids = gguf_label_ids(source.path, source.spec.score.labels)
     # a trained LoRA stays unmerged beside a quantized GGUF (see edgerank/converters/gguf_export.py)
     adapter_name = None
     if to == "gguf" and quant != "f16" and source.kind == "hf":
@@ -78,18 +121,21 @@ def convert(src: str | Path, to: str, quant: str, out: str | Path, family: str |
                 from edgerank.converters.gguf_export import write_gguf
 
                 notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress,
-                                   adapter_dest=staging.with_name(adapter_name) if adapter_name else None)
+                                   adapter_dest=staging.with_name(adapter_name) if adapter_name else None,
+                                   instruction=instruction, rank_readout=rank_readout)
             else:
                 from edgerank.converters.onnx_export import write_artifact
 
                 notes = write_artifact(source.path, staging, quant, source.spec, progress)
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
-            "family": source.spec.family, "architecture": source.architecture,
+            "family": source.spec.family, "architecture": source.architecture, "source_quant": grid,
             "size_bytes": size_on_disk(staging) + (size_on_disk(staging.with_name(adapter_name)) if adapter_name else 0),
             "source_size_bytes": size_on_disk(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
+        if warnings:
+            report["warnings"] = warnings
         if verify:  # loads the full-precision source too: often longer than the conversion
             t1 = time.perf_counter()
             report.update(_verify(source, staging, to))

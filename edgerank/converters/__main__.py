@@ -31,23 +31,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.converters", description=__doc__)
     p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
     p.add_argument("--to", required=True, choices=sorted(FORMATS), help="gguf (llama.cpp) or onnx (the edgerank artifact)")
-    p.add_argument("--quant", required=True, help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4, int8 or fp32")
+    p.add_argument("--quant", default=None,
+                   help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4, int8 or fp32. Default: a quantised GGUF "
+                        "source's own grid (Q4_1 stays q4_1), else q4_k_m (gguf) or int4 (onnx)")
     p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx), written atomically")
     p.add_argument("--model-spec", dest="family", default=None, help="reranker family (edgerank/specs.py)")
+    p.add_argument("--instruction", default=None,
+                   help="gguf: the instruction written into the rerank template llama-server uses "
+                        "(default: the family's)")
+    p.add_argument("--rank-readout", action=argparse.BooleanOptionalAction, default=None,
+                   help="gguf, llama/qwen2 yes/no rerankers: rotate the weights so that llama-server --reranking "
+                        "returns the model's yes-minus-no logit (default: yes, unless a quantised source would be "
+                        "re-rounded onto a 4-bit grid)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip scoring 64 pairs against the full-precision source (Spearman, max |diff|)")
     args = p.parse_args(argv)
-    report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify)
+    report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify,
+                     instruction=args.instruction, rank_readout=args.rank_readout)
     rows = []
-    for key in ("size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb", "pairs", "spearman",
-                "pearson", "kendall_tau_b", "topk_agreement", "max_abs_diff", "diff_over_spread"):
-        if key in report:
+    for key in ("source_quant", "size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb",
+                "pairs", "reference", "spearman", "pearson", "kendall_tau_b", "topk_agreement", "max_abs_diff",
+                "diff_over_spread", "relevance_score", "rank_readout"):
+        if report.get(key) is not None:
             v = report[key]
             rows.append([key, f"{v:.4f}" if isinstance(v, float) else str(v)])
     rows += [["fallback", f"{name}: {why}"] for name, why in report.get("fallbacks", {}).items()]
-    print(f"{args.src} -> {args.out} ({args.to} {args.quant})")
+    print(f"{args.src} -> {args.out} ({args.to} {report.get('quant', args.quant)})")
     print(format_table(["", ""], rows))
+    for line in report.get("warnings", []):
+        print(f"warning: {line}", file=sys.stderr)
     warning = fidelity_warning(report, args.out)
     if warning:
         print(warning, file=sys.stderr)

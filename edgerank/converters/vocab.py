@@ -106,3 +106,24 @@ def _add_wordpiece(writer: gguf.GGUFWriter, model: dict, vocab_size: int) -> dic
     writer.add_add_bos_token(True)  # [CLS] text [SEP], as BERT was trained
     writer.add_add_eos_token(True)
     return {"tokenizer": "wordpiece", "tokens": str(len(tokens))}
+
+
+def gguf_label_ids(path: Path, labels) -> list[int]:
+    """The answer labels' token ids in a GGUF's own vocabulary (llama.cpp's tokenizer, the
+    one that scores the file), each of which must be one token."""
+    import llama_cpp
+
+    from edgerank.backends.llamacpp import _silence_llama_logs
+    from edgerank.tokenization import LlamaCppTokenizer, label_token_ids
+
+    _silence_llama_logs(llama_cpp)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelFormatError(f"llama.cpp could not read the vocabulary of {path}")
+    try:
+        return label_token_ids(LlamaCppTokenizer(llama_cpp.llama_model_get_vocab(model)), labels)
+    finally:
+        llama_cpp.llama_model_free(model)
