@@ -31,12 +31,7 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
     for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (root / need).is_file():
             raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
-    corpus = {}
-    for line in open(root / "corpus.jsonl", encoding="utf-8"):
-        doc = json.loads(line)
-        title = (doc.get("title") or "").strip()
-        corpus[str(doc["_id"])] = f"{title} {doc['text']}".strip() if title else doc["text"]
-    queries = {str(q["_id"]): q["text"] for q in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
+    corpus, queries = load_texts(root)
     qrels: dict[str, dict[str, int]] = {}
     for n, line in enumerate(open(root / f"qrels/{split}.tsv", encoding="utf-8")):
         parts = line.split()
@@ -44,6 +39,21 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
             continue  # header
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
     return Collection(root, corpus, queries, qrels)
+
+
+def load_texts(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The passages (title and text joined) and queries of a BEIR folder, judgments or not."""
+    root = Path(path)
+    for need in ("corpus.jsonl", "queries.jsonl"):
+        if not (root / need).is_file():
+            raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
+    corpus = {}
+    for line in open(root / "corpus.jsonl", encoding="utf-8"):
+        doc = json.loads(line)
+        title = (doc.get("title") or "").strip()
+        corpus[str(doc["_id"])] = f"{title} {doc['text']}".strip() if title else doc["text"]
+    queries = {str(q["_id"]): q["text"] for q in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
+    return corpus, queries
 
 
 def load_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:
