@@ -101,6 +101,9 @@ def _read_jsonl(path: Path) -> list[Query]:
             raise DataError(f"{path}:{n}: not a {{query_id, query, doc_id, text}} object ({e})") from None
         if not isinstance(query, str) or not isinstance(text, str):
             raise DataError(f"{path}:{n}: query and text must be strings")
+        if any(ch.isspace() for ch in f"{qid}{doc}"):
+            raise DataError(f"{path}:{n}: query_id and doc_id must hold no whitespace (a TREC run's "
+                            f"columns are whitespace-separated): {qid!r}, {doc!r}")
         q = out.setdefault(str(qid), Query(str(qid), query, [], []))
         if q.text != query:
             raise DataError(f"{path}:{n}: query {qid} has two different query texts")
