@@ -146,6 +146,7 @@ class Parts:
     def __init__(self, folder: Path, job: dict[str, Any] | None = None) -> None:
         self.dir = folder
         self.job = job
+        self.finished: list[tuple[float, str]] = []  # (when, query id), as this process saw them
 
     @staticmethod
     def beside(out: Path) -> Path:
@@ -172,6 +173,11 @@ class Parts:
     def write(self, qid: str, lines: str) -> None:
         """The query's lines, behind a first line naming it (ids may hold any character)."""
         _atomic_write(self.path(qid), json.dumps(qid) + "\n" + lines)
+        self.mark(qid)
+
+    def mark(self, qid: str) -> None:
+        """Note that ``qid`` is on disk now (a worker process wrote it)."""
+        self.finished.append((time.perf_counter(), qid))
 
     def read(self, qid: str) -> str:
         return self.path(qid).read_text(encoding="utf-8").partition("\n")[2]
@@ -218,6 +224,7 @@ def _score_in_worker(args: tuple[Query, str]) -> tuple[str, int]:
 
 def _run_local(todo: list[Query], parts: Parts, model: str | None, backend: str | None,
                options: dict[str, Any], workers: int, progress: bool) -> None:
+    """Score ``todo`` here (one worker) or in ``workers`` spawned processes."""
     if workers == 1:
         with Reranker(model=model, backend=backend, **options) as reranker:
             for n, q in enumerate(todo, 1):
@@ -227,7 +234,8 @@ def _run_local(todo: list[Query], parts: Parts, model: str | None, backend: str 
     # spawn, not fork: a forked ONNX Runtime or OpenMP pool is not safe to use
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(model, backend, options)) as pool:
-        for n, _ in enumerate(pool.imap_unordered(_score_in_worker, [(q, str(parts.dir)) for q in todo]), 1):
+        for n, (qid, _) in enumerate(pool.imap_unordered(_score_in_worker, [(q, str(parts.dir)) for q in todo]), 1):
+            parts.mark(qid)
             _tick(progress, n, len(todo))
 
 
@@ -259,14 +267,18 @@ class RayScorer:
 
 
 def _run_ray(todo: list[Query], parts: Parts, model: str | None, backend: str | None, options: dict[str, Any],
-             address: str, workers: int, threads: int, progress: bool) -> None:
+             address: str, workers: int, threads: int, progress: bool) -> float:
+    """Score ``todo`` on Ray; returns the seconds spent starting or joining the cluster."""
     import ray
+
+    t0 = time.perf_counter()
 
     ctx_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
     if address == "local":  # a cluster of this machine alone, on loopback, sized for the job
         ray.init(num_cpus=max(workers * threads, os.cpu_count() or 1), _node_ip_address="127.0.0.1", **ctx_args)
     else:
         ray.init(address=address, **ctx_args)
+    init_s = time.perf_counter() - t0
     try:
         import ray.data
 
@@ -285,6 +297,7 @@ def _run_ray(todo: list[Query], parts: Parts, model: str | None, backend: str | 
             parts.write(str(row["query_id"]), str(row["lines"]))
     finally:
         ray.shutdown()
+    return init_s
 
 
 # --- the command -------------------------------------------------------------------------
@@ -315,9 +328,10 @@ def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, 
     done = parts.open() & {q.qid for q in queries}
     todo = [q for q in queries if q.qid not in done]
     t1 = time.perf_counter()
+    cluster_s = 0.0
     if todo:
         if ray_address is not None:
-            _run_ray(todo, parts, model, backend, options, ray_address, workers, threads, progress)
+            cluster_s = _run_ray(todo, parts, model, backend, options, ray_address, workers, threads, progress)
         else:
             _run_local(todo, parts, model, backend, options, workers, progress)
     t2 = time.perf_counter()
@@ -327,8 +341,19 @@ def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, 
     _atomic_write(out, "".join(parts.read(q.qid) for q in queries))
     parts.remove()
     pairs = sum(len(q.texts) for q in todo)
+    # rerank_s: from the workers' start (model loads included) to the last query written;
+    # starting or joining the Ray cluster is counted apart, in cluster_s
+    rerank_s = t2 - t1 - cluster_s
+    # steady rate: from the first query written to the last, so model loads and actor
+    # start-up (paid once per worker, whatever the job's size) are left out
+    sizes = {q.qid: len(q.texts) for q in todo}
+    steady = 0.0
+    if len(parts.finished) > 1:
+        (first, _), (last, _) = parts.finished[0], parts.finished[-1]
+        steady = sum(sizes[qid] for _, qid in parts.finished[1:]) / (last - first) if last > first else 0.0
     return {"queries": len(queries), "resumed": len(done), "scored": len(todo), "pairs": pairs,
-            "setup_s": t1 - t0, "rerank_s": t2 - t1, "pairs_per_s": pairs / (t2 - t1) if todo else 0.0,
+            "setup_s": t1 - t0, "cluster_s": cluster_s, "rerank_s": rerank_s,
+            "pairs_per_s": pairs / rerank_s if todo else 0.0, "steady_pairs_per_s": steady,
             "workers": workers, "threads": threads, "ray": ray_address, "out": str(out)}
 
 

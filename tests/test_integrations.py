@@ -300,6 +300,31 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _kill_tree(job: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started (the local Ray's GCS, raylet and
+    actors put themselves in process groups of their own, so a group kill misses them)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    pids = {str(p.pid) for p in family}
+    for p in psutil.process_iter(["name"]):  # a Ray worker names its raylet in its environment
+        try:
+            if p.info["name"].startswith("ray::") and p.environ().get("RAY_RAYLET_PID") in pids:
+                family.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    job.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def dl19_single(tmp_path_factory):
     """10 DL19 queries at depth 20 reranked by the single-process path, and its report."""
@@ -353,19 +378,16 @@ def test_a_ray_job_killed_midway_resumes_without_recomputing_and_ends_the_same(d
     run, single, _ = dl19_single
     out = tmp_path / "ray.trec"
     parts = tmp_path / "ray.trec.parts"
-    # its own session, so the kill reaches the driver and the local Ray it started, and only them
+    # killed with everything it started, and nothing else
     job = subprocess.Popen(_batch_cmd(run, out, "--ray", "local", "--workers", "1"), env=_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and job.poll() is None and len(list(parts.glob("*.part"))) < 2:
             time.sleep(0.02)
         assert job.poll() is None, "the job ended before it could be killed"
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        _kill_tree(job)
     done = {p.name for p in parts.glob("*.part")}
     assert 2 <= len(done) < 10 and not out.exists()
     time.sleep(2)  # leave the killed cluster's ports and shared memory to the kernel
