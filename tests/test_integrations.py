@@ -399,3 +399,16 @@ def test_a_ray_job_killed_midway_resumes_without_recomputing_and_ends_the_same(d
     assert report["resumed"] == len(done) and report["scored"] == 10 - len(done)
     assert out.read_bytes() == single.read_bytes()
     assert not parts.exists()
+
+
+def test_the_integrations_reach_edgerank_only_through_its_public_api():
+    """Tools on top: ``edgerank`` itself (Reranker, RankResult, errors), the extras check,
+    and their own shared module; never the runtime's internals."""
+    import ast
+
+    allowed = {"edgerank", "edgerank.errors", "edgerank.extras", "edgerank.integrations"}
+    for path in sorted((ROOT / "edgerank" / "integrations").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert {m for m in used if m.startswith("edgerank")} <= allowed, path.name
