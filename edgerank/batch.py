@@ -317,10 +317,12 @@ def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, 
         raise DataError("--ray needs --threads: the CPUs each actor asks Ray for and uses")
     t0 = time.perf_counter()
     queries = read_queries(run, data, depth)
-    # a job is its input, model and options: parts of another job are never mixed in
+    # a job is its input, model and options: parts of another job are never mixed in. The
+    # thread count is not part of it (the scores do not depend on it), so a job may resume
+    # with another --workers/--threads, or move between local processes and Ray
     job = {"input": str(run.resolve()), "input_sha256": _fingerprint(run),
            "data": str(Path(data).resolve()) if data else None, "model": model, "backend": backend,
-           "depth": depth, "options": {k: repr(v) for k, v in sorted(options.items())}}
+           "depth": depth, "options": {k: repr(v) for k, v in sorted(options.items()) if k != "threads"}}
     # load once here first: a bad model or option fails before any worker starts, and a
     # model converted on first use is converted once, not by every worker at the same time
     Reranker(model=model, backend=backend, **options).close()

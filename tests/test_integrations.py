@@ -274,6 +274,24 @@ def test_batch_jsonl_in_two_local_processes_writes_edgeranks_ranking(tmp_path):
     assert not (tmp_path / "out.trec.parts").exists() and len(rows) == 2 * len(DOCS)
 
 
+@slow
+def test_batch_never_mixes_in_the_parts_of_another_job(tmp_path):
+    from edgerank.batch import run_batch
+    from edgerank.errors import EdgerankError
+
+    src = _write_jsonl(tmp_path / "in.jsonl", {"q1": (QUERY, DOCS)})
+    parts = tmp_path / "out.trec.parts"
+    parts.mkdir()
+    (parts / "job.json").write_text(json.dumps({"input": "another job"}))
+    with pytest.raises(EdgerankError, match="different job"):
+        run_batch(src, tmp_path / "out.trec")
+    (parts / "job.json").unlink()
+    (parts / "notes.txt").write_text("mine")  # a folder the batch did not make is not touched
+    with pytest.raises(EdgerankError, match="not a batch job"):
+        run_batch(src, tmp_path / "out.trec")
+    assert (parts / "notes.txt").read_text() == "mine" and not (tmp_path / "out.trec").exists()
+
+
 def _dl19_run(tmp_path: Path, n: int = 10) -> Path:
     """The first ``n`` queries of DL19's BM25 run."""
     seen, keep = [], []
