@@ -284,9 +284,11 @@ def _run_ray(todo: list[Query], parts: Parts, model: str | None, backend: str | 
 
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = progress
-        # one row per query: a query's candidates are scored in one call, as locally
+        # one row per query: a query's candidates are scored in one call, as locally. One
+        # block per row too: Ray Data hands the driver whole output blocks, so a block of
+        # many queries would come back (and be written) only when all of them were done
         rows = [{"query_id": q.qid, "query": q.text, "doc_ids": q.doc_ids, "texts": q.texts} for q in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * workers))
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         scored = ds.map_batches(RayScorer, fn_constructor_kwargs={"model": model, "backend": backend,
                                                                   "options": options},
                                 batch_size=1, batch_format="numpy", num_cpus=threads,
