@@ -32,15 +32,7 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
     for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (root / need).is_file():
             raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
-    corpus = {}
-    for where, doc in _jsonl(root / "corpus.jsonl"):
-        title = doc.get("title") or ""
-        text = _text(where, doc, "text")
-        if not isinstance(title, str):
-            raise DataError(f"{where}: \"title\" must be a string")
-        title = title.strip()
-        corpus[_id(where, doc)] = f"{title} {text}".strip() if title else text
-    queries = {_id(where, q): _text(where, q, "text") for where, q in _jsonl(root / "queries.jsonl")}
+    corpus, queries = load_texts(root)
     qrels: dict[str, dict[str, int]] = {}
     qrels_path = root / f"qrels/{split}.tsv"
     for i, (n, parts) in enumerate(_lines(qrels_path)):
@@ -51,6 +43,24 @@ def load_beir(path: str | Path, split: str = "test") -> Collection:
                             f"got {' '.join(parts)[:80]!r}")
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
     return Collection(root, corpus, queries, qrels)
+
+
+def load_texts(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The passages (title and text joined) and queries of a BEIR folder, judgments or not."""
+    root = Path(path)
+    for need in ("corpus.jsonl", "queries.jsonl"):
+        if not (root / need).is_file():
+            raise FileNotFoundError(f"{root} is not a BEIR folder: {need} is missing")
+    corpus = {}
+    for where, doc in _jsonl(root / "corpus.jsonl"):
+        title = doc.get("title") or ""
+        text = _text(where, doc, "text")
+        if not isinstance(title, str):
+            raise DataError(f"{where}: \"title\" must be a string")
+        title = title.strip()
+        corpus[_id(where, doc)] = f"{title} {text}".strip() if title else text
+    queries = {_id(where, q): _text(where, q, "text") for where, q in _jsonl(root / "queries.jsonl")}
+    return corpus, queries
 
 
 def load_run(path: str | Path) -> dict[str, list[tuple[str, float]]]:

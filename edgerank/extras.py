@@ -17,12 +17,24 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("bm25s", "rich"),
     "bench": ("matplotlib", "rich", "torch", "transformers", "llama_cpp"),
     "server": ("fastapi", "uvicorn", "prometheus_client"),
+    "langchain": ("langchain_core",),
+    "llama-index": ("llama_index.core",),
+    "ray": ("ray", "pyarrow", "pandas"),  # ray[data]
 }
 
 
 def missing(extra: str) -> list[str]:
     """The import names of ``extra`` that are not installed."""
-    return [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    return [m for m in EXTRAS[extra] if not _found(m)]
+
+
+def _found(module: str) -> bool:
+    # find_spec imports a dotted name's parent, and raises rather than answering None
+    # when that parent (``llama_index`` of ``llama_index.core``) is itself absent
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def require(extra: str, what: str) -> None:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1] / "edgerank"
 # The tools: each is a command or a library on top of the runtime, never under it.
 TOOLS = ("edgerank.converters", "edgerank.train", "edgerank.data", "edgerank.eval", "edgerank.calibrate",
          "edgerank.bench", "edgerank.pull", "edgerank.cache", "edgerank.models", "edgerank.recipes",
-         "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve")
+         "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve",
+         "edgerank.integrations", "edgerank.batch")
 # The runtime: what a rank() call on a prepared artifact runs.
 RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs", "edgerank.catalog",
            "edgerank.artifact", "edgerank.layout", "edgerank.sources", "edgerank.backends",
