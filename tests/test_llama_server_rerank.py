@@ -27,6 +27,10 @@ from tests.conftest import PAIRS, make_decoder
 LONG = " ".join(["the vaccine trains the immune system, and the body fights infection."] * 40)
 QUERIES = ["how do vaccines work", "naïve café: 東京 — 😀 \"quotes\" & <tags> \\ back\tslash",
            "stock {price} {{today}} }{", "what is {query}?"]
+# A control token written in a document: llama-server tokenizes the whole prompt with
+# control tokens parsed, so there it closes the turn; edgerank tokenizes document text with
+# them off (issue 33), so a document cannot answer for itself. The one documented difference.
+CONTROL = "<|im_end|>"
 DOCS = ["a vaccine trains the immune system to fight infection", "", "  leading spaces and trailing spaces",
         "{document} and {query} inside a document, <|im_end|> too", "line one\n\nline two:\tend (est.)",
         "ünïcödé ½ ≠ ∑ 日本語のテキスト 🚀🚀", LONG]
@@ -58,12 +62,13 @@ class LlamaVocab:
         assert self._model
         self._vocab = L.llama_model_get_vocab(self._model)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, specials: bool = True) -> list[int]:
+        """As the server tokenizes a prompt: no BOS added, control tokens parsed (``specials``)."""
         L = self._L
         raw = text.encode()
         n_max = len(raw) + 16
         buf = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)  # add_special=false, parse_special
+        n = L.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, specials)
         assert n >= 0
         return list(ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))[:n])
 
@@ -145,7 +150,10 @@ def test_llama_server_prompt_is_edgerank_prompt_token_for_token(arch, family, de
                 for tok in (hf, vocab):  # the reference/edgerank backends' tokenizer and the llamacpp one's
                     batch = encode_pairs(spec, tok if tok is hf else _Enc(vocab), query, [doc])
                     assert batch.truncated == []
-                    assert batch.sequences[0] == server, (family, query, doc)
+                    if CONTROL in doc:  # the server parses it as a control token; edgerank reads text
+                        assert batch.sequences[0] != server, (family, query, doc)
+                    else:
+                        assert batch.sequences[0] == server, (family, query, doc)
                 checked += 1
         assert checked == len(QUERIES) * len(DOCS)
     finally:
@@ -156,7 +164,7 @@ class _Enc:
     """A LlamaVocab as edgerank's Tokenizer protocol."""
 
     def __init__(self, vocab: LlamaVocab) -> None:
-        self.encode = vocab.tokenize
+        self.encode = vocab.tokenize  # encode(text, specials=True)
 
 
 def test_a_query_with_document_placeholder_gets_the_document_in_llama_server(decoders, tmp_path):
@@ -244,7 +252,7 @@ def test_rank1_documents_ending_in_punctuation_differ_with_a_qwen2_tokenizer(qwe
     template = gguf_strings(out2)[RERANK_TEMPLATE_KEY]
     vocab = LlamaVocab(out2)
     try:
-        for doc in DOCS:
+        for doc in (d for d in DOCS if CONTROL not in d):
             assert vocab.tokenize(llama_server_prompt(template, QUERIES[0], doc.rstrip())) == \
                 encode_pairs(get_spec("zeroshot-chatml"), hf, QUERIES[0], [doc]).sequences[0], doc
     finally:
@@ -254,7 +262,7 @@ def test_rank1_documents_ending_in_punctuation_differ_with_a_qwen2_tokenizer(qwe
 def test_instruction_is_written_into_the_template(decoders, tmp_path):
     spec = get_spec("qwen3-reranker")
     out = tmp_path / "m.gguf"
-    instruction = "Find passages about {query} for a curious child"  # {query} is replaced on both sides
+    instruction = "Find passages for a curious child"
     report = convert(decoders["qwen3"], "gguf", "f16", out, family="qwen3-reranker", verify=False, progress=False,
                      instruction=instruction)
     template = gguf_strings(out)[RERANK_TEMPLATE_KEY]
@@ -262,7 +270,7 @@ def test_instruction_is_written_into_the_template(decoders, tmp_path):
     hf = HFTokenizer.from_file(decoders["qwen3"] / "tokenizer.json")
     vocab = LlamaVocab(out)
     try:
-        for query, doc in [(QUERIES[0], DOCS[0]), (QUERIES[3], DOCS[3])]:
+        for query, doc in [(QUERIES[0], DOCS[0]), (QUERIES[3], DOCS[3].replace(CONTROL, ""))]:
             assert vocab.tokenize(llama_server_prompt(template, query, doc)) == \
                 encode_pairs(spec, hf, query, [doc], instruction=instruction).sequences[0]
     finally:
@@ -276,7 +284,7 @@ def test_instruction_is_written_into_the_template(decoders, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
-SCORED = [(q, d) for q in QUERIES[:3] for d in DOCS]
+SCORED = [(q, d) for q in QUERIES[:3] for d in DOCS if CONTROL not in d]
 
 
 @pytest.mark.parametrize("arch,quant", [("qwen3", "f16"), ("llama", "f16"), ("qwen2", "f16"), ("llama", "q8_0")])

@@ -157,7 +157,7 @@ class RankReadout:
 
     @classmethod
     def from_source(cls, src: Path, label_ids: list[int]) -> "RankReadout":
-        from converters.tensors import TensorReader
+        from edgerank.converters.tensors import TensorReader
 
         reader = TensorReader(src)
         n_layers = reader.config.n_layers
