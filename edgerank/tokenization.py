@@ -50,6 +50,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens kept (explanations cut at their stop strings)."""
+        return self._tok.decode(ids, skip_special_tokens=False)
+
     def encode_with_specials(self, first: str, second: str | None = None, budget: int | None = None):
         """``[CLS] first [SEP] (second [SEP])`` as the tokenizer's post-processor builds it.
 
