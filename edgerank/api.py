@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgerank.backends import Backend, default_backend, load_backend
-from edgerank.errors import is_int
+from edgerank.errors import OptionError, is_int
+from edgerank.explain import Explanation, extractive
 from edgerank.memory import PeakRSS
 from edgerank.sources import ModelSource, check_max_length, resolve
 from edgerank.tokenization import distinct, encode_pairs
@@ -32,6 +33,7 @@ class RankResult:
     score: float
     document: str
     provisional: bool = False  # scored at an intermediate layer, then pruned (edgerank backend)
+    explanation: Explanation | None = None  # rank(..., explain=True): for the top-K results only
 
 
 @dataclass
@@ -50,6 +52,9 @@ class CallStats:
     score_s: float = 0.0
     peak_rss_mb: float = 0.0  # largest RSS sampled during the call (edgerank.memory.PeakRSS)
     rss_delta_mb: float = 0.0  # peak above the RSS at the start of the call
+    explain_s: float = 0.0  # explain=True: time spent explaining (inside wall_s)
+    explain_tokens: int = 0  # tokens generated (decoders) for the explanations
+    explained: int = 0  # distinct candidates explained (the top K, never the others)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific figures, over the distinct candidates
 
 
@@ -126,19 +131,34 @@ class Reranker:
         return self.source.spec
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
-             instruction: str | None = None) -> Ranking:
+             instruction: str | None = None, explain: bool = False, explain_tokens: int = 48) -> Ranking:
         """Rank ``documents`` for ``query``, best first; at most ``top_k`` results.
 
         ``top_k=None`` or a ``top_k`` above the number of documents returns them all. An
         empty list returns an empty ranking. Equal scores keep input order.
+        ``explain=True`` gives each returned result an ``explanation`` (docs/explain.md):
+        decoders write one (greedy, at most ``explain_tokens`` tokens, edgerank backend);
+        encoders point at the document's sentence they score highest.
         """
         _validate(query, documents, top_k)
         _check_instruction(self.spec, instruction)
+        generate = bool(explain) and self.spec.kind == "decoder"
+        if explain:
+            if not is_int(explain_tokens) or explain_tokens < 1:
+                raise ValueError(f"explain_tokens must be a positive int (got {explain_tokens!r})")
+            if generate and not hasattr(self._backend, "explain"):
+                raise OptionError(f"explain=True for a decoder reranker generates through the artifact: "
+                                  f"it runs on backend='edgerank', not {self.backend_name!r}")
         stats = CallStats(backend=self.backend_name, model=self.source.name, candidates=len(documents))
         if not documents:
             self.last_stats = stats
             return Ranking([], stats)
-        with self._lock, PeakRSS() as mem:
+        with self._lock:  # held through explaining too: it reuses this call's prefix keys/values
+            return self._rank(query, documents, top_k, instruction, explain, explain_tokens, generate, stats)
+
+    def _rank(self, query: str, documents: Sequence[str], top_k: int | None, instruction: str | None,
+              explain: bool, explain_tokens: int, generate: bool, stats: CallStats) -> Ranking:
+        with PeakRSS() as mem:
             if self._backend is None:
                 raise RuntimeError("this Reranker is closed")
             t0 = time.perf_counter()
@@ -146,7 +166,8 @@ class Reranker:
                                  instruction or self.instruction, self.max_length)
             unique, copy_of = distinct(batch)
             t1 = time.perf_counter()
-            out = self._backend.score(unique, top_k=top_k)
+            out = (self._backend.score(unique, top_k=top_k, keep_prefix_kv=True) if generate
+                   else self._backend.score(unique, top_k=top_k))
             scores, tier, provisional = np.asarray(out.values, dtype=np.float64), out.tier, out.provisional
             stats.extra = out.stats
             t2 = time.perf_counter()
@@ -161,13 +182,39 @@ class Reranker:
             stats.extra["dropped_before_layer"] = [n_layers + 1 - int(t) if t else None for t in tier]
         # pruned candidates (tier > 0) rank below the top-K whatever their provisional score
         order = np.lexsort((-scores, tier))[: top_k or len(documents)]
+        explanations: dict[int, Explanation | None] = {}
+        if explain:  # the returned results only: whatever pruning dropped is never explained
+            explanations = self._explain(query, documents, order, copy_of, unique, generate,
+                                         instruction or self.instruction, explain_tokens, stats)
         stats.tokens, stats.prefix_tokens, stats.truncated = unique.n_tokens, batch.prefix_len, batch.truncated
         stats.duplicates = len(documents) - len(unique.sequences)
-        stats.encode_s, stats.score_s, stats.wall_s = t1 - t0, t2 - t1, t2 - t0
+        stats.encode_s, stats.score_s, stats.wall_s = t1 - t0, t2 - t1, t2 - t0 + stats.explain_s
         stats.peak_rss_mb, stats.rss_delta_mb = mem.peak_mb, mem.delta_mb
         self.last_stats = stats
-        return Ranking([RankResult(int(i), float(scores[i]), documents[i], bool(provisional[i])) for i in order],
-                       stats)
+        return Ranking([RankResult(int(i), float(scores[i]), documents[i], bool(provisional[i]),
+                                   explanations.get(copy_of[i])) for i in order], stats)
+
+    def _explain(self, query: str, documents: Sequence[str], order: np.ndarray, copy_of: list[int], unique,
+                 generate: bool, instruction: str | None, explain_tokens: int,
+                 stats: CallStats) -> dict[int, Explanation | None]:
+        """Explanations of the results in ``order``, by distinct candidate (copies share one)."""
+        t0 = time.perf_counter()
+        rows = list(dict.fromkeys(copy_of[i] for i in order))  # distinct candidates, best first
+        first = {copy_of[i]: int(i) for i in reversed(order)}  # a document of each distinct candidate
+        if generate:
+            gens, gstats = self._backend.explain(unique, rows, explain_tokens)
+            tok = self._backend.tokenizer
+            out = {r: Explanation(g.text, "generated", verdict=tok.decode([g.verdict]),
+                                  token_ids=tuple(g.tokens))
+                   for r, g in zip(rows, gens)}
+            stats.explain_tokens = int(gstats["explain_tokens"])
+            stats.extra["explain"] = gstats
+        else:
+            docs = [documents[first[r]] for r in rows]
+            out = dict(zip(rows, extractive(self._backend, self.spec, query, docs, instruction, self.max_length)))
+        stats.explained = len(rows)
+        stats.explain_s = time.perf_counter() - t0
+        return out
 
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
         """Raw scores in input order (no sorting, no ``top_k``, so nothing is pruned)."""
@@ -197,7 +244,8 @@ _cache_lock = threading.Lock()
 
 
 def rank(query: str, documents: Sequence[str], top_k: int | None = None,
-         model: str | Path | None = None, backend: str | None = None, **options: Any) -> Ranking:
+         model: str | Path | None = None, backend: str | None = None, explain: bool = False,
+         explain_tokens: int = 48, **options: Any) -> Ranking:
     """Rank ``documents`` for ``query`` with a model loaded on first use and then kept.
 
     The last ``(model, backend, options)`` combination stays loaded, so repeated calls
@@ -214,4 +262,4 @@ def rank(query: str, documents: Sequence[str], top_k: int | None = None,
                 _cached[1].close()
                 _cached = None
             _cached = (key, Reranker(model=model, backend=backend, **options))
-        return _cached[1].rank(query, documents, top_k=top_k)
+        return _cached[1].rank(query, documents, top_k=top_k, explain=explain, explain_tokens=explain_tokens)

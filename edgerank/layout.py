@@ -18,6 +18,10 @@ TOKENIZER = "tokenizer.json"
 EMBED = "embed.npy"  # int8 rows (with EMBED_SCALE) or fp32
 EMBED_SCALE = "embed_scale.npy"  # one fp32 scale per int8 row
 HEAD = "head.npz"
+# the full LM head of an untied decoder, stored like the embedding (int8 rows + scales, or
+# fp32): what generating an explanation needs. Tied decoders reuse EMBED; encoders have none.
+LM_HEAD = "lm_head.npy"
+LM_HEAD_SCALE = "lm_head_scale.npy"
 LAYERS_DIR = "layers"
 
 

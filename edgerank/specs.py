@@ -118,6 +118,11 @@ class ModelSpec:
     max_length: int = 512
     # Bi-encoders: whether embeddings are L2-normalised before the dot product.
     normalize: bool = True
+    # Decoders, explain=True: the text after the verdict token that asks the model for its
+    # rationale (tokenised apart, so it starts with a special token or a newline), and
+    # the texts that end one (a stop string seen in the generated text ends generation).
+    explain_prompt: str | None = None
+    explain_stop: tuple[str, ...] = ()
 
     @property
     def takes_instruction(self) -> bool:
@@ -132,6 +137,9 @@ QWEN3_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the "
     'Instruct provided. Note that the answer can only be "yes" or "no".'
 )
+# The follow-up turn after a chat model's verdict: it answers in its own next turn.
+CHATML_EXPLAIN = ("<|im_end|>\n<|im_start|>user\nExplain your answer in one sentence, citing the "
+                  "document.<|im_end|>\n<|im_start|>assistant\n")
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 QWEN3_RERANKER = ModelSpec(
@@ -148,6 +156,8 @@ QWEN3_RERANKER = ModelSpec(
     default_instruction=WEB_SEARCH_INSTRUCTION,
     score=ScoreFormula("yes_no", ("yes", "no")),
     max_length=1024,
+    explain_prompt=CHATML_EXPLAIN,
+    explain_stop=("<|im_end|>", "<|endoftext|>"),
 )
 
 # Rank1 reasons inside <think> before answering. edgerank scores the answer directly after
@@ -165,6 +175,10 @@ RANK1 = ModelSpec(
     ),
     score=ScoreFormula("yes_no", (" true", " false")),
     max_length=1024,
+    # explain=True: after the verdict, the model opens the reasoning block it was trained
+    # to write (scoring skipped it) and writes its reasons there
+    explain_prompt="\n<think>\n",
+    explain_stop=("</think>",),
 )
 
 INTERANK = ModelSpec(
@@ -181,6 +195,9 @@ INTERANK = ModelSpec(
     ),
     score=ScoreFormula("expected_label", ("0", "1", "2")),
     max_length=1024,
+    explain_prompt=("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nExplain the label in one "
+                    "sentence, citing the passage.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    explain_stop=("<|eot_id|>", "<|end_of_text|>"),
 )
 
 # For instruct models never fine-tuned to rerank (SmolLM2, Qwen2.5): the Qwen3-Reranker
@@ -199,6 +216,8 @@ ZEROSHOT_CHATML = ModelSpec(
     default_instruction=WEB_SEARCH_INSTRUCTION,
     score=ScoreFormula("yes_no", ("yes", "no")),
     max_length=1024,
+    explain_prompt=CHATML_EXPLAIN,
+    explain_stop=("<|im_end|>", "<|endoftext|>"),
 )
 
 CROSS_ENCODER = ModelSpec(

@@ -69,6 +69,10 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens kept (explanations cut at their stop strings)."""
+        return self._tok.decode(ids, skip_special_tokens=False)
+
     def encode_with_specials(self, first: str, second: str | None = None, budget: int | None = None):
         """``[CLS] first [SEP] (second [SEP])`` as the tokenizer's post-processor builds it;
         a ``[SEP]`` written in the texts is plain text.

@@ -24,7 +24,8 @@ TOOLS = ("edgerank.converters", "edgerank.train", "edgerank.data", "edgerank.eva
 # The runtime: what a rank() call on a prepared artifact runs.
 RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs", "edgerank.catalog",
            "edgerank.artifact", "edgerank.layout", "edgerank.sources", "edgerank.backends",
-           "edgerank.backends.heads", "edgerank.backends.layerwise", "edgerank.backends.reference",
+           "edgerank.backends.heads", "edgerank.backends.layerwise", "edgerank.backends.generate",
+           "edgerank.explain", "edgerank.backends.reference",
            "edgerank.backends.llamacpp", "edgerank.pruning", "edgerank.budget", "edgerank.streaming",
            "edgerank.embedding", "edgerank.chunking", "edgerank.rope", "edgerank.memory", "edgerank.errors",
            "edgerank.extras", "edgerank.metrics", "edgerank.supply")

@@ -140,6 +140,7 @@ class LayerwiseBackend:
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
+        self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
 
     def policy_for(self, k: int) -> PruningPolicy:
         """The pruning policy a call for the top ``k`` runs: the setting calibrated for that
@@ -149,8 +150,11 @@ class LayerwiseBackend:
 
     # ---- one call ----------------------------------------------------------------------
 
-    def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
+    def score(self, batch: EncodedBatch, top_k: int | None = None, keep_prefix_kv: bool = False) -> Scores:
+        """Scores of ``batch``; ``keep_prefix_kv`` keeps the shared prefix's keys/values of
+        every layer for :meth:`explain` (a few MB), until the next call."""
         t_start = time.perf_counter()
+        self._prefix_kv = [] if keep_prefix_kv else None
         self.layers.reset_counters()
         rss0 = psutil.Process().memory_info().rss
         n, q = len(batch.sequences), self.head.query_rows  # rows: [query (bi-encoders)] + candidates
@@ -192,6 +196,8 @@ class LayerwiseBackend:
                     past = self._no_past
                     if prefix_state is not None:
                         prefix_state, past = self._run_prefix(sess, prefix_state)
+                        if self._prefix_kv is not None:
+                            self._prefix_kv.append(past)
                         count.work += prefix_len
                 rows = np.concatenate([np.arange(q), computing + q])
                 for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
@@ -223,6 +229,19 @@ class LayerwiseBackend:
             lengths.append(len(batch.query))
         return plan_call(self.shape, self.plan, self.max_memory_mb, sum(lengths) + prefix_len, prefix_len,
                          max(lengths))
+
+    def explain(self, batch: EncodedBatch, rows: list[int], max_tokens: int):
+        """Greedy rationales of candidates ``rows`` of the batch just scored (the top K),
+        one after another, reusing the prefix keys/values the scoring pass kept
+        (``backends/generate.py``); returns (generations, stats)."""
+        from edgerank.backends.generate import explain_rows
+
+        kept = getattr(self, "_prefix_kv", None) if self.shared_prefix else None
+        try:
+            return explain_rows(self, batch, rows, max_tokens, kept)
+        finally:
+            self.layers.release()
+            self._prefix_kv = None
 
     # ---- pieces ------------------------------------------------------------------------
 

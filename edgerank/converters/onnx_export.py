@@ -6,6 +6,8 @@ Layout (``FORMAT_VERSION`` 1)::
     tokenizer.json
     embed.npy            token embeddings, [vocab, hidden]: int8 rows (int4/int8 artifacts) or fp32
     embed_scale.npy      per-row fp32 scales of the int8 rows
+    lm_head.npy          untied decoders only: the full LM head, stored as the embedding is (explanations)
+    lm_head_scale.npy    its per-row fp32 scales (int4/int8 artifacts)
     head.npz             final norm + answer-label rows of the LM head (decoders); pooler and
                          classifier (cross-encoders); embedding LayerNorm, positions, token types (BERT)
     layers/layer_NN.onnx one graph per layer (edgerank/converters/onnx_graphs.py); MatMulNBits int4/int8
@@ -56,6 +58,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     notes: dict = {"fallbacks": {}}
     embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
     _write_embedding(reader.get(embed_name), dest, quant)
+    if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
+        _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
     head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
     np.savez(dest / layout.HEAD, **head)
     layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
@@ -120,12 +124,13 @@ def _write_tokenizer(src: Path, dest: Path):
     return HFTokenizer.from_file(dest)
 
 
-def _write_embedding(table: np.ndarray, dest: Path, quant: str) -> None:
+def _write_embedding(table: np.ndarray, dest: Path, quant: str, name: str = layout.EMBED,
+                     scale_name: str = layout.EMBED_SCALE) -> None:
     """fp32 rows, or int8 rows with one absmax scale per row (read row by row at run time)."""
     if quant == "fp32":
-        np.save(dest / layout.EMBED, table.astype(np.float32, copy=False))
+        np.save(dest / name, table.astype(np.float32, copy=False))
         return
-    out = np.lib.format.open_memmap(dest / layout.EMBED, mode="w+", dtype=np.int8, shape=table.shape)
+    out = np.lib.format.open_memmap(dest / name, mode="w+", dtype=np.int8, shape=table.shape)
     scales = np.empty(table.shape[0], dtype=np.float32)
     for start in range(0, table.shape[0], EMBED_ROWS_PER_STEP):
         rows = table[start: start + EMBED_ROWS_PER_STEP]
@@ -135,7 +140,7 @@ def _write_embedding(table: np.ndarray, dest: Path, quant: str) -> None:
         scales[start: start + len(rows)] = s
     out.flush()
     del out
-    np.save(dest / layout.EMBED_SCALE, scales)
+    np.save(dest / scale_name, scales)
 
 
 def _decoder_head(reader: TensorReader, cfg: ArchConfig, spec: ModelSpec, tokenizer) -> dict:
@@ -193,6 +198,7 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         dims["type_vocab_size"] = cfg.type_vocab_size
     else:
         dims["rope_scaling"] = cfg.rope_scaling
+        dims["tied_embeddings"] = not (dest / layout.LM_HEAD).is_file()  # the LM head is the embedding table
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
