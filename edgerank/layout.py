@@ -18,6 +18,7 @@ TOKENIZER = "tokenizer.json"
 EMBED = "embed.npy"  # int8 rows (with EMBED_SCALE) or fp32
 EMBED_SCALE = "embed_scale.npy"  # one fp32 scale per int8 row
 HEAD = "head.npz"
+READOUTS = "readouts.npz"  # optional: per-layer readouts fitted by ``calibrate --fit-readouts``
 LAYERS_DIR = "layers"
 
 
