@@ -67,12 +67,14 @@ class StateRecording:
     pooled: np.ndarray
     query: np.ndarray | None
     final: np.ndarray
+    head: np.ndarray | None = None  # the model's own head scores before layers 1..L-1 [L-1, n]
 
 
 def record_states(reranker, query: str, documents: list[str]) -> StateRecording:
     """One group through ``Reranker(..., pruning=False, record_layers=True, record_states=True)``."""
     ex = reranker.rank(query, documents).stats.extra
-    return StateRecording(ex["layer_pooled"], ex.get("query_pooled"), np.asarray(ex["layer_scores"][-1]))
+    scores = np.asarray(ex["layer_scores"])  # readouts off: the head's
+    return StateRecording(ex["layer_pooled"], ex.get("query_pooled"), scores[-1], scores[:-1])
 
 
 # ---- fitting ---------------------------------------------------------------------------
@@ -95,20 +97,24 @@ def _spearman_within(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> flo
     return float(np.mean([spearman(pred[groups == g], y[groups == g]) for g in np.unique(groups)]))
 
 
-def fit_layer(x: np.ndarray, y: np.ndarray, groups: np.ndarray, lambdas=LAMBDAS) -> tuple[np.ndarray, float, float]:
+def fit_layer(x: np.ndarray, y: np.ndarray, groups: np.ndarray, lambdas=LAMBDAS,
+              head: np.ndarray | None = None) -> tuple[np.ndarray, float, float, dict]:
     """One layer's readout: the ridge strength that ranks best within held-out groups (a
-    fifth of them), refitted on all. Returns (weight, bias, chosen lambda)."""
+    fifth of them), refitted on all. Returns (weight, bias, chosen lambda, held-out mean
+    within-group Spearman of the readout and, given ``head`` scores, of the head)."""
     ug = np.unique(groups)
     held = np.isin(groups, ug[:: 5]) if len(ug) >= 5 else np.zeros(len(groups), bool)
-    best = lambdas[len(lambdas) // 2]
+    best, heldout = lambdas[len(lambdas) // 2], {}
     if held.any() and (~held).any():
         scored = []
         for lam in lambdas:
             w, b = ridge(x[~held], y[~held], lam)
             scored.append((_spearman_within(x[held] @ w + b, y[held], groups[held]), -lam))
-        best = -max(scored)[1]
+        heldout["readout"], best = max(scored)[0], -max(scored)[1]
+        if head is not None:
+            heldout["head"] = _spearman_within(head[held], y[held], groups[held])
     w, b = ridge(x, y, best)
-    return w, b, best
+    return w, b, best, heldout
 
 
 def target(final: np.ndarray, link: str) -> np.ndarray:
@@ -133,15 +139,19 @@ def fit_readouts(recs: list[StateRecording], kind: str, link: str, n_layers: int
     ``fitted [L]`` and the chosen ridge strengths."""
     width = feature_width(kind, hidden)
     weight, bias = np.zeros((n_layers, width)), np.zeros(n_layers)
-    fitted, lams = np.zeros(n_layers, bool), {}
+    fitted, lams, heldout = np.zeros(n_layers, bool), {}, {}
     y = np.concatenate([target(r.final, link) for r in recs])
     groups = np.concatenate([np.full(len(r.final), i) for i, r in enumerate(recs)])
+    has_head = all(r.head is not None for r in recs)
     for layer in range(1, n_layers):
         x = np.concatenate([features(kind, r.pooled[layer - 1], None if r.query is None else r.query[layer - 1])
                             for r in recs])
-        weight[layer], bias[layer], lams[layer] = fit_layer(x, y, groups)
-        fitted[layer] = True
-    return {"weight": weight, "bias": bias, "fitted": fitted, "lambdas": lams}
+        head = np.concatenate([r.head[layer - 1] for r in recs]) if has_head else None
+        weight[layer], bias[layer], lams[layer], heldout[layer] = fit_layer(x, y, groups, head=head)
+        # a readout that ranks no better than the head on held-out groups is not kept:
+        # the check then uses the head, as without readouts
+        fitted[layer] = heldout[layer].get("readout", 1.0) > heldout[layer].get("head", -1.0)
+    return {"weight": weight, "bias": bias, "fitted": fitted, "lambdas": lams, "heldout": heldout}
 
 
 def write_readouts(artifact: Artifact, fit: dict, kind: str, link: str, meta: dict) -> Path:
@@ -178,7 +188,9 @@ def fit_artifact(reranker_cls, artifact_path: Path, spec, groups: list[tuple[str
     fit = fit_readouts(recs, kind, link, artifact.n_layers, artifact.dims["hidden"])
     t_fit = time.perf_counter() - t1
     meta = {"groups": len(recs), "pairs": int(sum(len(r.final) for r in recs)), "record_s": round(t_record, 1),
-            "fit_s": round(t_fit, 2), "lambdas": {str(k): v for k, v in fit["lambdas"].items()}}
+            "fit_s": round(t_fit, 2), "lambdas": {str(k): v for k, v in fit["lambdas"].items()},
+            "heldout_spearman": {str(k): {a: round(b, 4) for a, b in v.items()} for k, v in fit["heldout"].items()},
+            "layers": [int(i) for i in np.flatnonzero(fit["fitted"])]}
     path = write_readouts(artifact, fit, kind, link, meta)
     return {**meta, "features": kind, "link": link, "bytes": path.stat().st_size, "path": str(path)}
 

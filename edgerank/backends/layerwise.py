@@ -129,7 +129,7 @@ class LayerwiseBackend:
         self.head = head_for(self.artifact, self.spec)
         # loaded (and so checked against this model) even when not used
         fitted = Readouts.load(self.artifact)
-        self.readouts = fitted if readouts else None
+        self.readouts = fitted if readouts and fitted is not None and fitted.fitted.any() else None
         self.encoder = self.artifact.is_encoder
         self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
                            n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
