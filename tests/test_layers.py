@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1] / "edgerank"
 # The tools: each is a command or a library on top of the runtime, never under it.
 TOOLS = ("edgerank.converters", "edgerank.train", "edgerank.data", "edgerank.eval", "edgerank.calibrate",
          "edgerank.bench", "edgerank.pull", "edgerank.cache", "edgerank.models", "edgerank.recipes",
-         "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve")
+         "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve", "edgerank.readouts_fit")
 # The runtime: what a rank() call on a prepared artifact runs.
 RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs", "edgerank.catalog",
            "edgerank.artifact", "edgerank.layout", "edgerank.sources", "edgerank.backends",
            "edgerank.backends.heads", "edgerank.backends.layerwise", "edgerank.backends.reference",
            "edgerank.backends.llamacpp", "edgerank.pruning", "edgerank.budget", "edgerank.streaming",
            "edgerank.embedding", "edgerank.chunking", "edgerank.rope", "edgerank.memory", "edgerank.errors",
-           "edgerank.extras", "edgerank.metrics", "edgerank.supply")
+           "edgerank.extras", "edgerank.metrics", "edgerank.supply", "edgerank.readouts")
 
 
 def _module_file(name: str) -> Path:
