@@ -251,3 +251,27 @@ def test_calibrate_fit_readouts_end_to_end(two_models, tmp_path, monkeypatch, ca
     dl = shutil.copytree(train, tmp_path / "trec-dl21")
     assert main([str(art), "--fit-readouts", "--fit-data", str(dl), "--data", str(cal)]) == 2
     assert "TREC DL" in capsys.readouterr().err
+
+
+def test_a_calibrated_rank_rule_runs_as_its_replay_predicts(two_models, tmp_path):
+    """The manifest's ``rule: rank`` schedule is what the runtime runs: the pruned top-K and
+    work skipped equal the replay of the same schedule on the recorded scores."""
+    from edgerank.calibrate import record, write_setting
+
+    art = tmp_path / "art"
+    shutil.copytree(two_models[0], art)
+    with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
+        rec = record(r, QUERY, DOCS)
+    keep = {1: 0.5, 3: 0.3}
+    write_setting(art, {"rule": "rank", "keep": keep}, {"calibrated": True})
+    assert json.loads((art / layout.MANIFEST).read_text())["pruning"]["keep"] == {"1": 0.5, "3": 0.3}
+    got, skipped = simulate(PruningPolicy(rule="rank", keep=keep), rec, 3)
+    with edgerank.Reranker(art) as pruned:
+        out = pruned.rank(QUERY, DOCS, top_k=3)
+    stats = out.stats.extra
+    assert stats["rule"] == "rank" and {r.index for r in out} == got
+    assert stats["work_skipped"] == pytest.approx(skipped) and skipped > 0.3
+    assert [s["layer"] for s in stats["pruning_steps"]] == [1, 3]
+    assert [s["deferred"] for s in stats["pruning_steps"]] == [10, 6]  # ceil(0.5 * 20), ceil(0.3 * 20)
+    with pytest.raises(ValueError, match="keep must map layer"):
+        edgerank.Reranker(art, keep={0: 0.5})
