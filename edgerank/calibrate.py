@@ -7,6 +7,11 @@ before every layer. Because a candidate's hidden state never depends on the othe
 replaying those scores through :class:`edgerank.pruning.PruningRun` gives exactly what a
 pruned run would return, so a whole grid of settings costs one pass per query. The
 chosen setting is written into the artifact's ``manifest.json`` (or a JSON config file).
+
+``--fit-readouts`` first fits per-layer readouts on training data (``edgerank.readouts_fit``)
+and stores them in the artifact; the recording then scores checks with them. Beside the
+cluster rule's grid, the rank rule's per-layer schedule is fitted; the rule that skips more
+at the target is written. The bound (the most any cut by score order could skip) is printed.
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ class Recording:
     layer_scores: np.ndarray
     lengths: np.ndarray
     prefix_len: int
+    head_scores: np.ndarray | None = None  # the model's own head, where readouts scored the checks
 
 
 def record(reranker, query: str, documents: list[str]) -> Recording:
     """Run one query unpruned through a ``Reranker(..., pruning=False, record_layers=True)``."""
     out = reranker.rank(query, documents)
     ex = out.stats.extra
-    return Recording(ex["layer_scores"], np.asarray(ex["candidate_lengths"]), ex["prefix_tokens"])
+    return Recording(ex["layer_scores"], np.asarray(ex["candidate_lengths"]), ex["prefix_tokens"],
+                     ex.get("head_layer_scores"))
 
 
 def simulate(policy: PruningPolicy, rec: Recording, k: int) -> tuple[set[int], float]:
@@ -93,14 +100,19 @@ def layer_agreement(recs: list[Recording], k: int) -> list[dict]:
     L = recs[0].layer_scores.shape[0]
     out = []
     for layer in range(L - 1):
-        rho, kept = [], []
+        rho, kept, head = [], [], []
         for rec in recs:
             now, final = rec.layer_scores[layer], rec.layer_scores[-1]
             kk = min(k, len(final))
             rho.append(spearman(now, final))
+            if rec.head_scores is not None:
+                head.append(spearman(rec.head_scores[layer], final))
             top = set(np.argsort(-final, kind="stable")[:kk].tolist())
             kept.append(len(top & set(np.argsort(-now, kind="stable")[: 3 * kk].tolist())) / kk)
-        out.append({"before_layer": layer + 1, "spearman": float(np.mean(rho)), "topk_in_top3k": float(np.mean(kept))})
+        row = {"before_layer": layer + 1, "spearman": float(np.mean(rho)), "topk_in_top3k": float(np.mean(kept))}
+        if head:  # the checks were scored by readouts: the head's own figure beside them
+            row["head_spearman"] = float(np.mean(head))
+        out.append(row)
     return out
 
 
@@ -122,12 +134,25 @@ def _cluster_counts(text: str) -> list[int]:
 
 
 def _knobs(setting: dict) -> str:
+    if setting.get("rule") == "rank":
+        return "rule=rank keep=" + ",".join(f"L{layer}:{frac:g}" for layer, frac in sorted(
+            (int(a), b) for a, b in setting["keep"].items()))
     return f"threshold={setting['threshold']} min_depth={setting['min_depth']} clusters={setting['clusters']}"
 
 
 def _setting(row: dict) -> dict:
-    return {"threshold": row["threshold"], "min_depth": row["min_depth"],
+    if row.get("rule") == "rank":
+        return {"rule": "rank", "keep": {str(layer): frac for layer, frac in sorted(
+            (int(a), b) for a, b in row["keep"].items())}}
+    return {"rule": "cluster", "threshold": row["threshold"], "min_depth": row["min_depth"],
             "clusters": row.get("clusters", DEFAULT_CLUSTERS)}
+
+
+def better(cluster: dict | None, rank: dict | None) -> dict | None:
+    """The rule that skips more work at the target (the cluster rule on a tie)."""
+    if rank is None or (cluster is not None and cluster["work_skipped"] >= rank["work_skipped"]):
+        return cluster
+    return rank
 
 
 def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None,
@@ -191,8 +216,22 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_CLUSTERS})")
     p.add_argument("--also-k", type=positive_ints, default="1,5",
                    help="other K values to calibrate: written under pruning.by_k, for calls with that K")
+    p.add_argument("--fit-readouts", action="store_true",
+                   help="first fit per-layer readouts of the model's own final score on --fit-data (no labels) "
+                        "and store them in the artifact; the checks then use them")
+    p.add_argument("--fit-data", type=Path, default=SHARED_DATA / "train" / "squad",
+                   help="BEIR folder of training data for --fit-readouts (never a TREC DL set)")
+    p.add_argument("--fit-queries", type=positive_int, default=40, help="questions to fit on (default 40)")
+    p.add_argument("--fit-passages", type=positive_int, default=20,
+                   help="passages per question: BM25 neighbours, its own, a quarter random (default 20)")
+    p.add_argument("--rules", default="cluster,rank", help="pruning rules to calibrate (default %(default)s)")
     args = p.parse_args(argv)
     console = Console()
+    rules = set(args.rules.split(","))
+    if not rules or rules - {"cluster", "rank"}:
+        p.error(f"--rules: expected cluster and/or rank, got {args.rules!r}")
+    if args.fit_readouts and args.dry_run:
+        p.error("--fit-readouts writes readouts into the artifact; --dry-run writes nothing")
     if args.config is not None and not args.dry_run:  # fail before the long run, not after it
         _settings_file(args.config)
     if args.save is not None and not args.save.parent.is_dir():
@@ -210,38 +249,67 @@ def main(argv: list[str] | None = None) -> int:
 
         artifact = cached_artifact(args.model)
         console.print(f"calibrating {artifact}")
+    if args.fit_readouts:
+        from edgerank.readouts_fit import fit_artifact, training_groups
+        from edgerank.sources import resolve
+
+        groups = training_groups(args.fit_data, args.fit_queries, args.fit_passages)
+        spec = resolve(str(artifact)).spec
+        fitted = fit_artifact(Reranker, artifact, spec, groups,
+                              lambda g: tqdm(g, desc="recording states for readouts", unit="group"))
+        console.print(f"fitted readouts ({fitted['features']}, link {fitted['link']}) on {fitted['pairs']} pairs of "
+                      f"{args.fit_data.name}: recording {fitted['record_s']} s, fitting {fitted['fit_s']} s, "
+                      f"{fitted['bytes'] / 1024:.0f} KiB -> {fitted['path']}")
     recs = []
     with Reranker(artifact, backend="edgerank", pruning=False, record_layers=True) as r:
         for q in tqdm(qids, desc="recording layer scores", unit="query"):
             docs = [coll.corpus[d] for d, _ in run[q][: args.depth]]
             recs.append(record(r, coll.queries[q], docs))
-    rows = evaluate_grid(recs, args.top_k, clusters=args.clusters)
-    best = choose(rows, args.target)
+    from edgerank.readouts_fit import bound, calibrate_rank
+
+    rows = evaluate_grid(recs, args.top_k, clusters=args.clusters) if "cluster" in rules else []
+    cluster_best = choose(rows, args.target)
+    rank_best = calibrate_rank(recs, args.top_k, args.target) if "rank" in rules else None
+    best = better(cluster_best, rank_best)
+    limit = bound(recs, args.top_k, args.target)
     agreement = layer_agreement(recs, args.top_k)
-    console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K):")
+    console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K"
+                  + (" / the model's own head's Spearman" if recs[0].head_scores is not None else "") + "):")
     console.print("  " + "  ".join(f"L{a['before_layer']}:{a['spearman']:.2f}/{a['topk_in_top3k']:.2f}"
+                                   + (f"/{a['head_spearman']:.2f}" if "head_spearman" in a else "")
                                    for a in agreement))
+    for name, row in (("cluster rule", cluster_best), ("rank rule", rank_best)):
+        if name.split()[0] in rules:
+            console.print(f"{name}: " + (f"{_knobs(row)} P@K={row['precision']:.3f} work skipped "
+                                         f"{row['work_skipped']:.1%}" if row else f"nothing reaches {args.target}"))
+    console.print(f"bound (a cut by score order that knows the final top-K): {limit['work_skipped']:.1%} skipped "
+                  f"at mean P@{args.top_k} >= {args.target} ({limit['at_precision_1']:.1%} keeping every top-K)")
     others = {}
     for k in args.also_k:
-        others[k] = choose(evaluate_grid(recs, k, clusters=args.clusters), args.target)
+        others[k] = better(choose(evaluate_grid(recs, k, clusters=args.clusters), args.target)
+                           if "cluster" in rules else None,
+                           calibrate_rank(recs, k, args.target) if "rank" in rules else None)
         console.print(f"K={k}: " + (f"{_knobs(others[k])} "
                                     f"P@K={others[k]['precision']:.3f} work skipped {others[k]['work_skipped']:.1%}"
                                     if others[k] else f"no setting reaches {args.target}"))
     if args.save:
-        args.save.write_text(json.dumps({"grid": rows, "best": best, "agreement": agreement,
+        args.save.write_text(json.dumps({"grid": rows, "best": best, "cluster_best": cluster_best,
+                                         "rank_best": rank_best, "bound": limit, "agreement": agreement,
                                          "best_other_k": others}, indent=1))
         np.savez(args.save.with_suffix(".npz"), **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
+                 **{f"head_{i}": r.head_scores for i, r in enumerate(recs) if r.head_scores is not None},
                  **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
                  prefix=np.array([r.prefix_len for r in recs]))
     near = sorted((r for r in rows if r["precision"] >= args.target - 0.05), key=lambda r: -r["work_skipped"])
-    shown = near[:TABLE_ROWS] + ([best] if best is not None and best not in near[:TABLE_ROWS] else [])
+    shown = near[:TABLE_ROWS] + ([cluster_best] if cluster_best is not None and cluster_best not in near[:TABLE_ROWS]
+                                 else [])
     table = Table(title=f"pruning grid, K={args.top_k}, {len(recs)} queries of {args.data.name}: the "
                         f"settings within 0.05 of the target that skip most (* chosen)",
                   caption=f"{len(rows)} settings tried" + ("; --save keeps them all" if not args.save else ""))
     for col in ("min_depth", "threshold", "clusters", "P@K", "min P@K", "work skipped"):
         table.add_column(col, justify="right")
     for r in shown:
-        mark = " *" if r is best else ""
+        mark = " *" if r is cluster_best and best is cluster_best else ""
         table.add_row(f"{r['min_depth']:.1f}", f"{r['threshold']:.2f}", str(r["clusters"]),
                       f"{r['precision']:.3f}{mark}", f"{r['min_precision']:.2f}", f"{r['work_skipped']:.1%}")
     console.print(table)
@@ -249,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]no setting reaches mean P@{args.top_k} >= {args.target}[/]; nothing written")
         return 1
     meta = {"target_precision": args.target, "k": args.top_k, "queries": len(recs), "data": args.data.name,
-            "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"]}
+            "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"],
+            "bound_work_skipped": limit["work_skipped"]}
     if not args.dry_run:
         where = write_setting(artifact, best, meta, args.config, {**others, args.top_k: best})
         console.print(f"wrote {_knobs(best)} to {where}" + "".join(

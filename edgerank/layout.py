@@ -22,6 +22,7 @@ HEAD = "head.npz"
 # fp32): what generating an explanation needs. Tied decoders reuse EMBED; encoders have none.
 LM_HEAD = "lm_head.npy"
 LM_HEAD_SCALE = "lm_head_scale.npy"
+READOUTS = "readouts.npz"  # optional: per-layer readouts fitted by ``calibrate --fit-readouts``
 LAYERS_DIR = "layers"
 
 

@@ -9,6 +9,11 @@ own head on its intermediate hidden state. Then:
 4. clusters above it are *selected* (surely in the top-K), clusters below are *dropped*;
    the boundary cluster is *deferred* to later layers;
 5. once selected + deferred = K, nothing is left to decide.
+
+A second rule, ``rule="rank"``, keeps the top ``ceil(keep[l] * n)`` live candidates before
+each layer ``l`` of its schedule (never fewer than the free top-K slots) and drops the rest;
+calibration fits the schedule per layer and picks whichever rule skips more (issue 32).
+Both are pure functions of the scores they are given.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 DEFAULT_THRESHOLD = 0.3  # coefficient of variation below which nothing is pruned
 DEFAULT_MIN_DEPTH = 0.8  # fraction of the layers computed before the first check
 DEFAULT_CLUSTERS = 3
+RULES = ("cluster", "rank")
 
 
 @dataclass
@@ -74,9 +80,13 @@ class PruningPolicy:
     clusters: int = DEFAULT_CLUSTERS
     exact_order: bool = True
     enabled: bool = True
+    rule: str = "cluster"  # or "rank": keep the top fraction ``keep[layer]`` of the candidates
+    keep: dict[int, float] | None = None  # the rank rule's schedule: layer -> fraction of n kept
 
     def first_layer(self, n_layers: int) -> int:
         """The first layer before which candidates are checked."""
+        if self.rule == "rank":
+            return min(self.keep) if self.keep else n_layers + 1
         d = self.min_depth
         return max(1, int(round(d * n_layers)) if d < 1 else int(d))
 
@@ -116,11 +126,25 @@ class PruningRun:
         self.done = False  # exact_order=False and the top-K is known: stop all compute
 
     def wants_check(self, layer: int) -> bool:
+        if self.policy.rule == "rank":
+            return self.deciding and layer in (self.policy.keep or {})
         return self.deciding and layer >= self.first
+
+    def rank_cut(self, layer: int, scores: np.ndarray) -> Decision:
+        """The rank rule before ``layer``: keep the top ``ceil(keep * n)`` (at least the
+        free top-K slots), drop the rest; nothing is selected early."""
+        free = self.k - len(self.selected)
+        r = max(free, int(np.ceil(self.policy.keep[layer] * self.n - 1e-9)))
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        nothing = np.array([], dtype=np.int64)
+        return Decision(nothing, np.sort(order[r:]), np.sort(order[:r]), dispersion(positive(scores)))
 
     def check(self, layer: int, live_scores: np.ndarray) -> Decision:
         """Apply the policy to the live candidates' scores before ``layer``."""
-        d = self.policy.decide(live_scores, self.k - len(self.selected))
+        if self.policy.rule == "rank":
+            d = self.rank_cut(layer, live_scores)
+        else:
+            d = self.policy.decide(live_scores, self.k - len(self.selected))
         sel, drop = self.live[d.selected], self.live[d.dropped]
         self.dropped_at[drop] = layer
         if not self.policy.exact_order:

@@ -222,7 +222,7 @@ def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, 
     data = write_beir(tmp_path / "coll", docs, {"q1": "vaccine immune cell", "q2": "market price river"}, run=run)
     config, save = tmp_path / "pruning.json", tmp_path / "grid.json"
     assert main([str(artifact), "--data", str(data), "--top-k", "3", "--also-k", "1", "--target", "1.0",
-                 "--config", str(config), "--save", str(save)]) == 0
+                 "--config", str(config), "--save", str(save), "--rules", "cluster"]) == 0
     chosen = json.loads(config.read_text())["pruning"]
     grid = json.loads(save.read_text())
     assert len(grid["grid"]) == len(THRESHOLDS) * len(MIN_DEPTHS) * 3

@@ -5,7 +5,8 @@ One call (:meth:`LayerwiseBackend.score`)::
 
     token ids -> embedding rows (EmbeddingRows, LRU) -> head.embed -> first hidden states
     for each layer (LayerSessions: resident, or streamed two at a time):
-        from min_depth on: head.scores of the live candidates -> PruningRun.check
+        at a check: the artifact's readout for the layer (else head.scores) of the live
+            candidates -> PruningRun.check
             -> selected / dropped / deferred
         decoders: the shared prefix (template + query) runs once; its keys/values feed
             every candidate
@@ -30,12 +31,13 @@ import psutil
 from edgerank import layout
 from edgerank.artifact import Artifact
 from edgerank.backends import Scores
-from edgerank.backends.heads import head_for
+from edgerank.backends.heads import _BLAS, head_for
 from edgerank.budget import MB, Plan, Shape, plan_call, plan_load, tokenizer_mb
 from edgerank.chunking import length_chunks
 from edgerank.embedding import EmbeddingRows
 from edgerank.errors import ModelFormatError, is_int, is_number
-from edgerank.pruning import PruningPolicy, PruningRun
+from edgerank.pruning import RULES, PruningPolicy, PruningRun
+from edgerank.readouts import Readouts
 from edgerank.rope import RopeTable
 from edgerank.sources import ModelSource
 from edgerank.streaming import LayerSessions
@@ -64,18 +66,39 @@ class CallCounters:
 
 @dataclass
 class LayerRecorder:
-    """Every candidate's head score before each layer 1..L-1, then the final scores
-    (``record_layers=True``, which calibration replays through the pruning policy)."""
+    """Every candidate's check score (what a pruning check would see: the readout where
+    the artifact has one, else the head) before each layer 1..L-1, then the final scores
+    (``record_layers=True``, which calibration replays through the pruning policy). With
+    readouts, the head's own scores too; with ``record_states=True``, the pooled states a
+    readout reads (what ``calibrate --fit-readouts`` fits on)."""
 
+    states: bool = False
     rows: list = field(default_factory=list)
+    head_rows: list = field(default_factory=list)
+    pooled: list = field(default_factory=list)
+    query: list = field(default_factory=list)
 
-    def before_layer(self, layer: int, scores_now) -> None:
-        if layer > 0:
-            self.rows.append(scores_now())
+    def before_layer(self, layer: int, backend: "LayerwiseBackend", states: list, rows: np.ndarray) -> None:
+        if layer == 0:
+            return
+        self.rows.append(backend._check_scores(layer, states, rows))
+        if backend.readouts is not None:
+            self.head_rows.append(backend.head.scores(states, rows))
+        if self.states:
+            self.pooled.append(backend.head.pooled(states, rows).astype(np.float32))
+            if backend.head.query_rows:
+                self.query.append(backend.head.pooled(states, np.arange(1))[0].astype(np.float32))
 
     def stats(self, final: np.ndarray, lengths: np.ndarray) -> dict:
-        return {"layer_scores": np.stack(self.rows + [final.copy()]),  # [L, n]
-                "candidate_lengths": lengths}
+        out = {"layer_scores": np.stack(self.rows + [final.copy()]),  # [L, n]
+               "candidate_lengths": lengths}
+        if self.head_rows:
+            out["head_layer_scores"] = np.stack(self.head_rows + [final.copy()])
+        if self.states:
+            out["layer_pooled"] = np.stack(self.pooled)  # [L-1, n, H]: before layers 1..L-1
+            if self.query:
+                out["query_pooled"] = np.stack(self.query)  # [L-1, H]
+        return out
 
 
 class LayerwiseBackend:
@@ -87,7 +110,9 @@ class LayerwiseBackend:
                  max_memory_mb: float | None = None, pruning: bool = True, threshold: float | None = None,
                  min_depth: float | None = None, clusters: int | None = None, exact_order: bool = True,
                  shared_prefix: bool = True,
-                 chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False) -> None:
+                 chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False,
+                 readouts: bool = True, record_states: bool = False, rule: str | None = None,
+                 keep: dict | None = None) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / layout.TOKENIZER)
@@ -102,6 +127,9 @@ class LayerwiseBackend:
                              f"(got {chunk_tokens!r})")
         dims = self.artifact.dims
         self.head = head_for(self.artifact, self.spec)
+        # loaded (and so checked against this model) even when not used
+        fitted = Readouts.load(self.artifact)
+        self.readouts = fitted if readouts and fitted is not None and fitted.fitted.any() else None
         self.encoder = self.artifact.is_encoder
         _check_parts(self.artifact.path, self.spec, self.encoder, self.head.weights, dims["hidden"])
         self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
@@ -112,7 +140,8 @@ class LayerwiseBackend:
         # shared prefix applies (decoders only).
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
-        self.record_layers = record_layers  # keep every layer's head scores (calibration)
+        self.record_layers = record_layers  # keep every layer's check scores (calibration)
+        self.record_states = bool(record_states)  # and the pooled states readouts read (fitting)
         self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tokenizer_mb(
             (self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size))
         if chunk_tokens is not None:
@@ -122,7 +151,7 @@ class LayerwiseBackend:
         # knobs: the call's options, else the artifact's calibrated values for the call's K
         # (``pruning.by_k``), else its main calibrated values, else the defaults
         calibrated = self.artifact.manifest.get("pruning") or {}
-        given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters}
+        given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters, "rule": rule, "keep": keep}
         where = f"{self.artifact.path / 'manifest.json'}: pruning: "
         self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
         self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
@@ -166,7 +195,7 @@ class LayerwiseBackend:
         chunk_tokens = self.plan_chunk(batch)
         L = self.artifact.n_layers
         count = CallCounters(L, n)
-        recorder = LayerRecorder() if self.record_layers else None
+        recorder = LayerRecorder(self.record_states) if self.record_layers else None
 
         t0 = time.perf_counter()
         states = [self.head.embed(self.embed.rows(np.asarray(s, dtype=np.int64)), types[i] if types else None)
@@ -183,7 +212,7 @@ class LayerwiseBackend:
         try:
             for layer in range(L):
                 if recorder is not None:
-                    recorder.before_layer(layer, lambda: self.head.scores(states, np.arange(n) + q))
+                    recorder.before_layer(layer, self, states, np.arange(n) + q)
                 if run.wants_check(layer):
                     computing = self._prune(run, layer, states, scores, provisional, count)
                     if run.done:
@@ -252,7 +281,7 @@ class LayerwiseBackend:
         tp = time.perf_counter()
         q = self.head.query_rows
         live = run.live
-        now = self.head.scores(states, live + q)
+        now = self._check_scores(layer, states, live + q)
         d = run.check(layer, now)
         scores[live], provisional[live] = now, True  # provisional until the last layer
         computing = run.computing() if not run.done else np.array([], dtype=np.int64)
@@ -263,6 +292,15 @@ class LayerwiseBackend:
         provisional[computing] = False
         count.prune_s += time.perf_counter() - tp
         return computing
+
+    @_BLAS.wrap(limits=1, user_api="blas")
+    def _check_scores(self, layer: int, states: list, rows: np.ndarray) -> np.ndarray:
+        """Scores of candidate ``rows`` at a check before ``layer``: the artifact's readout
+        for that layer when it has one, else the model's own head."""
+        if self.readouts is None or not self.readouts.has(layer):
+            return self.head.scores(states, rows)
+        query = self.head.pooled(states, np.arange(1))[0] if self.head.query_rows else None
+        return self.readouts.scores(layer, self.head.pooled(states, rows), query)
 
     def _run_prefix(self, sess, prefix_state: np.ndarray):
         P = prefix_state.shape[1]
@@ -305,7 +343,8 @@ class LayerwiseBackend:
         work, pad = count.work, count.pad
         return {
             "layers": L, "top_k": run.k, "pruning": policy.enabled, "threshold": policy.threshold,
-            "min_depth": policy.min_depth, "clusters": policy.clusters,
+            "min_depth": policy.min_depth, "clusters": policy.clusters, "rule": policy.rule,
+            "readouts": self.readouts is not None,
             "first_check_layer": run.first if run.first <= L else None,
             "shared_prefix": self.shared_prefix if not self.encoder else "n/a (bidirectional encoder)",
             "prefix_tokens": prefix_len, "candidate_tokens": int(lengths[q:].sum()),
@@ -352,6 +391,14 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
     """The policy from the call's knobs (``given``, None where not given), else the
     calibrated ones (read from ``where``), else the defaults; a bad value is a ValueError."""
     policy = PruningPolicy(enabled=enabled, exact_order=exact_order)
+    rule = given.get("rule") if given.get("rule") is not None else calibrated.get("rule")
+    if rule is not None:
+        if rule not in RULES:
+            raise ValueError(f"{where}rule must be one of {', '.join(RULES)} (got {rule!r})")
+        policy.rule = rule
+    keep = given.get("keep") if given.get("keep") is not None else calibrated.get("keep")
+    if policy.rule == "rank":
+        policy.keep = _keep(keep, where)
     for knob in ("threshold", "min_depth", "clusters"):
         value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
         # a bad option is the caller's ValueError; a bad manifest is a bad artifact (a ValueError too)
@@ -368,6 +415,17 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
                 raise error(f"{source}{knob} must be a number >= 0 (got {value!r})")
             setattr(policy, knob, float(value))
     return policy
+
+
+def _keep(keep: object, where: str) -> dict[int, float]:
+    """The rank rule's schedule: layer index -> fraction of the call's candidates kept."""
+    try:
+        out = {int(layer): float(frac) for layer, frac in dict(keep).items()}  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        out = {}
+    if not out or any(layer < 1 or not 0 < frac <= 1 for layer, frac in out.items()):
+        raise ValueError(f"{where}keep must map layer indices (>= 1) to fractions in (0, 1] (got {keep!r})")
+    return out
 
 
 def _per_k_policies(by_k: object, given: dict, calibrated: dict, enabled: bool, exact_order: bool,
