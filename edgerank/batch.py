@@ -38,21 +38,9 @@ from typing import Any, Iterator
 from edgerank import Reranker
 from edgerank.backends import BACKENDS
 from edgerank.datasets import load_run, load_texts
-from edgerank.errors import DataError, EdgerankError, exits_on, positive_int, refuse_output_over_inputs
+from edgerank.errors import DataError, EdgerankError, exits_on, option_pair, positive_int, refuse_output_over_inputs
 
 TAG = "edgerank"
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with JSON values, as ``python -m edgerank.eval --option`` reads them
-    (that module needs the eval extra, so it is not imported here)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 @dataclass
@@ -371,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="built-in name or path (default: the default model)")
     p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--depth", type=positive_int, default=None, help="rerank each query's first N candidates (default all)")
-    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=option_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="a Reranker option, e.g. pruning=false; repeatable")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="local processes, or with --ray the number of actors (default 1)")

