@@ -50,7 +50,13 @@ def check_manifest(path: Path, manifest: object) -> None:
             raise bad(f"entry for {rel!r} needs a size (bytes) and a sha256")
     if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
         raise bad("has no 'layers' list of file names")
-    for rel in [layout.TOKENIZER, layout.EMBED, layout.HEAD, *layers]:
+    compute = manifest.get("compute") or {}
+    forms = compute.get("forms") if isinstance(compute, dict) else None
+    if not isinstance(compute, dict) or not isinstance(forms or {}, dict) or any(
+            not (isinstance(v, list) and len(v) == len(layers) and all(isinstance(x, str) for x in v))
+            for v in (forms or {}).values()):
+        raise bad("'compute.forms' must map a weight format to one layer file per layer")
+    for rel in [layout.TOKENIZER, layout.EMBED, layout.HEAD, *layers, *sum((forms or {}).values(), [])]:
         if rel not in files:
             raise ModelFormatError(f"{path}: manifest lists no {rel}")
     if not isinstance(manifest.get("architecture"), str):
@@ -123,11 +129,26 @@ class Artifact:
     def is_encoder(self) -> bool:
         return self.manifest["architecture"] in ("bert", "xlm-roberta")
 
-    def layer_path(self, i: int) -> Path:
-        return self.path / self.manifest["layers"][i]
+    @property
+    def weights(self) -> str:
+        """The artifact's own weight format: ``int4``, ``int8`` or ``fp32``."""
+        return (self.manifest.get("quant") or {}).get("weights", "int4")
 
-    def layer_bytes(self, i: int) -> int:
-        return self.manifest["files"][self.manifest["layers"][i]]["size"]
+    @property
+    def forms(self) -> dict[str, list[str]]:
+        """Every form the layers are stored in (weight format -> layer files): the artifact's
+        own, and the extra ones under ``compute.forms`` (an int4 artifact's int8 layers)."""
+        extra = (self.manifest.get("compute") or {}).get("forms") or {}
+        return {self.weights: self.manifest["layers"], **extra}
+
+    def layer_files(self, form: str | None = None) -> list[str]:
+        return self.forms[form or self.weights]
+
+    def layer_path(self, i: int, form: str | None = None) -> Path:
+        return self.path / self.layer_files(form)[i]
+
+    def layer_bytes(self, i: int, form: str | None = None) -> int:
+        return self.manifest["files"][self.layer_files(form)[i]]["size"]
 
     def head(self) -> dict[str, np.ndarray]:
         with np.load(self.path / layout.HEAD) as z:

@@ -107,16 +107,31 @@ def cached_gguf(model: str, quant: str, progress: bool = True) -> Path:
     return _cached(model, "gguf", quant, progress)
 
 
+def cached_graph(model: str, quant: str, progress: bool = True) -> Path:
+    """``model`` as one standard ONNX graph (``--to onnx-graph``, a bench peer), exported on first use."""
+    return _cached(model, "onnx-graph", quant, progress)
+
+
 def _cached(model: str, to: str, quant: str, progress: bool, family: str | None = None) -> Path:
     family = _override(model, family)
-    dest = cache_dir() / (f"{_name(model, family)}-{quant}" + (".gguf" if to == "gguf" else ""))
+    dest = cache_dir() / (f"{_name(model, family)}-{'graph_' if to == 'onnx-graph' else ''}{quant}"
+                          + (".gguf" if to == "gguf" else ""))
     # the converter renames its output into place last, so the file that marks it complete
-    if not (dest if to == "gguf" else dest / "manifest.json").is_file():
+    if not (dest if to == "gguf" else dest / "manifest.json").is_file() or to == "onnx" and _older_form(dest):
         from edgerank.converters import convert
 
         ensure_dir(dest.parent)
         convert(model, to, quant, dest, family=family, force=True, verify=False, progress=progress)
     return dest
+
+
+def _older_form(artifact: Path) -> bool:
+    """A cached artifact written before artifacts carried a ``compute`` section (the int8
+    form an int4 artifact stores beside its own, edgerank.compute): converted again."""
+    try:
+        return "compute" not in json.loads((artifact / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return True
 
 
 # ---- what is in the cache, and what can go ---------------------------------------------

@@ -15,7 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "hub": ("huggingface_hub",),
     "train": ("torch", "transformers", "peft", "safetensors"),
     "eval": ("bm25s", "rich"),
-    "bench": ("matplotlib", "rich", "torch", "transformers", "llama_cpp"),
+    "bench": ("matplotlib", "rich", "torch", "transformers", "llama_cpp", "sentence_transformers"),
     "server": ("fastapi", "uvicorn", "prometheus_client"),
     "langchain": ("langchain_core",),
     "llama-index": ("llama_index.core",),

@@ -9,6 +9,7 @@ import hashlib
 from pathlib import Path
 
 FORMAT = "edgerank-artifact"
+GRAPH_FORMAT = "edgerank-graph"  # the whole model as one standard ONNX graph (converters.graph_export)
 FORMAT_VERSION = 1  # what the converter writes
 SUPPORTED_VERSIONS = (1,)  # what the runtime reads
 
@@ -26,9 +27,10 @@ READOUTS = "readouts.npz"  # optional: per-layer readouts fitted by ``calibrate 
 LAYERS_DIR = "layers"
 
 
-def layer_file(i: int) -> str:
-    """Layer ``i``'s graph, relative to the artifact folder."""
-    return f"{LAYERS_DIR}/layer_{i:02d}.onnx"
+def layer_file(i: int, form: str | None = None) -> str:
+    """Layer ``i``'s graph, relative to the artifact folder: in the artifact's own weight
+    format, or (``form``, e.g. ``"int8"``) in another form the runtime may choose."""
+    return f"{LAYERS_DIR}/layer_{i:02d}{'.' + form if form else ''}.onnx"
 
 
 # layer graph inputs: hidden states [B,T,H] and the additive attention mask; decoders also

@@ -45,9 +45,10 @@ def session_options(threads: int) -> ort.SessionOptions:
 class LayerSessions:
     """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
 
-    def __init__(self, artifact: Artifact, stream: bool, threads: int) -> None:
+    def __init__(self, artifact: Artifact, stream: bool, threads: int, form: str | None = None) -> None:
         self.artifact = artifact
         self.stream = stream
+        self.files = artifact.layer_files(form)  # the layers in the form chosen (edgerank.compute)
         self._opts = session_options(threads)
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
@@ -71,8 +72,8 @@ class LayerSessions:
         mtime) before and after. The session is built from the path, not from the hashed
         bytes: from bytes ONNX Runtime kept 2.2x the file resident instead of 1.2x."""
         t0 = time.perf_counter()
-        rel = self.artifact.manifest["layers"][i]
-        path = self.artifact.layer_path(i)
+        rel = self.files[i]
+        path = self.artifact.path / rel
         info = self.artifact.manifest["files"][rel]
         before = self._identity(path, rel)
         if before[1] != info["size"]:

@@ -77,19 +77,19 @@ def test_an_hf_folder_on_the_edgerank_backend_runs_its_cached_int4_conversion(
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
     query, docs = "capital of france", ["paris is the capital", "berlin is in germany", "the seine"]
-    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False) as r:
+    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False, compute="int4") as r:
         auto = r.score(query, docs)
     [entry] = cache.entries()
     assert entry.state == "current" and entry.source == str(tiny_cross_encoder.resolve())
     manifest = cache.cache_dir() / entry.name / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
-    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False) as r:
+    with Reranker(str(tiny_cross_encoder), backend="edgerank", pruning=False, compute="int4") as r:
         assert np.array_equal(r.score(query, docs), auto)
     assert manifest.stat().st_mtime_ns == stamp and len(cache.entries()) == 1  # reused
 
     by_hand = tmp_path / "by-hand"
     convert(str(tiny_cross_encoder), "onnx", "int4", by_hand, verify=False, progress=False)
-    with Reranker(str(by_hand), pruning=False) as r:
+    with Reranker(str(by_hand), pruning=False, compute="int4") as r:
         np.testing.assert_allclose(auto, r.score(query, docs), rtol=0, atol=1e-6)
 
     # the tiny decoder's family cannot be detected from its files: each family given is

@@ -93,8 +93,8 @@ def test_int4_runtime_equals_a_plain_one_pair_at_a_time_forward(decoder_artifact
     art = to_artifact(src, tmp_path / "int4", quant="int4", family="qwen3-reranker")
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quant"]["op"] == "MatMulNBits" and manifest["quant"]["accuracy_level"] == 4
-    with edgerank.Reranker(art, pruning=False, chunk_tokens=64) as batched, \
-            edgerank.Reranker(art, pruning=False, shared_prefix=False) as plain:
+    with edgerank.Reranker(art, pruning=False, chunk_tokens=64, compute="int4") as batched, \
+            edgerank.Reranker(art, pruning=False, shared_prefix=False, compute="int4") as plain:
         got = batched.score(QUERY, DOCS)
         assert batched.last_stats.extra["padding_fraction"] >= 0
         one_by_one = np.array([plain.score(QUERY, [d])[0] for d in DOCS])
@@ -312,9 +312,10 @@ def test_int4_artifact_keeps_a_lora_update_that_merging_would_round_away(tmp_pat
         return np.log(p / (1 - p))
 
     effect = scores(trained, backend="reference") - scores(base, backend="reference")
-    art_base = scores(to_artifact(base, tmp_path / "b4", "int4", "qwen3-reranker"), pruning=False)
-    art_lora = scores(to_artifact(trained, tmp_path / "t4", "int4", "qwen3-reranker"), pruning=False)
-    art_merged = scores(to_artifact(merged_only, tmp_path / "m4", "int4", "qwen3-reranker"), pruning=False)
+    art_base = scores(to_artifact(base, tmp_path / "b4", "int4", "qwen3-reranker"), pruning=False, compute="int4")
+    art_lora = scores(to_artifact(trained, tmp_path / "t4", "int4", "qwen3-reranker"), pruning=False, compute="int4")
+    art_merged = scores(to_artifact(merged_only, tmp_path / "m4", "int4", "qwen3-reranker"), pruning=False,
+                        compute="int4")
     assert np.abs(effect).max() > 0.02  # the adapter matters
     kept = art_lora - art_base
     assert np.abs(kept - effect).max() < 0.1 * np.abs(effect).max(), (kept, effect)

@@ -21,7 +21,6 @@ Statistics and calibration recording watch the loop (:class:`CallCounters`,
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +31,9 @@ from edgerank import layout
 from edgerank.artifact import Artifact
 from edgerank.backends import Scores
 from edgerank.backends.heads import _BLAS, head_for
-from edgerank.budget import MB, Plan, Shape, plan_call, plan_load, tokenizer_mb
+from edgerank.budget import MB, MemoryBudgetError, Plan, Shape, plan_call, plan_load, tokenizer_mb
 from edgerank.chunking import length_chunks
+from edgerank.compute import Choice, choose, default_threads
 from edgerank.embedding import EmbeddingRows
 from edgerank.errors import ModelFormatError, is_int, is_number
 from edgerank.pruning import RULES, PruningPolicy, PruningRun
@@ -112,13 +112,13 @@ class LayerwiseBackend:
                  shared_prefix: bool = True,
                  chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False,
                  readouts: bool = True, record_states: bool = False, rule: str | None = None,
-                 keep: dict | None = None) -> None:
+                 keep: dict | None = None, compute: str | None = None) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / layout.TOKENIZER)
         if threads is not None and (not is_int(threads) or threads < 1):
             raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
-        self.threads = int(threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        self.threads = int(threads or default_threads())
         if max_memory_mb is not None and not (is_number(max_memory_mb) and 0 < max_memory_mb < float("inf")):
             raise ValueError(f"max_memory_mb must be a positive number of MB, or None for no budget "
                              f"(got {max_memory_mb!r})")
@@ -132,18 +132,29 @@ class LayerwiseBackend:
         self.readouts = fitted if readouts and fitted is not None and fitted.fitted.any() else None
         self.encoder = self.artifact.is_encoder
         _check_parts(self.artifact.path, self.spec, self.encoder, self.head.weights, dims["hidden"])
-        self.shape = Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"],
-                           n_kv_heads=dims["n_kv_heads"], head_dim=dims["head_dim"], n_layers=self.artifact.n_layers,
-                           layer_bytes=[self.artifact.layer_bytes(i) for i in range(self.artifact.n_layers)],
-                           head_bytes=sum(v.nbytes for v in self.head.weights.values()))
+        # the form the layers run in (int8 compute or int4 codes, edgerank.compute), unless
+        # the budget or streaming needs the smaller one
+        self.compute = choose(self.artifact, self.threads, compute)
+        self.shape = self._shape(self.compute.form)
         # "No earlier tokens": the past K/V fed to the prefix pass, and to every chunk when no
         # shared prefix applies (decoders only).
         self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
         self.max_memory_mb = max_memory_mb
         self.record_layers = record_layers  # keep every layer's check scores (calibration)
         self.record_states = bool(record_states)  # and the pooled states readouts read (fitting)
-        self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tokenizer_mb(
-            (self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size))
+        tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
+        smallest, chosen = self.artifact.weights, compute is not None
+        try:
+            self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tok_mb)
+            forced = self.plan.stream and not chosen and self.compute.form != smallest
+        except MemoryBudgetError:
+            if chosen or self.compute.form == smallest:
+                raise
+            forced = True
+        if forced:  # memory binds: the smaller form, streamed if it must be
+            self.compute = Choice(smallest, "memory budget", self.compute.ms, self.compute.cpu)
+            self.shape = self._shape(smallest)
+            self.plan = plan_load(self.shape, max_memory_mb, stream_weights, tok_mb)
         if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
         if record_layers and pruning:
@@ -168,8 +179,15 @@ class LayerwiseBackend:
                                    f"manifest's dims.hidden is {dims['hidden']}")
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
-        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads)
+        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.form)
         self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
+
+    def _shape(self, form: str) -> Shape:
+        dims, n = self.artifact.dims, self.artifact.n_layers
+        return Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"], n_kv_heads=dims["n_kv_heads"],
+                     head_dim=dims["head_dim"], n_layers=n,
+                     layer_bytes=[self.artifact.layer_bytes(i, form) for i in range(n)],
+                     head_bytes=sum(v.nbytes for v in self.head.weights.values()))
 
     def policy_for(self, k: int) -> PruningPolicy:
         """The pruning policy a call for the top ``k`` runs: the setting calibrated for that
@@ -355,7 +373,7 @@ class LayerwiseBackend:
             "padding_fraction": pad / (work + pad) if work + pad else 0.0,
             "layers_per_candidate": np.bincount(count.layers_done, minlength=L + 1).tolist(),
             "pruning_steps": run.steps, "selected": len(run.selected), "dropped": int((run.dropped_at >= 0).sum()),
-            "chunk_tokens": chunk_tokens, "stream_weights": self.plan.stream,
+            "chunk_tokens": chunk_tokens, "stream_weights": self.plan.stream, "compute": self.compute.as_dict(),
             "embed_s": count.embed_s, "layers_s": count.layers_s, "prune_s": count.prune_s,
             "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
             "embed_cache_rows": len(self.embed._cache), "vocab_touched_fraction": touched,

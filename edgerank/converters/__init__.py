@@ -14,7 +14,9 @@ from edgerank.converters.output import OutputExistsError, atomic_path, check_out
 from edgerank.errors import ModelFormatError, refuse_output_over_inputs
 from edgerank.memory import PeakRSS
 
-FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "int8", "fp32")}
+FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "int8", "fp32"),
+           "onnx-graph": ("fp32", "int8")}  # the last: the whole model as one standard graph (a peer's form)
+FOLDERS = ("onnx", "onnx-graph")  # formats written as a folder
 
 __all__ = ["convert", "OutputExistsError", "FORMATS"]
 
@@ -72,9 +74,9 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
             raise OutputExistsError(f"{path} exists and is not an edgerank artifact, GGUF or conversion report: "
                                     "--force only replaces what edgerank wrote; remove it yourself or choose "
                                     "another output")
-    if out.exists() and out.is_dir() != (to == "onnx"):
+    if out.exists() and out.is_dir() != (to in FOLDERS):
         raise OutputExistsError(f"{out} is a {'folder' if out.is_dir() else 'file'}; a {to} conversion writes a "
-                                f"{'folder' if to == 'onnx' else 'file'}: choose another output")
+                                f"{'folder' if to in FOLDERS else 'file'}: choose another output")
     check_output_location(out)
     source = resolve(src, family=family)
     refuse_output_over_inputs(out, source.path)  # a built-in name resolves into the cache
@@ -91,7 +93,7 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
     warnings = []
     grid = source_quant(source.path) if source.kind == "gguf" else None
     if quant is None:
-        quant = (SOURCE_GRIDS.get(grid, "q4_k_m") if to == "gguf" else "int4")
+        quant = {"gguf": SOURCE_GRIDS.get(grid, "q4_k_m"), "onnx": "int4", "onnx-graph": "int8"}[to]
     elif to == "gguf" and SOURCE_GRIDS.get(grid) in FOUR_BIT and quant in FOUR_BIT and quant != SOURCE_GRIDS[grid]:
         warnings.append(f"the source is already quantised to {grid}; {quant} re-rounds every weight onto another "
                         f"4-bit grid, which costs ranking quality (bench/RESULTS.md); "
@@ -114,7 +116,7 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
         if adapter_file(source.path) is not None:
             adapter_name = f"{out.stem}.lora.gguf"
     t0 = time.perf_counter()
-    with atomic_path(out, force=force, is_dir=(to == "onnx"), companions=(adapter_name,) if adapter_name else ()
+    with atomic_path(out, force=force, is_dir=(to in FOLDERS), companions=(adapter_name,) if adapter_name else ()
                      ) as staging:
         with PeakRSS() as mem:
             if to == "gguf":
@@ -123,6 +125,10 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
                 notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress,
                                    adapter_dest=staging.with_name(adapter_name) if adapter_name else None,
                                    instruction=instruction, rank_readout=rank_readout)
+            elif to == "onnx-graph":
+                from edgerank.converters.graph_export import write_graph
+
+                notes = write_graph(source, staging, quant)
             else:
                 from edgerank.converters.onnx_export import write_artifact
 
@@ -136,7 +142,7 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
         }
         if warnings:
             report["warnings"] = warnings
-        if verify:  # loads the full-precision source too: often longer than the conversion
+        if verify and to != "onnx-graph":  # loads the full-precision source too: often longer than the conversion
             t1 = time.perf_counter()
             report.update(_verify(source, staging, to))
             report["verify_seconds"] = time.perf_counter() - t1
@@ -170,6 +176,19 @@ def _verify(source, converted: Path, to: str) -> dict:
             ref_options = {"backend": "edgerank", "pruning": False}
         else:
             reference, ref_options = source.path, {"backend": "reference"}
-        with Reranker(reference, family=family, **ref_options) as ref, \
-                Reranker(converted, family=family, **options) as conv:
-            return {**compare(ref, conv, pairs), "reference": ref_options["backend"]}
+        forms = [None]
+        if to == "onnx":  # the artifact's own format first, then each other form stored beside it
+            from edgerank.artifact import Artifact
+
+            own = Artifact.open(converted, verify=False)
+            forms = [own.weights] + [f for f in own.forms if f != own.weights]
+        with Reranker(reference, family=family, **ref_options) as ref:
+            report = {"reference": ref_options["backend"]}
+            for form in forms:
+                with Reranker(converted, family=family, **options, **({"compute": form} if form else {})) as conv:
+                    figures = compare(ref, conv, pairs)
+                if form in (None, forms[0]):
+                    report.update(figures)
+                else:  # e.g. "int8_form": the int8-compute layers of an int4 artifact
+                    report[f"{form}_form"] = figures
+            return report

@@ -30,11 +30,14 @@ def fidelity_warning(report: dict, out: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgerank.converters", description=__doc__)
     p.add_argument("src", help="HF folder, .gguf file, or built-in model name")
-    p.add_argument("--to", required=True, choices=sorted(FORMATS), help="gguf (llama.cpp) or onnx (the edgerank artifact)")
+    p.add_argument("--to", required=True, choices=sorted(FORMATS),
+                   help="gguf (llama.cpp), onnx (the edgerank artifact) or onnx-graph (the whole model as one "
+                        "standard ONNX graph, for any ONNX runtime; needs the reference extra)")
     p.add_argument("--quant", default=None,
-                   help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4, int8 or fp32. Default: a quantised GGUF "
-                        "source's own grid (Q4_1 stays q4_1), else q4_k_m (gguf) or int4 (onnx)")
-    p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx), written atomically")
+                   help="gguf: q4_k_m, q4_0, q4_1, q8_0 or f16; onnx: int4 (with an int8-compute form beside it), "
+                        "int8 or fp32; onnx-graph: fp32 or int8 (quantize_dynamic). Default: a quantised GGUF "
+                        "source's own grid (Q4_1 stays q4_1), else q4_k_m (gguf), int4 (onnx) or int8 (onnx-graph)")
+    p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx, onnx-graph), written atomically")
     p.add_argument("--model-spec", dest="family", default=None, help="reranker family (edgerank/specs.py)")
     p.add_argument("--instruction", default=None,
                    help="gguf: the instruction written into the rerank template llama-server uses "
@@ -57,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             v = report[key]
             rows.append([key, f"{v:.4f}" if isinstance(v, float) else str(v)])
     rows += [["fallback", f"{name}: {why}"] for name, why in report.get("fallbacks", {}).items()]
+    if "int8_form" in report:  # an int4 artifact's int8-compute layers, checked the same way
+        f = report["int8_form"]
+        rows.append(["int8 form", f"spearman {f['spearman']:.4f}, kendall_tau_b {f['kendall_tau_b']:.4f}, "
+                                  f"max_abs_diff {f['max_abs_diff']:.4f}"])
+    if "compute" in report:
+        c = report["compute"]
+        rows.append(["layer 0 ms", ", ".join(f"{form} {ms:.1f}" for form, ms in c["ms"].items())
+                     + f" ({c['threads']} threads): runs {c['fastest']} on this CPU"])
     print(f"{args.src} -> {args.out} ({args.to} {report.get('quant', args.quant)})")
     print(format_table(["", ""], rows))
     for line in report.get("warnings", []):

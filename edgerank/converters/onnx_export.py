@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, decoder_layer, encoder_layer
+from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
 from edgerank.converters.tensors import ArchConfig, TensorReader
 from edgerank import layout
 from edgerank.layout import FORMAT, FORMAT_VERSION, sha256_file
@@ -36,6 +36,9 @@ from edgerank.errors import ModelFormatError, UnsupportedModelError
 from edgerank.specs import ModelSpec
 
 QUANTS = ("int4", "int8", "fp32")
+# forms stored beside the artifact's own, for the runtime to choose from (``edgerank.compute``):
+# an int4 artifact carries int8-compute layers too (the faster form where memory allows)
+EXTRA_FORMS = {"int4": ("int8",), "int8": (), "fp32": ()}
 BLOCK_SIZE = 32
 EMBED_ROWS_PER_STEP = 8192
 
@@ -50,7 +53,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     if any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
     (dest / layout.LAYERS_DIR).mkdir()
-    tokenizer = _write_tokenizer(src, dest / layout.TOKENIZER)
+    tokenizer = write_tokenizer(src, dest / layout.TOKENIZER)
     encoder = cfg.arch in ("bert", "xlm-roberta")
     prefix = _encoder_prefix(reader) if encoder else "model."
     if encoder and spec.kind == "decoder" or not encoder and spec.kind != "decoder":
@@ -66,23 +69,34 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     lora = _adapter_tensors(src) if quant != "fp32" else {}
     if lora:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
+    extra = EXTRA_FORMS[quant]
     for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
         p = f"{layer_prefix}{i}."
         w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
         w.update({n[len(p):]: t for n, t in lora.items() if n.startswith(p)})
-        bits = _bits_picker(reader, quant, p, notes)
-        if encoder:
-            model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}",
-                                  bits=bits, block=BLOCK_SIZE)
-        else:
-            model = decoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                                  head_dim=cfg.head_dim, eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w,
-                                  name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
+        for form in (None, *extra):
+            bits = _bits_picker(reader, form or quant, p, notes)
+            if encoder:
+                model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
+                                      name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
+            else:
+                model = decoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                                      head_dim=cfg.head_dim, eps=cfg.norm_eps,
+                                      qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}", bits=bits,
+                                      block=BLOCK_SIZE)
+            onnx.save_model(model, dest / layout.layer_file(i, form))
+            del model
         del w
-        onnx.save_model(model, dest / layout.layer_file(i))
-        del model
     manifest = _manifest(cfg, spec, quant, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if extra:  # which form is faster on this CPU: measured on the written layers
+        from edgerank.artifact import Artifact
+        from edgerank.compute import default_threads, measure_forms
+
+        manifest["compute"]["measured"] = measured = measure_forms(Artifact.open(dest, verify=False),
+                                                                   default_threads())
+        (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        notes["compute"] = measured
     notes["format_version"] = FORMAT_VERSION
     return notes
 
@@ -108,7 +122,7 @@ def _encoder_prefix(reader: TensorReader) -> str:
     raise ModelFormatError(f"{reader.src}: no embeddings.word_embeddings.weight tensor")
 
 
-def _write_tokenizer(src: Path, dest: Path):
+def write_tokenizer(src: Path, dest: Path):
     """Copy (HF folder) or rebuild (GGUF, via transformers) ``tokenizer.json``."""
     from edgerank.tokenization import HFTokenizer
 
@@ -177,7 +191,7 @@ def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dic
     tensors kept at 6 bits or more (Q4_K_M keeps some at Q6_K or Q8_0) stay at int8, as a
     reported fallback. 5-bit tensors (Q5_0, Q5_K: llama.cpp's fallback when a row does not
     fit a K-quant super-block) become int4 like the rest."""
-    base = {"int4": 4, "int8": 8, "fp32": None}[quant]
+    base = {"int4": 4, "int8": INT8, "fp32": None}[quant]
     mixed = base == 4 and reader.has_4bit
 
     def pick(proj: str) -> int | None:
@@ -187,6 +201,15 @@ def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dic
             return 8
         return base
     return pick
+
+
+FORM_OPS = {
+    "int4": {"op": "MatMulNBits", "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
+             "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)"},
+    "int8": {"op": "DynamicQuantizeMatMul", "block_size": None, "accuracy_level": None,
+             "scheme": "symmetric absmax per output channel; activations quantized to uint8 per call"},
+    "fp32": {"op": "MatMul", "block_size": None, "accuracy_level": None, "scheme": "none"},
+}
 
 
 def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path) -> dict:
@@ -207,12 +230,12 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         "max_length": spec.max_length,
         "architecture": cfg.arch,
         "dims": dims,
-        "quant": {"weights": quant, "op": "MatMulNBits" if quant != "fp32" else "MatMul",
-                  "block_size": BLOCK_SIZE if quant != "fp32" else None,
-                  "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)",
-                  "accuracy_level": ACCURACY_LEVEL if quant != "fp32" else None,
+        "quant": {"weights": quant, **FORM_OPS[quant],
                   "embedding": "fp32" if quant == "fp32" else "int8 per-row absmax"},
         "layers": [layout.layer_file(i) for i in range(cfg.n_layers)],
+        "compute": {"forms": {form: [layout.layer_file(i, form) for i in range(cfg.n_layers)]
+                              for form in EXTRA_FORMS[quant]},
+                    "ops": {form: FORM_OPS[form] for form in (quant, *EXTRA_FORMS[quant])}},
         "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
         "source": str(src),
         "pruning": {"threshold": None, "calibrated": False},

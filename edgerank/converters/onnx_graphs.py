@@ -18,8 +18,14 @@ Encoder layer (BERT / XLM-R, post-norm)::
     inputs   hidden [B,T,H]  mask [B,1,1,T] (additive, padding)
     outputs  hidden_out [B,T,H]
 
-Weight projections are ``MatMulNBits`` (com.microsoft) with int4/int8 block codes
-(``converters.quantize``), or fp32 ``MatMul`` for fp32 artifacts.
+Each weight projection has one of three forms (``bits(name)`` picks it):
+
+- ``4`` / ``8``: ``MatMulNBits`` (com.microsoft) with int4/int8 block codes
+  (``converters.quantize``): the least memory; ORT's kernels unpack the codes per block;
+- ``INT8`` (``"i8"``): ``DynamicQuantizeMatMul`` (com.microsoft) with per-channel int8
+  weights; the activations are quantized to uint8 per call, so the product runs on int8
+  dot-product kernels (VNNI, AMX): the fastest form where compute binds (RESULTS §18);
+- ``None``: a plain fp32 ``MatMul`` (fp32 artifacts).
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgerank.converters.quantize import quantize_blocks
+from edgerank.converters.quantize import quantize_blocks, quantize_channels
 from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_VALUE, SIN, VALUE
 
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
+INT8 = "i8"  # the projection form multiplied in int8: per-channel weights, dynamic activations
 
 
 class _Graph:
@@ -41,7 +48,7 @@ class _Graph:
     def __init__(self, name: str, bits=None, block: int = 32, lora: dict | None = None) -> None:
         self.name = name
         self.lora = lora or {}  # projection name -> (A [r,in], B [out,r] already scaled)
-        self.bits = bits or (lambda _name: None)  # weight name -> 4, 8 or None (fp32)
+        self.bits = bits or (lambda _name: None)  # weight name -> 4, 8, INT8 or None (fp32)
         self.block = block
         self.quantized: dict[str, int] = {}
         self.nodes: list[onnx.NodeProto] = []
@@ -75,10 +82,17 @@ class _Graph:
                 # run the low-rank update beside it in fp32.
                 a, b = lora
                 weight = (weight.astype(np.float64) - b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
-            codes, scales, zeros = quantize_blocks(weight, bits, self.block)
-            y = self.op("MatMulNBits", x, self.const(name + ".qweight", codes), self.const(name + ".scales", scales),
-                        self.const(name + ".zeros", zeros), domain="com.microsoft", K=weight.shape[1],
-                        N=weight.shape[0], bits=bits, block_size=self.block, accuracy_level=ACCURACY_LEVEL)
+            if bits == INT8:
+                codes, scales = quantize_channels(weight)
+                y = self.op("DynamicQuantizeMatMul", x, self.const(name + ".qweight", codes),
+                            self.const(name + ".scales", scales),
+                            self.const(name + ".zeros", np.zeros(len(scales), np.int8)), domain="com.microsoft")
+            else:
+                codes, scales, zeros = quantize_blocks(weight, bits, self.block)
+                y = self.op("MatMulNBits", x, self.const(name + ".qweight", codes),
+                            self.const(name + ".scales", scales), self.const(name + ".zeros", zeros),
+                            domain="com.microsoft", K=weight.shape[1], N=weight.shape[0], bits=bits,
+                            block_size=self.block, accuracy_level=ACCURACY_LEVEL)
             self.quantized[name] = bits
             if lora is not None:
                 low = self.op("MatMul", x, self.const(name + ".lora_A", lora[0].T.astype(np.float32)))
@@ -123,7 +137,7 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
                   eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
     ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...).
-    ``bits(proj_name)`` picks each projection's storage (4, 8, or None for fp32).
+    ``bits(proj_name)`` picks each projection's form (4, 8, INT8, or None for fp32).
     ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter."""
     g = _Graph(name, bits, block, _lora(w))
     x = g.rms_norm(HIDDEN, "input_layernorm", w["input_layernorm.weight"], eps)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from edgerank.layout import FORMAT, GRAPH_FORMAT
+
 
 def size_on_disk(path: Path) -> int:
     """Bytes of a file, or of every file under a folder."""
@@ -23,8 +25,6 @@ class OutputExistsError(FileExistsError):
     """The destination exists and ``force`` was not given, or it is something edgerank did
     not write, which ``force`` never replaces."""
 
-
-ARTIFACT_FORMAT = "edgerank-artifact"  # edgerank.artifact.FORMAT, the manifest's format field
 
 
 def umask() -> int:
@@ -45,7 +45,7 @@ def written_by_edgerank(path: Path) -> bool:
             return False
         if path.is_dir():
             manifest = json.loads((path / "manifest.json").read_text())
-            if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+            if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, GRAPH_FORMAT):
                 return False
             listed = set(manifest.get("files") or {}) | {"manifest.json"}
             return all(str(f.relative_to(path)) in listed for f in path.rglob("*") if not f.is_dir())

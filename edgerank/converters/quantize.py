@@ -1,4 +1,5 @@
-"""Block-wise affine weight quantization into ONNX Runtime's ``MatMulNBits`` layout.
+"""Weight quantization into ONNX Runtime's layouts: block-wise affine codes for
+``MatMulNBits``, and per-channel symmetric int8 for ``DynamicQuantizeMatMul``.
 
 Each block of ``block`` weights along the input dimension is stored as unsigned
 ``bits``-bit codes ``q`` with a float scale and a zero point (float for 4 bits; an
@@ -50,3 +51,17 @@ def dequantize_blocks(b: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits
         q = np.stack([b & 15, b >> 4], axis=-1).reshape(n, kb, -1).astype(np.float32)
     w = (q - zeros.reshape(n, kb, 1).astype(np.float32)) * scales.reshape(n, kb, 1)
     return w.reshape(n, -1)[:, :k]
+
+
+def quantize_channels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` is an HF weight ``[N out, K in]``; returns int8 codes ``[K, N]`` (the layout
+    ``DynamicQuantizeMatMul`` multiplies) and one absmax scale per output channel ``[N]``:
+    ``w[n, k] = codes[k, n] * scales[n]``, symmetric (zero point 0), codes in [-127, 127].
+    On CPUs without VNNI, ORT's u8 x s8 kernels add products in pairs in 16 bits, which
+    can saturate when two large activations meet two large weights (ORT's quantization
+    guide); with VNNI or AMX the sums are 32-bit."""
+    w = np.asarray(w, dtype=np.float32)
+    scales = np.abs(w).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    codes = np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(codes.T), scales.astype(np.float32)
