@@ -7,9 +7,20 @@ Configurations (``--configs`` picks a subset):
 
 - ``fp32-reference``: full precision, torch (the anchor);
 - ``llamacpp-q4``: the model's 4-bit GGUF, whole model, on llama.cpp (candidates batched);
-- ``onnx-int4-full``: edgerank's int4 artifact, every candidate through every layer;
+- ``ort-fp32-graph``, ``ort-int8-graph``: the whole model as one standard ONNX graph
+  (``--to onnx-graph``: torch export, and ``quantize_dynamic`` for int8) on ONNX Runtime,
+  length-sorted batches of 32 (``edgerank.peers``);
+- ``sentence-transformers``: its CrossEncoder / SentenceTransformer (encoders only);
+- ``onnx-int4-full``: edgerank's int4 artifact (in the form chosen), every candidate through every layer;
 - ``edgerank``: the product, with pruning, shared prefix, chunking at their defaults;
+- ``edgerank-int4``: the same on the int4 form (what ran before the int8-compute form; what
+  a tight memory budget runs);
 - ``edgerank-lowmem``: the same with streamed weights under ``--lowmem-mb``.
+
+The first five are the peers, what a user would run instead; every row is set against the
+fastest of them (``latency_vs_fastest_peer``). The machine's fp32 and int8 matmul peaks
+are measured in the same run (:func:`gemm_peaks`), so a row's achieved GFLOP/s on its
+layer work reads against them.
 
 Each configuration runs in its own subprocess (its own lifetime peak RSS, see
 :func:`edgerank.memory.process_peak_mb`, and a baseline taken after imports so the
@@ -37,7 +48,8 @@ import numpy as np
 from edgerank.datasets import SHARED_DATA
 from edgerank.errors import exits_on, positive_int, positive_number
 
-CONFIGS = ("fp32-reference", "llamacpp-q4", "onnx-int4-full", "edgerank", "edgerank-lowmem")
+PEERS = ("fp32-reference", "llamacpp-q4", "ort-fp32-graph", "ort-int8-graph", "sentence-transformers")
+CONFIGS = PEERS + ("onnx-int4-full", "edgerank", "edgerank-int4", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
 MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 
@@ -49,13 +61,13 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
     """Each configuration's Reranker arguments; converts (once, cached) what it needs.
     ``llamacpp-q4`` runs a GGUF model as it is, else a ``gguf_quant`` conversion (default:
     :func:`default_gguf_quant`)."""
-    from edgerank.cache import cached_artifact, cached_gguf
+    from edgerank.cache import cached_artifact, cached_gguf, cached_graph
     from edgerank.sources import resolve
 
     source = resolve(model)
     out: dict[str, dict] = {}
     if source.kind == "artifact":  # an artifact (calibrated, say) runs as it is; it has no fp32 or GGUF form
-        other = [c for c in configs if c in ("fp32-reference", "llamacpp-q4")]
+        other = [c for c in configs if c in PEERS]
         if other:
             raise ValueError(f"{model} is an edgerank artifact: {', '.join(other)} need the HF folder or GGUF it "
                              f"came from; run the artifact with --configs onnx-int4-full,edgerank,edgerank-lowmem")
@@ -69,10 +81,17 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
             quant = gguf_quant or default_gguf_quant(source)
             gguf = source.path if source.kind == "gguf" else cached_gguf(model, quant, progress)
             out[c] = {"model": str(gguf), "backend": "llamacpp", "family": source.spec.family}
+        elif c in ("ort-fp32-graph", "ort-int8-graph"):
+            out[c] = {"peer": "ort-graph", "model": str(cached_graph(model, c.split("-")[1], progress))}
+        elif c == "sentence-transformers":
+            out[c] = ({"peer": "sentence-transformers", "model": str(model)} if source.spec.kind != "decoder"
+                      else {"error": "n/a: sentence-transformers runs encoders, not LLM rerankers"})
         elif c == "onnx-int4-full":
             out[c] = {"model": str(artifact), "backend": "edgerank", "pruning": False}
         elif c == "edgerank":
             out[c] = {"model": str(artifact), "backend": "edgerank"}
+        elif c == "edgerank-int4":
+            out[c] = {"model": str(artifact), "backend": "edgerank", "compute": "int4"}
         elif c == "edgerank-lowmem":
             out[c] = {"model": str(artifact), "backend": "edgerank", "stream_weights": True}
         else:
@@ -124,17 +143,28 @@ def worker(spec: dict) -> None:
         sys.stdout.write(MARK + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    _import_backend(spec.get("backend"))
+    _import_backend(spec.get("peer") or spec.get("backend"))
     baseline = rss_mb()  # after the libraries, before the model
     t0 = time.perf_counter()
-    options = dict(spec)
-    reranker = Reranker(**options)
+    if spec.get("peer"):
+        from edgerank import peers
+
+        reranker = peers.load(spec)
+    else:
+        reranker = Reranker(**spec)
     reply({"ready": True, "baseline_rss_mb": baseline, "loaded_rss_mb": rss_mb(), "load_s": time.perf_counter() - t0})
     for line in sys.stdin:
         req = json.loads(line)
         if req.get("stop"):
             break
         t = time.perf_counter()
+        if spec.get("peer"):  # a peer scores everything; the top K are read off its scores
+            scores = reranker.score(req["query"], req["documents"])
+            order = np.argsort(-scores, kind="stable")[: req["top_k"]]
+            latency = time.perf_counter() - t
+            reply({"order": order.tolist(), "scores": scores[order].tolist(), "latency_s": latency, "extra": {},
+                   "max_rss_mb": process_peak_mb()})
+            continue
         ranking = reranker.rank(req["query"], req["documents"], top_k=req["top_k"])  # the K that prunes
         latency = time.perf_counter() - t
         extra = {k: v for k, v in ranking.stats.extra.items() if k != "layer_scores"}
@@ -155,6 +185,10 @@ def _import_backend(backend: str | None) -> None:
         import llama_cpp  # noqa: F401
 
         import edgerank.backends.llamacpp  # noqa: F401
+    elif backend == "ort-graph":
+        import onnxruntime  # noqa: F401
+    elif backend == "sentence-transformers":
+        import sentence_transformers  # noqa: F401
     else:
         import edgerank.backends.layerwise  # noqa: F401
 
@@ -229,7 +263,11 @@ def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, s
     if "edgerank-lowmem" in specs and lowmem_mb:
         specs["edgerank-lowmem"]["max_memory_mb"] = lowmem_mb
     workers, results, errors = {}, {c: [] for c in configs}, {}
+    peaks = gemm_peaks()  # before any worker loads: the machine as quiet as this run gets it
     for c in configs:
+        if "error" in specs[c]:
+            errors[c] = specs[c]["error"]
+            continue
         try:
             workers[c] = Worker(c, specs[c])
             warm = queries[0]
@@ -247,7 +285,10 @@ def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, s
     finals = {c: w.stop() for c, w in workers.items()}
     hellos = {c: w.hello for c, w in workers.items()}
     rows = summarize(configs, results, finals, hellos, specs, queries, top_k, errors)
-    return {"configs": rows, "errors": errors, "machine": machine(),
+    for row in rows:
+        if "layer_gflops" in row:
+            row["layer_gflops_vs_peak"] = {k: row["layer_gflops"] / v for k, v in peaks.items()}
+    return {"configs": rows, "errors": errors, "machine": {**machine(), "gemm_gflops": peaks},
             "settings": {"model": str(model), "top_k": top_k, "queries": len(queries),
                          "depth": max(len(q["docs"]) for q in queries), "subset": subset,
                          "interleaved": True, "warmup_queries": 1, "lowmem_mb": lowmem_mb}}
@@ -302,9 +343,13 @@ def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, 
             row["work_saved_vs_unshared"] = float(np.mean([e["work_saved_vs_unshared"] for e in extras]))
             row["padding_fraction"] = float(np.mean([e["padding_fraction"] for e in extras]))
             row["io_wait_s_mean"] = float(np.mean([e["io_wait_s"] for e in extras]))
-            # where a call's time goes: embedding, the layers (chunks), pruning checks (head readout + policy)
+            # where a call's time goes: embedding, the layers (inside ONNX Runtime, and the padding,
+            # masks and copies between its calls), pruning checks (readout + policy)
             row["stage_ms_median"] = {stage: 1000 * float(np.median([e[f"{stage}_s"] for e in extras]))
-                                      for stage in ("embed", "layers", "prune")}
+                                      for stage in ("embed", "ort", "between_calls", "prune")}
+            if "layer_gflop" in extras[0]:  # achieved on the layer work: GFLOP run / seconds in ONNX Runtime
+                row["layer_gflops"] = (sum(e["layer_gflop"] for e in extras) / max(sum(e["ort_s"] for e in extras), 1e-9))
+                row["compute"] = extras[0]["compute"]["form"]
             layers = extras[0]["layers"]
             hist = np.sum([e["layers_per_candidate"] for e in extras], axis=0)
             computed = np.array([hist[i + 1:].sum() for i in range(layers)], dtype=float)  # reached layer i
@@ -318,6 +363,17 @@ def _add_ratios(rows: list[dict]) -> None:
     """Latency ratios are paired: medians over the queries both configurations ran (a
     ``--subset`` configuration ran only the first N), so they compare like with like."""
     by = {r["name"]: r for r in rows if "error" not in r}
+    peers = [r for name, r in by.items() if name in PEERS]
+    if peers:
+        fastest = min(peers, key=lambda r: r["latency_ms_median"])
+        for r in by.values():
+            mine, theirs = r["latency_ms_per_query"], fastest["latency_ms_per_query"]
+            both = [qi for qi in mine if qi in theirs]
+            r["fastest_peer"] = fastest["name"]
+            if both:
+                r["latency_vs_fastest_peer"] = (float(np.median([mine[qi] for qi in both]))
+                                                / float(np.median([theirs[qi] for qi in both])))
+            r["peak_rss_vs_fastest_peer"] = r["peak_rss_mb"] / fastest["peak_rss_mb"]
     for r in by.values():
         for anchor in ("fp32-reference", "llamacpp-q4"):
             if anchor in by:
@@ -331,18 +387,52 @@ def _add_ratios(rows: list[dict]) -> None:
                 r[f"peak_rss_vs_{anchor}"] = r["peak_rss_mb"] / a["peak_rss_mb"]
 
 
+def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int = 1536) -> dict[str, float]:
+    """This machine's matmul GFLOP/s on ONNX Runtime, fp32 ``MatMul`` and int8
+    ``DynamicQuantizeMatMul`` (the int8 form's kernel), at one large compute-bound shape:
+    what a row's achieved layer GFLOP/s is read against."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerank.compute import default_threads
+    from edgerank.converters.quantize import quantize_channels
+    from edgerank.streaming import session_options
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    codes, scales = quantize_channels(w)
+    graphs = {
+        "fp32": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w.T.copy(), "w")]),
+        "int8": ([helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")],
+                 [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s"),
+                  numpy_helper.from_array(np.zeros(n, np.int8), "z")]),
+    }
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    out = {}
+    for name, (nodes, inits) in graphs.items():
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads or default_threads()),
+                                    providers=["CPUExecutionProvider"])
+        sess.run(None, {"x": x})
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            sess.run(None, {"x": x})
+            times.append(time.perf_counter() - t)
+        out[name] = 2 * m * k * n / float(np.median(times)) / 1e9
+    return out
+
+
 def machine() -> dict:
     import psutil
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
+    from edgerank.compute import cpu_id
+
+    return {"cpu": cpu_id(), "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "commit": _commit()}
 
@@ -359,12 +449,14 @@ def _commit() -> str | None:
 
 def print_table(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     s = report["settings"]
     t = Table(title=f"{s['model']}: {s['queries']} queries, depth {s['depth']}, K={s['top_k']}")
     cols = ("config", "queries", "median ms", "p90 ms", "pairs/s", "peak MB", "model MB", "size MB", "nDCG@10",
-            "nDCG@10 fp32 qs", f"P@{s['top_k']} vs fp32", "work skipped", "x fp32 lat", "x llama lat")
+            "nDCG@10 fp32 qs", f"P@{s['top_k']} vs fp32", "work skipped", "layer GFLOP/s", "x fp32 lat",
+            "x fastest peer")
     for col in cols:
         t.add_column(col, justify="right")
 
@@ -378,10 +470,12 @@ def print_table(report: dict) -> None:
                   f(r["pairs_per_s"], ".1f"), f(r["peak_rss_mb"], ".0f"), f(r["model_rss_mb"], ".0f"),
                   f(r["size_bytes"] / 2**20, ".0f"), f(r["ndcg@10"], ".4f"), f(r.get("ndcg@10_on_fp32_queries"), ".4f"),
                   f(r.get("precision_at_k_vs_fp32"), ".3f"),
-                  f(r.get("work_skipped"), ".1%"), f(r.get("latency_vs_fp32-reference"), ".2f"),
-                  f(r.get("latency_vs_llamacpp-q4"), ".2f"))
+                  f(r.get("work_skipped"), ".1%"), f(r.get("layer_gflops"), ".0f"),
+                  f(r.get("latency_vs_fp32-reference"), ".2f"), f(r.get("latency_vs_fastest_peer"), ".2f"))
     m = report["machine"]
-    t.caption = f"{m['cpu']}, {m['physical_cores']} cores, {m['ram_gb']} GB RAM, commit {m['commit']}"
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.get("gemm_gflops", {}).items())
+    t.caption = (f"{escape(m['cpu'])}, {m['physical_cores']} cores, {m['ram_gb']} GB RAM, commit {m['commit']}; "
+                 f"matmul peak GFLOP/s here: {peaks}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=190)

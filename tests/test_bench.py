@@ -46,7 +46,7 @@ def test_bench_report_schema_and_isolated_workers(tiny_model, tmp_path, monkeypa
     assert by["fp32-reference"]["precision_at_k_vs_fp32"] == 1.0
     assert "work_skipped" in by["edgerank"] and "precision_at_k_vs_unpruned" in by["edgerank"]
     stages = by["edgerank"]["stage_ms_median"]  # the stages account for a call's time, and no more
-    assert set(stages) == {"embed", "layers", "prune"} and stages["layers"] > 0
+    assert set(stages) == {"embed", "ort", "between_calls", "prune"} and stages["ort"] > 0
     assert sum(stages.values()) <= by["edgerank"]["latency_ms_p90"]
     # each configuration ran in its own process: the parent never imported torch for them
     assert by["fp32-reference"]["baseline_rss_mb"] > by["edgerank"]["baseline_rss_mb"]  # torch in its baseline

@@ -57,7 +57,9 @@ class CallCounters:
     pad: int = 0
     embed_s: float = 0.0
     layers_s: float = 0.0
+    run_s: float = 0.0  # of layers_s, inside ONNX Runtime (the rest: padding, masks, copies)
     prune_s: float = 0.0
+    flop: float = 0.0  # the layer graphs' matmul and attention work as run (padding included)
     layers_done: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -242,13 +244,16 @@ class LayerwiseBackend:
                 if not self.encoder:
                     past = self._no_past
                     if prefix_state is not None:
+                        tr = time.perf_counter()
                         prefix_state, past = self._run_prefix(sess, prefix_state)
+                        count.run_s += time.perf_counter() - tr
+                        count.flop += self._flop(1, prefix_len, 0)
                         if self._prefix_kv is not None:
                             self._prefix_kv.append(past)
                         count.work += prefix_len
                 rows = np.concatenate([np.arange(q), computing + q])
                 for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
-                    w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len)
+                    w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
                     count.work, count.pad = count.work + w, count.pad + p
                 count.layers_done[computing] += 1
                 self.layers.done(layer)
@@ -329,7 +334,15 @@ class LayerwiseBackend:
                                           layout.PAST_VALUE: self._no_past[1]})
         return out, (key, value)
 
-    def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len) -> tuple[int, int]:
+    def _flop(self, rows: int, width: int, past: int) -> float:
+        """Multiply-adds x 2 of one layer on ``rows`` x ``width`` tokens attending to ``past``
+        earlier keys too: the projections and the two attention products."""
+        s = self.shape
+        q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+        proj = s.hidden * (2 * q + 2 * kv) + (2 if self.encoder else 3) * s.hidden * s.ffn
+        return 2.0 * rows * width * proj + 4.0 * rows * width * (width + past) * q
+
+    def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len, count: CallCounters) -> tuple[int, int]:
         """Run one chunk of rows through a layer, in place; returns (real, padded) tokens."""
         width = int(lengths[chunk].max())
         B, H = len(chunk), self.shape.hidden
@@ -338,14 +351,17 @@ class LayerwiseBackend:
             x[r, : lengths[i]] = states[i]
         valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
         if self.encoder:
-            mask = np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
-            (out,) = sess.run(None, {layout.HIDDEN: x, layout.MASK: mask})
+            feeds = {layout.HIDDEN: x, layout.MASK: np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]}
         else:
             causal = np.tril(np.ones((width, width), bool))
             mask = np.where(causal[None] & valid[:, None, :], 0.0, NEG).astype(np.float32)[:, None, None]
             cos, sin = self.rope(prefix_len + np.arange(width)[None].repeat(B, 0))
-            out, _, _ = sess.run(None, {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
-                                        layout.PAST_KEY: past[0], layout.PAST_VALUE: past[1]})
+            feeds = {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
+                     layout.PAST_KEY: past[0], layout.PAST_VALUE: past[1]}
+        tr = time.perf_counter()
+        out = sess.run(None, feeds)[0]
+        count.run_s += time.perf_counter() - tr
+        count.flop += self._flop(B, width, past[0].shape[3] if past is not None else 0)
         for r, i in enumerate(chunk):
             states[i] = out[r, : lengths[i]]
         real = int(lengths[chunk].sum())
@@ -375,6 +391,7 @@ class LayerwiseBackend:
             "pruning_steps": run.steps, "selected": len(run.selected), "dropped": int((run.dropped_at >= 0).sum()),
             "chunk_tokens": chunk_tokens, "stream_weights": self.plan.stream, "compute": self.compute.as_dict(),
             "embed_s": count.embed_s, "layers_s": count.layers_s, "prune_s": count.prune_s,
+            "ort_s": count.run_s, "between_calls_s": count.layers_s - count.run_s, "layer_gflop": count.flop / 1e9,
             "io_wait_s": self.layers.io_wait_s, "layer_load_s": self.layers.load_s,
             "embed_cache_rows": len(self.embed._cache), "vocab_touched_fraction": touched,
             "rss_start_mb": rss0 / MB,
