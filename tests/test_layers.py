@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "edgerank"
 TOOLS = ("edgerank.converters", "edgerank.train", "edgerank.data", "edgerank.eval", "edgerank.calibrate",
          "edgerank.bench", "edgerank.pull", "edgerank.cache", "edgerank.models", "edgerank.recipes",
          "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve",
-         "edgerank.integrations", "edgerank.batch", "edgerank.readouts_fit")
+         "edgerank.integrations", "edgerank.batch", "edgerank.readouts_fit", "edgerank.peers")
 # The runtime: what a rank() call on a prepared artifact runs.
 RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs", "edgerank.catalog",
            "edgerank.artifact", "edgerank.layout", "edgerank.sources", "edgerank.backends",
@@ -28,7 +28,7 @@ RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs"
            "edgerank.explain", "edgerank.backends.reference",
            "edgerank.backends.llamacpp", "edgerank.pruning", "edgerank.budget", "edgerank.streaming",
            "edgerank.embedding", "edgerank.chunking", "edgerank.rope", "edgerank.memory", "edgerank.errors",
-           "edgerank.extras", "edgerank.metrics", "edgerank.supply", "edgerank.readouts")
+           "edgerank.extras", "edgerank.metrics", "edgerank.supply", "edgerank.readouts", "edgerank.compute")
 
 
 def _module_file(name: str) -> Path:
