@@ -141,6 +141,13 @@ class Artifact:
         extra = (self.manifest.get("compute") or {}).get("forms") or {}
         return {self.weights: self.manifest["layers"], **extra}
 
+    @property
+    def usable_forms(self) -> list[str]:
+        """The forms the runtime may choose unasked: the own one, and each extra form the
+        converter found to rank like it (``compute.fit``, converters/verify.py)."""
+        fit = (self.manifest.get("compute") or {}).get("fit") or {}
+        return [f for f in self.forms if f == self.weights or (fit.get(f) or {}).get("fit") is True]
+
     def layer_files(self, form: str | None = None) -> list[str]:
         return self.forms[form or self.weights]
 

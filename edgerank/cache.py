@@ -126,10 +126,11 @@ def _cached(model: str, to: str, quant: str, progress: bool, family: str | None 
 
 
 def _older_form(artifact: Path) -> bool:
-    """A cached artifact written before artifacts carried a ``compute`` section (the int8
-    form an int4 artifact stores beside its own, edgerank.compute): converted again."""
+    """A cached artifact written before artifacts carried an int8 form checked for fit
+    (``compute.fit``, beside the int4 layers; edgerank.compute): converted again."""
     try:
-        return "compute" not in json.loads((artifact / "manifest.json").read_text())
+        compute = json.loads((artifact / "manifest.json").read_text()).get("compute")
+        return not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute
     except (OSError, ValueError):
         return True
 

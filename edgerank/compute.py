@@ -26,7 +26,6 @@ from edgerank import layout
 from edgerank.artifact import Artifact
 from edgerank.streaming import session_options
 
-FORMS = ("int4", "int8", "fp32")
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
 PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
@@ -38,9 +37,9 @@ _measured: dict[tuple[str, str], "Choice"] = {}  # (artifact's layer-0 sha256, C
 
 @dataclass
 class Choice:
-    """The form a model runs in, and why: ``how`` is ``only form``, ``manifest`` (measured
-    at conversion on this CPU), ``measured at load``, ``asked`` (the caller's ``compute=``)
-    or ``memory budget`` (int4 forced)."""
+    """The form a model runs in, and why: ``how`` is ``only form``, ``the other forms rank
+    unlike it``, ``manifest`` (measured at conversion on this CPU), ``measured at load``,
+    ``asked`` (the caller's ``compute=``) or ``memory budget`` (int4 forced)."""
 
     form: str
     how: str
@@ -72,9 +71,9 @@ def cpu_id() -> str:
     return f"{name} [{' '.join(f for f in _FLAGS if f in flags) or 'no int8 dot-product flags'}]"
 
 
-def measure(artifact: Artifact, form: str, threads: int, options: ort.SessionOptions | None = None) -> float:
+def measure(artifact: Artifact, form: str, threads: int) -> float:
     """Median ms of layer 0 in ``form`` on a synthetic chunk of PROBE_ROWS x PROBE_TOKENS."""
-    sess = ort.InferenceSession(str(artifact.layer_path(0, form)), options or session_options(threads),
+    sess = ort.InferenceSession(str(artifact.layer_path(0, form)), session_options(threads),
                                 providers=["CPUExecutionProvider"])
     feeds = probe_feeds(artifact)
     sess.run(None, feeds)
@@ -106,13 +105,14 @@ def measure_forms(artifact: Artifact, threads: int) -> dict:
     """Every stored form, measured here: what the converter writes as ``compute.measured``."""
     ms = {form: round(measure(artifact, form, threads), 3) for form in artifact.forms}
     return {"cpu": cpu_id(), "threads": threads, "probe_tokens": PROBE_ROWS * PROBE_TOKENS, "ms": ms,
-            "fastest": fastest(ms, artifact.weights)}
+            "fastest": fastest(ms, artifact)}
 
 
-def fastest(ms: dict[str, float], own: str) -> str:
-    """The form to run given each form's time: the quickest, if it beats the artifact's own
-    format by the margin, else the own format."""
-    best = min(ms, key=ms.get)
+def fastest(ms: dict[str, float], artifact: Artifact) -> str:
+    """The form to run given each form's time: the quickest usable one (it ranks like the
+    own form), if it beats the artifact's own format by the margin, else the own format."""
+    own = artifact.weights
+    best = min((f for f in artifact.usable_forms if f in ms), key=ms.get, default=own)
     return best if ms[best] < MARGIN * ms[own] else own
 
 
@@ -128,12 +128,14 @@ def choose(artifact: Artifact, threads: int, asked: str | None = None) -> Choice
         return Choice(asked, "asked", cpu=cpu)
     if len(forms) == 1:
         return Choice(artifact.weights, "only form", cpu=cpu)
+    if len(artifact.usable_forms) == 1:  # the others do not rank like it (compute.fit)
+        return Choice(artifact.weights, "the other forms rank unlike it", cpu=cpu)
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
     if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ms) == set(forms):
-        return Choice(fastest(ms, artifact.weights), "manifest", dict(ms), cpu)
+        return Choice(fastest(ms, artifact), "manifest", dict(ms), cpu)
     key = (artifact.manifest["files"][artifact.manifest["layers"][0]]["sha256"], f"{cpu} x{threads}")
     if key not in _measured:
         ms = {form: measure(artifact, form, threads) for form in forms}
-        _measured[key] = Choice(fastest(ms, artifact.weights), "measured at load", ms, cpu)
+        _measured[key] = Choice(fastest(ms, artifact), "measured at load", ms, cpu)
     return _measured[key]

@@ -89,14 +89,17 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         del w
     manifest = _manifest(cfg, spec, quant, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if extra:  # which form is faster on this CPU: measured on the written layers
+    if extra:  # whether each extra form ranks like the own one, and which is faster on this CPU
         from edgerank.artifact import Artifact
         from edgerank.compute import default_threads, measure_forms
+        from edgerank.converters.verify import form_fit
 
+        manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
+        (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
         manifest["compute"]["measured"] = measured = measure_forms(Artifact.open(dest, verify=False),
                                                                    default_threads())
         (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        notes["compute"] = measured
+        notes["compute"] = {**measured, "fit": manifest["compute"]["fit"]}
     notes["format_version"] = FORMAT_VERSION
     return notes
 
