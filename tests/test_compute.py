@@ -116,6 +116,18 @@ def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
         assert r.last_stats.extra["compute"]["how"] == "the other forms rank unlike it"
 
 
+def test_the_int8_form_runs_smaller_chunks_unless_told(model):
+    """One activation scale per chunk: the int8 form's chunks default to 512 tokens."""
+    _, int4, _, family = model
+    for form, chunk in (("int8", 512), ("int4", 1024)):
+        with edgerank.Reranker(int4, family=family, compute=form) as r:
+            r.score(QUERY, DOCS)
+            assert r.last_stats.extra["chunk_tokens"] == chunk, form
+    with edgerank.Reranker(int4, family=family, compute="int8", chunk_tokens=2048) as r:
+        r.score(QUERY, DOCS)
+        assert r.last_stats.extra["chunk_tokens"] == 2048
+
+
 def test_int4_form_equals_a_plain_one_pair_at_a_time_forward(model):
     _, int4, _, family = model
     with edgerank.Reranker(int4, family=family, pruning=False, chunk_tokens=64, compute="int4") as batched, \

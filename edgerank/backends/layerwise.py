@@ -31,7 +31,8 @@ from edgerank import layout
 from edgerank.artifact import Artifact
 from edgerank.backends import Scores
 from edgerank.backends.heads import _BLAS, head_for
-from edgerank.budget import MB, MemoryBudgetError, Plan, Shape, plan_call, plan_load, tokenizer_mb
+from edgerank.budget import (INT8_CHUNK_TOKENS, MB, MemoryBudgetError, Plan, Shape, plan_call, plan_load,
+                             tokenizer_mb)
 from edgerank.chunking import length_chunks
 from edgerank.compute import Choice, choose, default_threads
 from edgerank.embedding import EmbeddingRows
@@ -159,6 +160,8 @@ class LayerwiseBackend:
             self.plan = plan_load(self.shape, max_memory_mb, stream_weights, tok_mb)
         if chunk_tokens is not None:
             self.plan.chunk_tokens = int(chunk_tokens)
+        elif self.compute.form == "int8":
+            self.plan.chunk_tokens = min(self.plan.chunk_tokens, INT8_CHUNK_TOKENS)
         if record_layers and pruning:
             raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
         # knobs: the call's options, else the artifact's calibrated values for the call's K
