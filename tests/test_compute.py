@@ -117,7 +117,7 @@ def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
 
 
 def test_the_int8_form_runs_smaller_chunks_unless_told(model):
-    """One activation scale per chunk: the int8 form's chunks default to 512 tokens."""
+    """The int8 form's chunks default to 512 tokens (its weights hold more memory)."""
     _, int4, _, family = model
     for form, chunk in (("int8", 512), ("int4", 1024)):
         with edgerank.Reranker(int4, family=family, compute=form) as r:
