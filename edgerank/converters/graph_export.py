@@ -43,7 +43,7 @@ def write_graph(source: ModelSource, dest: Path, quant: str) -> dict:
         raise ModelFormatError(f"{src}: an onnx-graph export reads an HF folder or a GGUF file")
     dest.mkdir(parents=True, exist_ok=True)
     ref = ReferenceBackend(source, device="cpu")
-    module = _Scorer(ref).eval()
+    module = _scorer(ref).eval()
     types = spec.kind != "decoder" and getattr(ref.model.config, "type_vocab_size", 1) > 1
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if types else [])
     example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
@@ -66,35 +66,33 @@ def write_graph(source: ModelSource, dest: Path, quant: str) -> dict:
     return {"graph_inputs": names}
 
 
-class _Scorer:
-    """The reference model and its head as one ``torch.nn.Module`` (built lazily: torch
-    is imported only when exporting)."""
+def _scorer(ref):
+    """The reference model and its head as one ``torch.nn.Module`` (defined here: torch is
+    imported only when exporting)."""
+    import torch
 
-    def __new__(cls, ref):
-        import torch
+    class Scorer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.kind = ref.model, ref.spec.kind
+            self.normalize = bool(getattr(ref.spec, "normalize", False))
+            if self.kind == "decoder":
+                self.register_buffer("rows", ref.head_weight)
+                self.register_buffer("bias", ref.head_bias if ref.head_bias is not None
+                                     else torch.zeros(len(ref.head_weight)))
 
-        class Scorer(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model, self.kind = ref.model, ref.spec.kind
-                self.normalize = bool(getattr(ref.spec, "normalize", False))
-                if self.kind == "decoder":
-                    self.register_buffer("rows", ref.head_weight)
-                    self.register_buffer("bias", ref.head_bias if ref.head_bias is not None
-                                         else torch.zeros(len(ref.head_weight)))
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            if self.kind == "decoder":  # left padding: every sequence ends at -1
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids)
+                return out.last_hidden_state[:, -1] @ self.rows.T + self.bias
+            kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if self.kind == "cross-encoder":
+                return out.logits
+            m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
-            def forward(self, input_ids, attention_mask, token_type_ids=None):
-                if self.kind == "decoder":  # left padding: every sequence ends at -1
-                    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids)
-                    return out.last_hidden_state[:, -1] @ self.rows.T + self.bias
-                kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                if self.kind == "cross-encoder":
-                    return out.logits
-                m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-                pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
-
-        return Scorer()
+    return Scorer()
