@@ -73,19 +73,25 @@ def simulate(policy: PruningPolicy, rec: Recording, k: int) -> tuple[set[int], f
     return set(order[:k].tolist()), 1.0 - work / full
 
 
+def replay(policy: PruningPolicy, recs: list[Recording], k: int) -> tuple[list[float], list[float]]:
+    """Per recording: P@K of ``policy``'s top K against the unpruned one, and the work it skips."""
+    prec, skipped = [], []
+    for rec in recs:
+        kk = min(k, rec.layer_scores.shape[1])
+        truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
+        got, skip = simulate(policy, rec, kk)
+        prec.append(len(got & truth) / kk)
+        skipped.append(skip)
+    return prec, skipped
+
+
 def evaluate_grid(recs: list[Recording], k: int, exact_order: bool = True,
                   thresholds=THRESHOLDS, min_depths=MIN_DEPTHS, clusters=CLUSTERS) -> list[dict]:
     """Mean P@K (vs unpruned) and work skipped for every setting of the grid."""
     rows = []
     for n_clusters, depth, thr in itertools.product(clusters, min_depths, thresholds):
         policy = PruningPolicy(threshold=thr, min_depth=depth, clusters=n_clusters, exact_order=exact_order)
-        prec, skipped = [], []
-        for rec in recs:
-            kk = min(k, rec.layer_scores.shape[1])
-            truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
-            got, skip = simulate(policy, rec, kk)
-            prec.append(len(got & truth) / kk)
-            skipped.append(skip)
+        prec, skipped = replay(policy, recs, k)
         rows.append({"threshold": thr, "min_depth": depth, "clusters": n_clusters,
                      "precision": float(np.mean(prec)), "min_precision": float(np.min(prec)),
                      "work_skipped": float(np.mean(skipped))})

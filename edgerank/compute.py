@@ -12,6 +12,7 @@ The memory budget can still force int4 (``backends.layerwise``).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -55,6 +56,7 @@ def default_threads() -> int:
     return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
+@functools.cache
 def cpu_id() -> str:
     """The CPU's model name and the flags that decide int8 speed: what a measurement is valid for."""
     name, flags = platform.processor() or platform.machine(), set()

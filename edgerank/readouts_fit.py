@@ -199,15 +199,9 @@ def fit_artifact(reranker_cls, artifact_path: Path, spec, groups: list[tuple[str
 
 def _replay(policy: PruningPolicy, recs, k: int) -> tuple[float, float]:
     """Mean P@K against unpruned and mean work skipped of ``policy`` on recordings."""
-    from edgerank.calibrate import simulate
+    from edgerank.calibrate import replay
 
-    prec, skip = [], []
-    for rec in recs:
-        kk = min(k, rec.layer_scores.shape[1])
-        truth = set(np.argsort(-rec.layer_scores[-1], kind="stable")[:kk].tolist())
-        got, s = simulate(policy, rec, kk)
-        prec.append(len(got & truth) / kk)
-        skip.append(s)
+    prec, skip = replay(policy, recs, k)
     return float(np.mean(prec)), float(np.mean(skip))
 
 

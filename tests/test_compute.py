@@ -42,7 +42,8 @@ def test_quantize_channels_round_trips_within_half_a_step():
     w[3] = 0  # an all-zero channel keeps a usable scale
     codes, scales = quantize_channels(w)
     assert codes.dtype == np.int8 and codes.shape == (80, 48) and scales.shape == (48,)
-    assert np.abs(codes).max() == 127 and np.isfinite(scales).all()
+    assert np.abs(codes).max() == 63 and np.isfinite(scales).all()  # 7 bits: no 16-bit pair sum saturates
+    assert 255 * 63 * 2 < 2**15
     back = (codes.astype(np.float32) * scales).T
     assert np.all(np.abs(back - w) <= scales[:, None] / 2 + 1e-7)
 
@@ -58,20 +59,27 @@ def test_an_int4_artifact_stores_an_int8_form_measured_at_conversion(model):
     measured = manifest["compute"]["measured"]
     assert measured["cpu"] == cpu_id() and set(measured["ms"]) == {"int4", "int8"}
     assert all(ms > 0 for ms in measured["ms"].values())
-    ms = measured["ms"]
-    assert measured["fastest"] == ("int8" if ms["int8"] < 0.9 * ms["int4"] else "int4")
+    ms, fit = measured["ms"], manifest["compute"]["fit"]["int8"]
+    assert set(fit) == {"spearman", "kendall_tau_b", "pairs", "fit"} and fit["fit"] == (fit["spearman"] >= 0.95)
+    assert measured["fastest"] == ("int8" if fit["fit"] and ms["int8"] < 0.9 * ms["int4"] else "int4")
 
 
 def test_the_runtime_takes_the_measured_form_and_says_so(model, tmp_path):
     _, int4, _, family = model
-    with edgerank.Reranker(int4, family=family) as r:
+    fit = tmp_path / "fit"  # whether a random model's int8 form passes the fit check is not what this tests
+    shutil.copytree(int4, fit)
+    manifest = json.loads((fit / "manifest.json").read_text())
+    manifest["compute"]["fit"]["int8"]["fit"] = True
+    (fit / "manifest.json").write_text(json.dumps(manifest))
+    with edgerank.Reranker(fit, family=family) as r:
         r.score(QUERY, DOCS)
         compute = r.last_stats.extra["compute"]
-    manifest = json.loads((int4 / "manifest.json").read_text())
-    assert compute["how"] == "manifest" and compute["form"] == manifest["compute"]["measured"]["fastest"]
+    ms = manifest["compute"]["measured"]["ms"]
+    assert compute["how"] == "manifest" and compute["probe_ms"] == ms
+    assert compute["form"] == ("int8" if ms["int8"] < 0.9 * ms["int4"] else "int4")
     # measured on another CPU: this one measures again, once per process
     moved = tmp_path / "moved"
-    shutil.copytree(int4, moved)
+    shutil.copytree(fit, moved)
     manifest["compute"]["measured"]["cpu"] = "another CPU [avx2]"
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with edgerank.Reranker(moved, family=family) as r:

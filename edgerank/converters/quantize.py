@@ -53,15 +53,19 @@ def dequantize_blocks(b: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits
     return w.reshape(n, -1)[:, :k]
 
 
+INT8_CODE_MAX = 63  # 7-bit codes: no u8 x s8 product pair can overflow 16 bits (255*63*2 < 2**15)
+
+
 def quantize_channels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w`` is an HF weight ``[N out, K in]``; returns int8 codes ``[K, N]`` (the layout
     ``DynamicQuantizeMatMul`` multiplies) and one absmax scale per output channel ``[N]``:
-    ``w[n, k] = codes[k, n] * scales[n]``, symmetric (zero point 0), codes in [-127, 127].
-    On CPUs without VNNI, ORT's u8 x s8 kernels add products in pairs in 16 bits, which
-    can saturate when two large activations meet two large weights (ORT's quantization
-    guide); with VNNI or AMX the sums are 32-bit."""
+    ``w[n, k] = codes[k, n] * scales[n]``, symmetric (zero point 0). Codes stay within
+    ±INT8_CODE_MAX: on CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add products in
+    pairs in 16 bits, which saturate with full 8-bit codes (ORT's ``reduce_range``); with
+    7-bit codes every kernel (AVX2, VNNI, AMX) sums exactly, so a score does not depend on
+    which CPU computed it."""
     w = np.asarray(w, dtype=np.float32)
-    scales = np.abs(w).max(axis=1) / 127.0
+    scales = np.abs(w).max(axis=1) / INT8_CODE_MAX
     scales[scales == 0] = 1.0
-    codes = np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8)
+    codes = np.clip(np.rint(w / scales[:, None]), -INT8_CODE_MAX, INT8_CODE_MAX).astype(np.int8)
     return np.ascontiguousarray(codes.T), scales.astype(np.float32)
