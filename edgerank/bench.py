@@ -398,7 +398,7 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgerank.compute import default_threads
+    from edgerank.compute import default_threads, median_ms
     from edgerank.converters.quantize import quantize_channels
     from edgerank.streaming import session_options
 
@@ -420,13 +420,7 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
         model.ir_version = 8
         sess = ort.InferenceSession(model.SerializeToString(), session_options(threads or default_threads()),
                                     providers=["CPUExecutionProvider"])
-        sess.run(None, {"x": x})
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            sess.run(None, {"x": x})
-            times.append(time.perf_counter() - t)
-        out[name] = 2 * m * k * n / float(np.median(times)) / 1e9
+        out[name] = 2 * m * k * n / (median_ms(sess, {"x": x}, 10) / 1000) / 1e9
     return out
 
 

@@ -77,10 +77,14 @@ def measure(artifact: Artifact, form: str, threads: int) -> float:
     """Median ms of layer 0 in ``form`` on a synthetic chunk of PROBE_ROWS x PROBE_TOKENS."""
     sess = ort.InferenceSession(str(artifact.layer_path(0, form)), session_options(threads),
                                 providers=["CPUExecutionProvider"])
-    feeds = probe_feeds(artifact)
+    return median_ms(sess, probe_feeds(artifact), PROBE_RUNS)
+
+
+def median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> float:
+    """Median ms of ``runs`` runs of ``sess`` on ``feeds``, after one warm-up run."""
     sess.run(None, feeds)
     times = []
-    for _ in range(PROBE_RUNS):
+    for _ in range(runs):
         t = time.perf_counter()
         sess.run(None, feeds)
         times.append(time.perf_counter() - t)

@@ -95,8 +95,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         from edgerank.converters.verify import form_fit
 
         manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
-        (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        manifest["compute"]["measured"] = measured = measure_forms(Artifact.open(dest, verify=False),
+        manifest["compute"]["measured"] = measured = measure_forms(Artifact(dest, manifest, verified=False),
                                                                    default_threads())
         (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
         notes["compute"] = {**measured, "fit": manifest["compute"]["fit"]}
