@@ -153,6 +153,10 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
         # growth vs fluctuation: the median RSS over the first and the last quarter of the run
         "rss_first_quarter_median_mb": round(statistics.median(rss_samples[:max(1, len(rss_samples) // 4)]), 1),
         "rss_last_quarter_median_mb": round(statistics.median(rss_samples[-max(1, len(rss_samples) // 4):]), 1),
+        # growth or a plateau: the median of each tenth of the run
+        "rss_tenths_median_mb": [round(statistics.median(part), 1) for part in
+                                 (rss_samples[i * len(rss_samples) // 10: (i + 1) * len(rss_samples) // 10]
+                                  for i in range(10)) if part],
     }
 
 

@@ -130,3 +130,17 @@ def plan_call(shape: Shape, plan: Plan, max_memory_mb: float | None, tokens: int
             f"max_memory_mb={max_memory_mb:g} is too small for this call ({tokens} tokens, longest sequence "
             f"{longest}); it needs ~{need:.0f} MB. Rank fewer or shorter documents, or raise the budget")
     return min(chunk, max(plan.chunk_tokens, longest))
+
+
+def decode_rows(shape: Shape, plan: Plan, max_memory_mb: float | None, own: int, context: int, most: int) -> int:
+    """How many candidates ``explain`` decodes together: ``most`` without a budget. Under
+    one, as many as its room for a call holds (the scoring pass's hidden states are gone
+    by then), each row holding its keys/values for ``context`` positions in every layer
+    (one layer's twice while its past is assembled) and, in the first pass, the
+    activations of its ``own`` tokens; at least one (the scoring pass fitted one)."""
+    if max_memory_mb is None:
+        return most
+    cache_mb = plan.cache_rows * 4 * shape.hidden / MB
+    room = (max_memory_mb - plan.weights_mb - plan.fixed_mb - cache_mb) * MB
+    per_row = shape.kv_bytes(context) * (1 + 1 / shape.n_layers) + shape.activation_bytes_per_token(context) * own
+    return int(max(1, min(most, room // per_row)))

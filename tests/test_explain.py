@@ -140,6 +140,42 @@ def test_an_old_tied_artifact_still_explains(tmp_path, bpe_tokenizer):
     assert after[0].explanation == before[0].explanation and len(before[0].explanation.token_ids) > 0
 
 
+def _drop_past_mask_input(art) -> None:
+    """Rewrite the layer graphs as the converter wrote them before batched decoding: no
+    ``past_mask`` input (its zero default stays as a constant), manifest digests updated."""
+    import onnx
+
+    manifest = json.loads((art / layout.MANIFEST).read_text())
+    for path in sorted((art / "layers").glob("*.onnx")):
+        model = onnx.load(path)
+        keep = [i for i in model.graph.input if i.name != layout.PAST_MASK]
+        assert len(keep) == len(model.graph.input) - 1
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        onnx.save(model, path)
+        entry = manifest["files"][path.relative_to(art).as_posix()]
+        entry.update(size=path.stat().st_size, sha256=layout.sha256_file(path))
+    (art / layout.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_the_top_k_decode_as_one_batch_and_equal_one_at_a_time(tmp_path, bpe_tokenizer):
+    src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer, seed=5, n_layers=3, initializer_range=0.25)
+    art = to_artifact(src, tmp_path / "art", family="interank")
+    query = PAIRS[0][0]
+    docs = [d for _, d in PAIRS] + ["short", "a much longer document " * 6]  # lengths differ: rows are padded
+    with edgerank.Reranker(art, min_depth=1, threshold=0.0) as r:
+        batched = r.rank(query, docs, top_k=4, explain=True, explain_tokens=N_TOKENS)
+    assert batched.stats.extra["explain"]["decode_rows"] > 1
+    _drop_past_mask_input(art)
+    with edgerank.Reranker(art, min_depth=1, threshold=0.0) as r:
+        single = r.rank(query, docs, top_k=4, explain=True, explain_tokens=N_TOKENS)
+    assert single.stats.extra["explain"]["decode_rows"] == 1
+    assert [x.index for x in single] == [x.index for x in batched]
+    for a, b in zip(batched, single):
+        assert a.explanation.token_ids == b.explanation.token_ids and a.explanation.text == b.explanation.text
+    assert len({r.explanation.token_ids for r in batched}) > 1, "the rows must generate different text"
+
+
 def test_decoders_explain_on_the_edgerank_backend_only(tiny_qwen3):
     with edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker") as r:
         with pytest.raises(OptionError, match="backend='edgerank'"):
@@ -217,3 +253,18 @@ def test_real_smollm2_fp32_generation_equals_transformers_on_the_same_gguf(smoll
         ref = reference_generation(model, tok, "zeroshot-chatml", query, res.document, n)
         check_against_reference(ref, res.explanation.token_ids, stop_ids, n)
         assert len(res.explanation.token_ids) >= 3 and res.explanation.text
+
+
+def test_decode_rows_follow_the_memory_budget():
+    from edgerank.budget import MB, Plan, Shape, decode_rows
+
+    shape = Shape(hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2, layer_bytes=[0, 0],
+                  head_bytes=0)
+    plan = Plan(stream=False, cache_rows=0, chunk_tokens=1024, weights_mb=1.0, fixed_mb=1.0)
+    # per row, by hand: keys/values 4 B x 2 x 2 layers x 2 heads x 16 x 100 positions = 51,200 B, one
+    # layer's again while assembled (x 1.5) = 76,800; activations 1.25 x 4 x (3x128 + 8x64 + 2x4x100)
+    # = 8,480 B per token x 50 own tokens = 424,000; 500,800 B in all
+    assert decode_rows(shape, plan, None, 50, 100, 16) == 16  # no budget: as many as asked
+    assert decode_rows(shape, plan, 2 + 1_258_291 / MB, 50, 100, 16) == 2  # 1,258,291 B of room: 2.51 rows
+    assert decode_rows(shape, plan, 2 + 0.1, 50, 100, 16) == 1  # never fewer than one
+    assert decode_rows(shape, plan, 2 + 100, 50, 100, 3) == 3  # never more than asked

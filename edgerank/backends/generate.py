@@ -9,13 +9,15 @@ candidates pruning dropped. For one candidate::
     repeat: next = argmax(LM head(final norm(last hidden))); extend([next])
         until a stop string of the spec, or ``max_tokens``
 
-``extend`` runs new tokens through every layer graph with ``past`` = prefix K/V + this
-candidate's own K/V so far (the graph returns the new tokens' keys/values, which are
-appended). The layer graph takes its past as one sequence (``past_key`` is
-``[1,KVH,1,P,D]``, and the attention mask covers only the new tokens), so candidates with
-different pasts cannot share a decode step: the K survivors are decoded one after
-another. Time grows with K and ``max_tokens``, not with the number of candidates; memory
-holds one candidate's keys/values at a time, besides the prefix's.
+``extend`` runs new tokens through every layer graph with ``past`` = prefix K/V + the
+candidates' own K/V so far (the graph returns the new tokens' keys/values, which are
+appended). The K survivors decode as one batch (up to ``DECODE_ROWS`` rows): the prefix
+is one shared ``[1,...]`` past until the rows have their own, then each row's past is
+prefix + its own tokens, right-padded to the longest row, with the layer graph's
+``past_mask`` input hiding the padding (``Cache``). A row that hits a stop leaves the
+batch. Time grows with K and ``max_tokens``, not with the number of candidates; memory
+holds the batch's own keys/values besides the prefix's. Artifacts converted before the
+layer graphs took ``past_mask`` decode one candidate at a time.
 
 The LM head is the artifact's memory-mapped table (the embedding for tied models,
 ``lm_head.npy`` otherwise), multiplied block by block, so no fp32 copy of it is made.
@@ -31,10 +33,12 @@ import numpy as np
 
 from edgerank import layout
 from edgerank.artifact import Artifact
+from edgerank.budget import decode_rows
 from edgerank.errors import ModelFormatError
 
 NEG = np.float32(-1e9)
 LM_BLOCK_ROWS = 4096  # rows of the LM head dequantised at once (4096 x hidden fp32)
+DECODE_ROWS = 16  # candidates decoded together: their keys/values are held at once
 
 
 @dataclass
@@ -94,17 +98,20 @@ class LMHead:
         h = h.astype(np.float32)
         return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps) * self.norm
 
-    def argmax(self, h: np.ndarray) -> int:
-        """The greedy next token for the last hidden state ``h`` [H]."""
-        x = self.normed(h)
-        best, best_id = -np.inf, 0
+    def argmax(self, h: np.ndarray) -> np.ndarray:
+        """The greedy next token for each last hidden state of ``h`` [B,H] (one pass over
+        the table for the whole batch)."""
+        x = self.normed(h)  # [B,H]
+        best = np.full(len(x), -np.inf, dtype=np.float32)
+        best_id = np.zeros(len(x), dtype=np.int64)
         for start in range(0, self.table.shape[0], LM_BLOCK_ROWS):
-            logits = np.asarray(self.table[start: start + LM_BLOCK_ROWS], dtype=np.float32) @ x
+            logits = np.asarray(self.table[start: start + LM_BLOCK_ROWS], dtype=np.float32) @ x.T  # [rows,B]
             if self.scales is not None:
-                logits *= self.scales[start: start + LM_BLOCK_ROWS]
-            j = int(np.argmax(logits))  # first maximum, as torch's argmax on CPU
-            if logits[j] > best:
-                best, best_id = float(logits[j]), start + j
+                logits *= self.scales[start: start + LM_BLOCK_ROWS, None]
+            j = np.argmax(logits, axis=0)  # first maximum, as torch's argmax on CPU
+            top = logits[j, np.arange(len(x))]
+            better = top > best
+            best[better], best_id[better] = top[better], start + j[better]
         return best_id
 
 
@@ -126,33 +133,43 @@ class Generator:
         self.stops = spec.explain_stop
         self.stop_ids = {ids[0] for ids in map(backend.tokenizer.encode, self.stops) if len(ids) == 1}
 
-    def _extend(self, cache: list, prefix: list, tokens: list[int], start: int) -> np.ndarray:
-        """Run ``tokens`` (at positions ``start``...) through every layer after ``prefix`` +
-        ``cache`` (per layer (key, value)); appends their keys/values to ``cache``; returns
-        the last token's final hidden state."""
+    def batched(self) -> bool:
+        """Whether the artifact's layer graphs take a mask over the past (converted after
+        batched decoding existed); older ones decode one candidate at a time."""
+        sess = self.b.layers.get(0)
+        try:
+            # an input with a default is listed among the overridable initializers, not the inputs
+            return layout.PAST_MASK in {i.name for i in sess.get_overridable_initializers()}
+        finally:
+            self.b.layers.done(0)
+
+    def _extend(self, cache: Cache, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Run ``tokens`` [B,T] (row b's first ``lengths[b]`` are real; the rest padding)
+        through every layer after ``cache``'s past; appends their keys/values to ``cache``;
+        returns each row's last real token's final hidden state [B,H]."""
         b = self.b
-        T = len(tokens)
-        x = b.embed.rows(np.asarray(tokens, dtype=np.int64))[None]
-        cos, sin = b.rope(start + np.arange(T)[None])
-        mask = np.triu(np.full((T, T), NEG, np.float32), 1)[None, None, None]
+        B, T = tokens.shape
+        x = b.embed.rows(tokens.reshape(-1)).reshape(B, T, -1)
+        cos, sin = b.rope(cache.positions[:, None] + np.arange(T)[None])
+        own = np.arange(T)
+        hidden = (own[None, :] > own[:, None])[None] | (own[None, None, :] >= lengths[:, None, None])
+        mask = np.where(hidden, NEG, np.float32(0))[:, None, None]  # [B,1,1,T,T]: causal, padding hidden
+        past_mask = cache.past_mask()
         L = b.artifact.n_layers
         b.layers.prefetch(0)
         for layer in range(L):
             sess = b.layers.get(layer)
             b.layers.prefetch(layer + 1)
-            pk, pv = prefix[layer] if prefix else b._no_past
-            if cache[layer] is not None:
-                pk = np.concatenate([pk, cache[layer][0]], axis=3)
-                pv = np.concatenate([pv, cache[layer][1]], axis=3)
-            x, k, v = sess.run(None, {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
-                                      layout.PAST_KEY: pk, layout.PAST_VALUE: pv})
-            if cache[layer] is None:
-                cache[layer] = (k, v)
-            else:
-                cache[layer] = (np.concatenate([cache[layer][0], k], axis=3),
-                                np.concatenate([cache[layer][1], v], axis=3))
+            pk, pv = cache.past(layer)
+            feeds = {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
+                     layout.PAST_KEY: pk, layout.PAST_VALUE: pv}
+            if past_mask is not None:
+                feeds[layout.PAST_MASK] = past_mask
+            x, k, v = sess.run(None, feeds)
+            cache.append(layer, k, v)
             b.layers.done(layer)
-        return x[0, -1]
+        cache.grow(T, lengths)
+        return x[np.arange(B), lengths - 1]
 
     def prefix_cache(self, prefix_tokens: list[int], kept: list | None) -> list:
         """Per-layer prefix keys/values: those the scoring pass kept, else computed here
@@ -160,44 +177,116 @@ class Generator:
         L = self.b.artifact.n_layers
         if kept is not None and len(kept) == L:
             return kept
-        cache: list = [None] * L
-        if prefix_tokens:
-            self._extend(cache, [], prefix_tokens, 0)
-        return cache if prefix_tokens else []
+        if not prefix_tokens:
+            return []
+        cache = Cache(self.b._no_past, L, 1, 0)
+        self._extend(cache, np.asarray([prefix_tokens], dtype=np.int64), np.array([len(prefix_tokens)]))
+        return [cache.past(layer) for layer in range(L)]
 
-    def generate(self, prefix: list, prefix_len: int, own: list[int], max_tokens: int) -> Generated:
-        """Verdict and greedy rationale of one candidate whose tokens after the prefix are ``own``."""
-        cache: list = [None] * self.b.artifact.n_layers
-        h = self._extend(cache, prefix, own, prefix_len)
-        verdict = self.label_ids[int(np.argmax(self.label_rows @ self.lm.normed(h)))]
-        forced = [verdict] + self.prompt_ids
-        pos = prefix_len + len(own)
-        h = self._extend(cache, prefix, forced, pos)
-        pos += len(forced)
-        tokens: list[int] = []
+    def generate(self, prefix: list, prefix_len: int, owns: list[list[int]], max_tokens: int) -> list[Generated]:
+        """Verdicts and greedy rationales of candidates whose tokens after the prefix are
+        ``owns``, decoded as one batch (each row stops on its own)."""
+        B = len(owns)
+        lengths = np.array([len(o) for o in owns])
+        tokens = np.zeros((B, int(lengths.max())), np.int64)
+        for i, o in enumerate(owns):
+            tokens[i, : len(o)] = o
+        cache = Cache(prefix if prefix else self.b._no_past, self.b.artifact.n_layers, B, prefix_len)
+        h = self._extend(cache, tokens, lengths)
+        normed = self.lm.normed(h)
+        verdicts = [self.label_ids[int(np.argmax(self.label_rows @ row))] for row in normed]
+        forced = np.array([[v] + self.prompt_ids for v in verdicts], dtype=np.int64)
+        h = self._extend(cache, forced, np.full(B, forced.shape[1]))
+        out = [Generated(v, [], "") for v in verdicts]
+        live = np.arange(B)  # rows of ``out`` still generating, in cache row order
         tok = self.b.tokenizer
-        text = ""
         for step in range(max_tokens):
             nxt = self.lm.argmax(h)
-            tokens.append(nxt)
-            text = tok.decode(tokens)
-            if nxt in self.stop_ids or any(s in text for s in self.stops):
+            going = []
+            for j, r in enumerate(live):
+                g = out[r]
+                g.tokens.append(int(nxt[j]))
+                g.text = tok.decode(g.tokens)
+                if not (g.tokens[-1] in self.stop_ids or any(s in g.text for s in self.stops)):
+                    going.append(j)
+            if not going or step + 1 == max_tokens:
                 break
-            if step + 1 < max_tokens:
-                h = self._extend(cache, prefix, [nxt], pos)
-                pos += 1
-        for s in self.stops:  # the text ends before the first stop string
-            text = text.split(s, 1)[0]
-        return Generated(verdict, tokens, text.strip())
+            if len(going) < len(live):
+                cache.keep(np.asarray(going))
+                live, nxt, h = live[going], nxt[going], h[going]
+            h = self._extend(cache, nxt[:, None].astype(np.int64), np.ones(len(live), np.int64))
+        for g in out:
+            for s in self.stops:  # the text ends before the first stop string
+                g.text = g.text.split(s, 1)[0]
+            g.text = g.text.strip()
+        return out
+
+
+class Cache:
+    """Per-layer keys/values of a decoding batch: the shared prefix's (one copy, ``[1,...]``)
+    followed by each row's own, right-padded to the longest row; ``valid`` marks which of a
+    row's own positions are real, and ``positions`` where each row's next token goes."""
+
+    def __init__(self, prefix: list | tuple, n_layers: int, rows: int, prefix_len: int) -> None:
+        self.prefix = prefix if isinstance(prefix, list) else [prefix] * n_layers
+        self.own: list = [None] * n_layers
+        self.valid = np.zeros((rows, 0), dtype=bool)
+        self.positions = np.full(rows, prefix_len, dtype=np.int64)
+
+    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's past keys and values: prefix, then the rows' own ([1,...] with no own yet)."""
+        pk, pv = self.prefix[layer]
+        if self.own[layer] is None:
+            return pk, pv
+        k, v = self.own[layer]
+        B = k.shape[0]
+        return (np.concatenate([np.broadcast_to(pk, (B,) + pk.shape[1:]), k], axis=3),
+                np.concatenate([np.broadcast_to(pv, (B,) + pv.shape[1:]), v], axis=3))
+
+    def past_mask(self) -> np.ndarray | None:
+        """[B,1,1,1,P+own]: NEG over padding; None when nothing is padding (the graph's
+        default: every past position visible; graphs from before batched decoding lack it)."""
+        if self.valid.all():
+            return None
+        P = self.prefix[0][0].shape[3]
+        seen = np.concatenate([np.ones((len(self.valid), P), dtype=bool), self.valid], axis=1)
+        return np.where(seen, np.float32(0), NEG)[:, None, None, None, :]
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        if self.own[layer] is None:
+            self.own[layer] = (k, v)
+        else:
+            ok, ov = self.own[layer]
+            self.own[layer] = (np.concatenate([ok, k], axis=3), np.concatenate([ov, v], axis=3))
+
+    def grow(self, T: int, lengths: np.ndarray) -> None:
+        """Record ``T`` new positions per row, of which the first ``lengths[b]`` are real."""
+        self.valid = np.concatenate([self.valid, np.arange(T)[None] < lengths[:, None]], axis=1)
+        self.positions = self.positions + lengths
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop every row but ``rows`` (finished generations)."""
+        self.own = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.own]
+        self.valid, self.positions = self.valid[rows], self.positions[rows]
 
 
 def explain_rows(backend, batch, rows: list[int], max_tokens: int, kept_prefix: list | None) -> tuple[list, dict]:
-    """Generations for candidates ``rows`` of ``batch`` (one after another), and stats."""
+    """Generations for candidates ``rows`` of ``batch``, decoded ``DECODE_ROWS`` at a time,
+    fewer if the memory budget holds fewer (one at a time on artifacts whose layer graphs
+    predate batched decoding), and stats."""
     t0 = time.perf_counter()
     gen = Generator(backend)
     P = batch.prefix_len
     prefix = gen.prefix_cache(batch.sequences[0][:P] if rows else [], kept_prefix)
-    out = [gen.generate(prefix, P, batch.sequences[r][P:], max_tokens) for r in rows]
+    per_batch = 1
+    if rows and gen.batched():
+        own = max(len(batch.sequences[r]) - P for r in rows)
+        per_batch = decode_rows(backend.shape, backend.plan, backend.max_memory_mb, own,
+                                P + own + len(gen.prompt_ids) + 1 + max_tokens, DECODE_ROWS)
+    out = []
+    for at in range(0, len(rows), per_batch):
+        owns = [batch.sequences[r][P:] for r in rows[at: at + per_batch]]
+        out += gen.generate(prefix, P, owns, max_tokens)
     return out, {"explain_s": time.perf_counter() - t0, "explain_tokens": sum(len(g.tokens) for g in out),
-                 "explained": len(rows), "prefix_reused": kept_prefix is not None
+                 "explained": len(rows), "decode_rows": per_batch, "prefix_reused": kept_prefix is not None
                  and len(kept_prefix) == backend.artifact.n_layers}

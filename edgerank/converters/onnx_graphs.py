@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgerank.converters.quantize import quantize_blocks, quantize_channels
-from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_VALUE, SIN, VALUE
+from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_MASK, PAST_VALUE, SIN, VALUE
 
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
@@ -169,7 +169,11 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     v = g.op("Identity", heads("v_proj", n_kv_heads), out=VALUE)
     scale = g.const("attn_scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
     q = g.op("Mul", q, scale)
-    s_prefix = g.op("MatMul", q, g.op("Transpose", PAST_KEY, perm=[0, 1, 2, 4, 3]))  # [B,KVH,G,T,P]
+    # past: [1 or B, KVH, 1, P, D]; PAST_MASK is an input with a default (an initializer of
+    # the same name): zeros [1,1,1,1,1], every past position visible. Batched decoding feeds
+    # [B,1,1,1,P] to hide each row's padding.
+    past_mask = g.const(PAST_MASK, np.zeros((1, 1, 1, 1, 1), np.float32))
+    s_prefix = g.op("Add", g.op("MatMul", q, g.op("Transpose", PAST_KEY, perm=[0, 1, 2, 4, 3])), past_mask)  # [B,KVH,G,T,P]
     s_own = g.op("Add", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3])), MASK)  # [B,KVH,G,T,T]
     probs = g.op("Softmax", g.op("Concat", s_prefix, s_own, axis=-1), axis=-1)
     p_len = g.op("Slice", g.op("Shape", PAST_KEY), g.shape_const("s", [3]), g.shape_const("e", [4]))
@@ -188,10 +192,11 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
     down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
     g.op("Add", h, down, out=HIDDEN_OUT)
-    kv = [1, n_kv_heads, 1, "P", head_dim]
+    kv = ["PB", n_kv_heads, 1, "P", head_dim]  # PB: 1 (one past shared by every row) or B
     return g.model(
         [_f32(HIDDEN, ["B", "T", hidden]), _f32(COS, ["B", "T", head_dim]), _f32(SIN, ["B", "T", head_dim]),
-         _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv)],
+         _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv),
+         _f32(PAST_MASK, ["PMB", 1, 1, 1, "PM"])],
         [_f32(HIDDEN_OUT, ["B", "T", hidden]), _f32(KEY, ["B", n_kv_heads, 1, "T", head_dim]),
          _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim])],
     )
