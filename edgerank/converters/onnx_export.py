@@ -29,6 +29,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
+from edgerank.converters.smoothing import ALPHA, Calibration, calibration_tokens, smooth
 from edgerank.converters.tensors import ArchConfig, TensorReader
 from edgerank import layout
 from edgerank.layout import FORMAT, FORMAT_VERSION, sha256_file
@@ -38,7 +39,8 @@ from edgerank.specs import ModelSpec
 QUANTS = ("int4", "int8", "fp32")
 # forms stored beside the artifact's own, for the runtime to choose from (``edgerank.compute``):
 # an int4 artifact carries int8-compute layers too (the faster form where memory allows)
-EXTRA_FORMS = {"int4": ("int8",), "int8": (), "fp32": ()}
+INT8_FORM = "int8"
+EXTRA_FORMS = {"int4": (INT8_FORM,), "int8": (), "fp32": ()}
 BLOCK_SIZE = 32
 EMBED_ROWS_PER_STEP = 8192
 
@@ -60,7 +62,12 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         raise UnsupportedModelError(f"family {spec.family!r} ({spec.kind}) does not fit a {cfg.arch} model")
     notes: dict = {"fallbacks": {}}
     embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
-    _write_embedding(reader.get(embed_name), dest, quant)
+    table = reader.get(embed_name)
+    _write_embedding(table, dest, quant)
+    extra = EXTRA_FORMS[quant]
+    # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration pairs
+    calibration = _calibration(cfg, spec, tokenizer, table) if INT8_FORM in extra and not encoder else None
+    del table
     if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
         _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
     head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
@@ -69,21 +76,25 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     lora = _adapter_tensors(src) if quant != "fp32" else {}
     if lora:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
-    extra = EXTRA_FORMS[quant]
+    if calibration is not None:
+        notes["smoothing"] = f"int8 form smoothed (alpha {ALPHA}) on {len(calibration.valid)} calibration pairs"
     for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
         p = f"{layer_prefix}{i}."
         w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
         w.update({n[len(p):]: t for n, t in lora.items() if n.startswith(p)})
+        dec = dict(hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}", block=BLOCK_SIZE)
+        maxima = None
+        if calibration is not None:
+            maxima = calibration.run(decoder_layer(w, taps=True, **dec), cfg.n_kv_heads, cfg.head_dim)
         for form in (None, *extra):
             bits = _bits_picker(reader, form or quant, p, notes)
             if encoder:
                 model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
                                       name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
             else:
-                model = decoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                                      head_dim=cfg.head_dim, eps=cfg.norm_eps,
-                                      qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}", bits=bits,
-                                      block=BLOCK_SIZE)
+                lw = smooth(w, maxima, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) if form and maxima else w
+                model = decoder_layer(lw, bits=bits, **dec)
             onnx.save_model(model, dest / layout.layer_file(i, form))
             del model
         del w
@@ -101,6 +112,15 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         notes["compute"] = {**measured, "fit": manifest["compute"]["fit"]}
     notes["format_version"] = FORMAT_VERSION
     return notes
+
+
+def _calibration(cfg: ArchConfig, spec: ModelSpec, tokenizer, table: np.ndarray) -> Calibration:
+    """The calibration pairs' layer-0 hidden states (fp32 embedding rows) and positions."""
+    from edgerank.converters.sample import SAMPLE
+    from edgerank.rope import RopeTable
+
+    return Calibration(calibration_tokens(tokenizer, spec, SAMPLE), table,
+                       RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
 def _adapter_tensors(src: Path) -> dict[str, np.ndarray]:

@@ -40,6 +40,9 @@ from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_M
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
 INT8 = "i8"  # the projection form multiplied in int8: per-channel weights, dynamic activations
+# decoder layer outputs with ``taps=True``: the inputs of the attention projections, o_proj,
+# the MLP's gate/up and down_proj
+TAPS = ("tap_attn_in", "tap_o_in", "tap_mlp_in", "tap_down_in")
 
 
 class _Graph:
@@ -137,11 +140,14 @@ def _f32(name: str, dims: list) -> onnx.ValueInfoProto:
 
 
 def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
+                  eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32,
+                  taps: bool = False) -> onnx.ModelProto:
     """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
     ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...).
     ``bits(proj_name)`` picks each projection's form (4, 8, INT8, or None for fp32).
-    ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter."""
+    ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter.
+    ``taps`` also outputs the four projection inputs (``TAPS``: attention, o_proj, MLP,
+    down_proj), for the int8 form's smoothing statistics (``converters/smoothing.py``)."""
     g = _Graph(name, bits, block, _lora(w))
     x = g.rms_norm(HIDDEN, "input_layernorm", w["input_layernorm.weight"], eps)
 
@@ -193,12 +199,17 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
     g.op("Add", h, down, out=HIDDEN_OUT)
     kv = ["PB", n_kv_heads, 1, "P", head_dim]  # PB: 1 (one past shared by every row) or B
+    tapped = []
+    if taps:
+        for tap, t, width in zip(TAPS, (x, ctx, x2, act), (hidden, n_heads * head_dim, hidden, w["mlp.down_proj.weight"].shape[1])):
+            g.op("Identity", t, out=tap)
+            tapped.append(_f32(tap, ["B", "T", width]))
     return g.model(
         [_f32(HIDDEN, ["B", "T", hidden]), _f32(COS, ["B", "T", head_dim]), _f32(SIN, ["B", "T", head_dim]),
          _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv),
          _f32(PAST_MASK, ["PMB", 1, 1, 1, "PM"])],
         [_f32(HIDDEN_OUT, ["B", "T", hidden]), _f32(KEY, ["B", n_kv_heads, 1, "T", head_dim]),
-         _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim])],
+         _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim]), *tapped],
     )
 
 
