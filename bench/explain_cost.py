@@ -35,8 +35,14 @@ def main() -> None:
     ap.add_argument("--ks", default="1,5,10")
     ap.add_argument("--tokens", type=int, default=32, help="explain_tokens")
     ap.add_argument("--all-queries", type=int, default=1, help="queries on which every candidate is explained")
+    ap.add_argument("--decode-rows", type=int, default=None,
+                    help="candidates decoded together (backends/generate.DECODE_ROWS; 1: one at a time)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.decode_rows is not None:
+        from edgerank.backends import generate
+
+        generate.DECODE_ROWS = args.decode_rows
     ks = [int(k) for k in args.ks.split(",")]
     queries, where = load_queries(args.data, args.queries, args.depth)
     rows: dict[str, list[dict]] = {}
