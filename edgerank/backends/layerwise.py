@@ -287,7 +287,7 @@ class LayerwiseBackend:
 
     def explain(self, batch: EncodedBatch, rows: list[int], max_tokens: int):
         """Greedy rationales of candidates ``rows`` of the batch just scored (the top K),
-        one after another, reusing the prefix keys/values the scoring pass kept
+        decoded as one batch, reusing the prefix keys/values the scoring pass kept
         (``backends/generate.py``); returns (generations, stats)."""
         from edgerank.backends.generate import explain_rows
 

@@ -30,13 +30,19 @@ def compare(reference, converted, pairs) -> dict:
     reorder scores 0.01 apart), so the report also carries Kendall's tau-b and
     ``diff_over_spread``: the RMS score difference over the standard deviation of the
     source's scores, 0 for a perfect copy, about 1.4 for unrelated scores."""
-    ref, got, agree = [], [], []
-    for query, docs in pairs:
-        a, b = reference.score(query, docs), converted.score(query, docs)
-        ref.append(a)
-        got.append(b)
-        agree.append(precision_at_k_vs(list(np.argsort(-b, kind="stable")), list(np.argsort(-a, kind="stable")), 10))
-    ref, got = np.concatenate(ref), np.concatenate(got)
+    return agreement(scores(reference, pairs), scores(converted, pairs))
+
+
+def scores(reranker, pairs) -> list[np.ndarray]:
+    """``reranker``'s scores of each query's documents in ``pairs``."""
+    return [np.asarray(reranker.score(query, docs)) for query, docs in pairs]
+
+
+def agreement(reference: list[np.ndarray], converted: list[np.ndarray]) -> dict:
+    """:func:`compare`'s figures from the two models' per-query scores."""
+    agree = [precision_at_k_vs(list(np.argsort(-b, kind="stable")), list(np.argsort(-a, kind="stable")), 10)
+             for a, b in zip(reference, converted)]
+    ref, got = np.concatenate(reference), np.concatenate(converted)
     return {
         "pairs": int(len(ref)),
         "spearman": spearman(ref, got),
@@ -58,8 +64,13 @@ def form_fit(artifact: Path, family: str, own: str, form: str) -> dict:
     model's int8 form is checked at conversion and offered only where it holds."""
     from edgerank.api import Reranker
 
-    with Reranker(artifact, family=family, pruning=False, compute=own, verify=False) as a, \
-            Reranker(artifact, family=family, pruning=False, compute=form, verify=False) as b:
-        figures = compare(a, b, SAMPLE)
+    def sample_scores(compute: str) -> list[np.ndarray]:
+        # one form at a time, its layers streamed: a 3B model's two forms resident at once
+        # took the conversion to 6.3 GB (RESULTS §13.1)
+        with Reranker(artifact, family=family, pruning=False, compute=compute, verify=False,
+                      stream_weights=True) as r:
+            return scores(r, SAMPLE)
+
+    figures = agreement(sample_scores(own), sample_scores(form))
     return {"spearman": round(figures["spearman"], 4), "kendall_tau_b": round(figures["kendall_tau_b"], 4),
             "pairs": figures["pairs"], "fit": figures["spearman"] >= FIT_SPEARMAN}
