@@ -66,7 +66,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     _write_embedding(table, dest, quant)
     extra = EXTRA_FORMS[quant]
     # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration pairs
-    calibration = _calibration(cfg, spec, tokenizer, table) if INT8_FORM in extra and not encoder else None
+    smoothed = INT8_FORM in (quant, *extra) and not encoder
+    calibration = _calibration(cfg, spec, tokenizer, table) if smoothed else None
     del table
     if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
         _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
@@ -93,7 +94,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
                 model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
                                       name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
             else:
-                lw = smooth(w, maxima, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) if form and maxima else w
+                lw = smooth(w, maxima, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) if (form or quant) == INT8_FORM else w
                 model = decoder_layer(lw, bits=bits, **dec)
             onnx.save_model(model, dest / layout.layer_file(i, form))
             del model
