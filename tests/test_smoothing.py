@@ -81,3 +81,23 @@ def test_a_lora_update_is_scaled_with_its_weight():
         factor = s[key].astype(np.float64) / w[key]  # the weight's own scaling, elementwise
         assert not np.allclose(factor, 1)
         np.testing.assert_allclose(base_s, base * factor, rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_maxima_ignore_padding_and_match_sequences_run_alone():
+    from edgerank.converters.smoothing import CALIBRATION_ROWS, Calibration
+    from edgerank.rope import RopeTable
+
+    rng = np.random.default_rng(2)
+    w = _layer(rng)
+    model = decoder_layer(w, hidden=H, n_heads=NH, n_kv_heads=KVH, head_dim=D, eps=1e-6, qk_norm=False, taps=True)
+    table = rng.normal(0, 1, (50, H)).astype(np.float32)
+    table[0] *= 1000  # id 0 pads the short rows: were padding read, it would set every maximum
+    seqs = [list(rng.integers(1, 50, n)) for n in rng.integers(2, 12, CALIBRATION_ROWS + 3)]  # two calls
+    rope = RopeTable(D, 10000.0)
+    together = Calibration(seqs, table, rope)
+    got = [together.run(model, KVH, D), together.run(model, KVH, D)]  # two layers: hidden states carried
+    alone = [Calibration([s], table, rope) for s in seqs]
+    for layer in range(2):
+        runs = [c.run(model, KVH, D) for c in alone]
+        for tap in TAPS:
+            np.testing.assert_allclose(got[layer][tap], np.max([r[tap] for r in runs], axis=0), rtol=1e-4)

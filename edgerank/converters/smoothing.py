@@ -36,6 +36,8 @@ ALPHA = 0.7
 NEG = np.float32(-1e9)
 ATTN, O, MLP, DOWN = TAPS
 CALIBRATION_PAIRS = 32  # of the sample's 64 (query, other query's passage) pairs
+CALIBRATION_ROWS = 8  # pairs per fp32 call
+MAX_FACTOR = 100.0  # the factors stay within [1/100, 100]
 
 
 def calibration_tokens(tokenizer, spec, sample) -> list[list[int]]:
@@ -69,23 +71,32 @@ class Calibration:
         self.mask = np.where(hidden, NEG, np.float32(0))[:, None, None]
 
     def run(self, model, n_kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
-        """Run the fp32 ``taps`` graph of one layer; keeps its output as the next layer's
+        """Run the fp32 ``taps`` graph of one layer, ``CALIBRATION_ROWS`` pairs per call (a
+        3B model's MLP taps are ~0.2 GB for 32 pairs); keeps its output as the next layer's
         input and returns the abs maxima per channel of each tap (real tokens only)."""
         sess = ort.InferenceSession(model.SerializeToString(), session_options(default_threads()),
                                     providers=["CPUExecutionProvider"])
         empty = np.zeros((1, n_kv_heads, 1, 0, head_dim), np.float32)
-        outs = sess.run([layout.HIDDEN_OUT, *TAPS], {
-            layout.HIDDEN: self.hidden, layout.COS: self.cos, layout.SIN: self.sin, layout.MASK: self.mask,
-            layout.PAST_KEY: empty, layout.PAST_VALUE: empty})
-        self.hidden = outs[0]
-        return {tap: np.abs(t[self.valid]).max(axis=0) for tap, t in zip(TAPS, outs[1:])}
+        maxima: dict[str, np.ndarray] = {}
+        for a in range(0, len(self.hidden), CALIBRATION_ROWS):
+            rows = slice(a, a + CALIBRATION_ROWS)
+            outs = sess.run([layout.HIDDEN_OUT, *TAPS], {
+                layout.HIDDEN: self.hidden[rows], layout.COS: self.cos[rows], layout.SIN: self.sin[rows],
+                layout.MASK: self.mask[rows], layout.PAST_KEY: empty, layout.PAST_VALUE: empty})
+            self.hidden[rows] = outs[0]
+            valid = self.valid[rows]
+            for tap, t in zip(TAPS, outs[1:]):
+                m = np.abs(t[valid]).max(axis=0)
+                maxima[tap] = np.maximum(maxima[tap], m) if tap in maxima else m
+        return maxima
 
 
 def _factors(x_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
     """s per input channel for the columns of ``weights`` ([out, in] each)."""
     w_max = np.max([np.abs(w).max(axis=0) for w in weights], axis=0)
     s = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
-    return np.clip(s, 1e-5, None).astype(np.float32)
+    # bounded: a channel all but silent in calibration must not become the outlier at run time
+    return np.clip(s, 1 / MAX_FACTOR, MAX_FACTOR).astype(np.float32)
 
 
 def smooth(w: dict[str, np.ndarray], maxima: dict[str, np.ndarray], n_heads: int, n_kv_heads: int,
