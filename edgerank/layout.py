@@ -34,7 +34,8 @@ def layer_file(i: int, form: str | None = None) -> str:
 
 
 # layer graph inputs: hidden states [B,T,H] and the additive attention mask; decoders also
-# take the rotary tables [B,T,D] and the shared prefix's keys/values [1,KVH,1,P,D]
+# take the rotary tables [B,T,D] and the past's keys/values [1 or B,KVH,1,P,D] (the shared
+# prefix; batched decoding adds each row's own)
 HIDDEN, MASK, COS, SIN, PAST_KEY, PAST_VALUE = "hidden", "mask", "cos", "sin", "past_key", "past_value"
 # decoder layers: an optional additive mask over the past's positions (default: all visible),
 # so rows with pasts of different lengths (batched decoding) can share a call
