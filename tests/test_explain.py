@@ -176,6 +176,40 @@ def test_the_top_k_decode_as_one_batch_and_equal_one_at_a_time(tmp_path, bpe_tok
     assert len({r.explanation.token_ids for r in batched}) > 1, "the rows must generate different text"
 
 
+def test_rows_that_stop_early_leave_the_batch_and_the_rest_decode_on(tmp_path, bpe_tokenizer, monkeypatch):
+    from edgerank.backends import generate
+
+    src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer, seed=5, n_layers=3, initializer_range=0.25)
+    art = to_artifact(src, tmp_path / "art", family="interank")
+    query = PAIRS[0][0]
+    docs = [d for _, d in PAIRS] + ["short", "a much longer document " * 6]
+
+    def explain():
+        with edgerank.Reranker(art, min_depth=1, threshold=0.0) as r:
+            return r.rank(query, docs, top_k=4, explain=True, explain_tokens=N_TOKENS)
+
+    free = explain()
+    stop = free[0].explanation.token_ids[2]  # becomes a stop token: the top row ends by its third token
+    init = generate.Generator.__init__
+
+    def with_stop(self, backend):
+        init(self, backend)
+        self.stop_ids = self.stop_ids | {stop}
+
+    monkeypatch.setattr(generate.Generator, "__init__", with_stop)
+    batched = explain()
+    monkeypatch.setattr(generate, "DECODE_ROWS", 1)
+    single = explain()
+    assert batched.stats.extra["explain"]["decode_rows"] == 4 and single.stats.extra["explain"]["decode_rows"] == 1
+    lengths = [len(x.explanation.token_ids) for x in batched]
+    assert lengths[0] <= 3 and max(lengths) == N_TOKENS, f"rows must stop at different steps: {lengths}"
+    for a, b, f in zip(batched, single, free):
+        assert a.explanation.token_ids == b.explanation.token_ids
+        n = len(a.explanation.token_ids)
+        assert a.explanation.token_ids == f.explanation.token_ids[:n]  # the same text, cut at the stop
+        assert n == N_TOKENS or a.explanation.token_ids[-1] == stop
+
+
 def test_decoders_explain_on_the_edgerank_backend_only(tiny_qwen3):
     with edgerank.Reranker(tiny_qwen3, backend="reference", family="qwen3-reranker") as r:
         with pytest.raises(OptionError, match="backend='edgerank'"):

@@ -282,7 +282,7 @@ def explain_rows(backend, batch, rows: list[int], max_tokens: int, kept_prefix: 
     if rows and gen.batched():
         own = max(len(batch.sequences[r]) - P for r in rows)
         per_batch = decode_rows(backend.shape, backend.plan, backend.max_memory_mb, own,
-                                P + own + len(gen.prompt_ids) + 1 + max_tokens, DECODE_ROWS)
+                                P + own + len(gen.prompt_ids) + 1 + max_tokens, min(DECODE_ROWS, len(rows)))
     out = []
     for at in range(0, len(rows), per_batch):
         owns = [batch.sequences[r][P:] for r in rows[at: at + per_batch]]
