@@ -66,7 +66,7 @@ def form_fit(artifact: Path, family: str, own: str, form: str) -> dict:
 
     def sample_scores(compute: str) -> list[np.ndarray]:
         # one form at a time, its layers streamed: a 3B model's two forms resident at once
-        # took the conversion to 6.3 GB (RESULTS §13.1)
+        # took the conversion to 6,250 MB (RESULTS §13.1)
         with Reranker(artifact, family=family, pruning=False, compute=compute, verify=False,
                       stream_weights=True) as r:
             return scores(r, SAMPLE)
