@@ -5,7 +5,7 @@ and by which projections stay int4 (RESULTS §18.7).
         [--keep-int4 down_proj] [--json out.json]
 
 Each setting is a full conversion to a temporary folder with ``converters/smoothing.ALPHA``
-set (0 means not smoothed) and, with ``--keep-int4``, the converter's projection picker
+set (0 means not smoothed; ``--max-factor`` bounds the factors) and, with ``--keep-int4``, the converter's projection picker
 patched so the named projections stay ``MatMulNBits`` int4 inside the int8 form; printed:
 the form's fit (Spearman against the int4 form on the built-in sample) and the layer-0
 probe times of both forms.
@@ -23,7 +23,7 @@ import edgerank.converters.smoothing as smoothing
 from edgerank.converters import convert
 
 
-def fit(model: str, alpha: float, keep: list[str]) -> dict:
+def fit(model: str, alpha: float, keep: list[str], max_factor: float | None = None) -> dict:
     picker = onnx_export._bits_picker
 
     def patched(reader, quant, prefix, notes):
@@ -31,6 +31,8 @@ def fit(model: str, alpha: float, keep: list[str]) -> dict:
         return lambda proj: 4 if quant == "int8" and proj.split(".")[-1] in keep else pick(proj)
 
     onnx_export._bits_picker, smoothing.ALPHA = patched, alpha
+    if max_factor is not None:
+        smoothing.MAX_FACTOR = max_factor
     smooth = onnx_export.smooth
     if alpha == 0:
         onnx_export.smooth = lambda w, *a, **k: w
@@ -41,7 +43,7 @@ def fit(model: str, alpha: float, keep: list[str]) -> dict:
             compute = json.loads((out / "manifest.json").read_text())["compute"]
     finally:
         onnx_export._bits_picker, onnx_export.smooth = picker, smooth
-    return {"alpha": alpha, "keep_int4": keep, "spearman": compute["fit"]["int8"]["spearman"],
+    return {"alpha": alpha, "keep_int4": keep, "max_factor": smoothing.MAX_FACTOR, "spearman": compute["fit"]["int8"]["spearman"],
             "probe_ms": compute["measured"]["ms"], "cpu": compute["measured"]["cpu"]}
 
 
@@ -50,12 +52,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--alpha", default="0.7", help="comma-separated; 0: not smoothed")
     ap.add_argument("--keep-int4", default="", help="comma-separated projection names, e.g. down_proj")
+    ap.add_argument("--max-factor", type=float, default=None, help="smoothing factors' bound (default: the module's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     keep = [k for k in args.keep_int4.split(",") if k]
     rows = []
     for alpha in map(float, args.alpha.split(",")):
-        rows.append(fit(args.model, alpha, keep))
+        rows.append(fit(args.model, alpha, keep, args.max_factor))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
