@@ -217,7 +217,7 @@ def test_smollm2s_int8_form_ranks_unlike_its_int4_form_and_is_not_run(smollm2_pa
     the runtime runs int4."""
     convert(smollm2_path, "onnx", "int4", tmp_path / "smol", verify=False, progress=False)
     fit = json.loads((tmp_path / "smol" / "manifest.json").read_text())["compute"]["fit"]["int8"]
-    assert not fit["fit"] and fit["spearman"] < 0.8
+    assert not fit["fit"] and fit["spearman"] < 0.9
     with edgerank.Reranker(tmp_path / "smol") as r:
         r.score(SAMPLE[0][0], SAMPLE[0][1][:2])
         assert r.last_stats.extra["compute"]["form"] == "int4"
