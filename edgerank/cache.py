@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgerank import layout
 from edgerank.pull import edgerank_home, ensure_dir
 
 REPORT_SUFFIX = ".conversion_report.json"
@@ -127,11 +128,15 @@ def _cached(model: str, to: str, quant: str, progress: bool, family: str | None 
 
 def _older_form(artifact: Path) -> bool:
     """A cached artifact written before artifacts carried an int8 form checked for fit
-    (``compute.fit``, beside the int4 layers; edgerank.compute): converted again."""
+    (``compute.fit``, beside the int4 layers; edgerank.compute), or a decoder's written
+    before its layer graphs took ``past_mask`` (batched explanations): converted again."""
     try:
-        compute = json.loads((artifact / "manifest.json").read_text()).get("compute")
-        return not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute
-    except (OSError, ValueError):
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        compute = manifest.get("compute")
+        if not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute:
+            return True
+        return manifest.get("kind") == "decoder" and layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
+    except (OSError, ValueError, AttributeError):
         return True
 
 

@@ -40,6 +40,10 @@ HIDDEN, MASK, COS, SIN, PAST_KEY, PAST_VALUE = "hidden", "mask", "cos", "sin", "
 # decoder layers: an optional additive mask over the past's positions (default: all visible),
 # so rows with pasts of different lengths (batched decoding) can share a call
 PAST_MASK = "past_mask"
+# the inputs a layer graph takes, listed in the manifest (``layer_inputs``); an artifact
+# whose list lacks PAST_MASK predates batched decoding
+DECODER_INPUTS = (HIDDEN, COS, SIN, MASK, PAST_KEY, PAST_VALUE, PAST_MASK)
+ENCODER_INPUTS = (HIDDEN, MASK)
 # layer graph outputs: new hidden states; decoders also this call's own keys/values
 HIDDEN_OUT, KEY, VALUE = "hidden_out", "key", "value"
 

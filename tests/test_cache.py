@@ -102,3 +102,19 @@ def test_an_hf_folder_on_the_edgerank_backend_runs_its_cached_int4_conversion(
     assert len(names) == 2
     assert {e.name for e in cache.entries()} >= names
     assert all(e.state == "current" for e in cache.entries())
+
+
+def test_a_decoder_cached_before_batched_decoding_is_converted_again(tiny_qwen3, tmp_path, monkeypatch):
+    import json
+
+    from edgerank import layout
+
+    monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
+    art = cache.cached_artifact(str(tiny_qwen3), family="qwen3-reranker", progress=False)
+    manifest_path = art / layout.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert layout.PAST_MASK in manifest["layer_inputs"]
+    del manifest["layer_inputs"]  # as written before the layer graphs took past_mask
+    manifest_path.write_text(json.dumps(manifest))
+    assert cache.cached_artifact(str(tiny_qwen3), family="qwen3-reranker", progress=False) == art
+    assert layout.PAST_MASK in json.loads(manifest_path.read_text())["layer_inputs"]  # converted again

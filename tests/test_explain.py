@@ -142,7 +142,8 @@ def test_an_old_tied_artifact_still_explains(tmp_path, bpe_tokenizer):
 
 def _drop_past_mask_input(art) -> None:
     """Rewrite the layer graphs as the converter wrote them before batched decoding: no
-    ``past_mask`` input (its zero default stays as a constant), manifest digests updated."""
+    ``past_mask`` input (its zero default stays as a constant), manifest digests updated,
+    and no ``layer_inputs`` in the manifest."""
     import onnx
 
     manifest = json.loads((art / layout.MANIFEST).read_text())
@@ -155,6 +156,7 @@ def _drop_past_mask_input(art) -> None:
         onnx.save(model, path)
         entry = manifest["files"][path.relative_to(art).as_posix()]
         entry.update(size=path.stat().st_size, sha256=layout.sha256_file(path))
+    del manifest["layer_inputs"]
     (art / layout.MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -134,14 +134,10 @@ class Generator:
         self.stop_ids = {ids[0] for ids in map(backend.tokenizer.encode, self.stops) if len(ids) == 1}
 
     def batched(self) -> bool:
-        """Whether the artifact's layer graphs take a mask over the past (converted after
-        batched decoding existed); older ones decode one candidate at a time."""
-        sess = self.b.layers.get(0)
-        try:
-            # an input with a default is listed among the overridable initializers, not the inputs
-            return layout.PAST_MASK in {i.name for i in sess.get_overridable_initializers()}
-        finally:
-            self.b.layers.done(0)
+        """Whether the artifact's layer graphs take a mask over the past (``layer_inputs``
+        in the manifest, written since batched decoding); older ones decode one candidate
+        at a time."""
+        return layout.PAST_MASK in (self.b.artifact.manifest.get("layer_inputs") or ())
 
     def _extend(self, cache: Cache, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Run ``tokens`` [B,T] (row b's first ``lengths[b]`` are real; the rest padding)

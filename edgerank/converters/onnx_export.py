@@ -256,6 +256,7 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         "quant": {"weights": quant, **FORM_OPS[quant],
                   "embedding": "fp32" if quant == "fp32" else "int8 per-row absmax"},
         "layers": [layout.layer_file(i) for i in range(cfg.n_layers)],
+        "layer_inputs": list(layout.ENCODER_INPUTS if cfg.arch in ("bert", "xlm-roberta") else layout.DECODER_INPUTS),
         "compute": {"forms": {form: [layout.layer_file(i, form) for i in range(cfg.n_layers)]
                               for form in EXTRA_FORMS[quant]},
                     "ops": {form: FORM_OPS[form] for form in (quant, *EXTRA_FORMS[quant])}},
