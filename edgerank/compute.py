@@ -98,10 +98,9 @@ def probe_feeds(artifact: Artifact) -> dict[str, np.ndarray]:
     hidden = rng.standard_normal((B, T, d["hidden"])).astype(np.float32)
     if artifact.is_encoder:
         return {layout.HIDDEN: hidden, layout.MASK: np.zeros((B, 1, 1, T), np.float32)}
-    causal = np.triu(np.full((T, T), -1e9, np.float32), 1)
     angle = np.arange(T)[:, None] * np.ones(d["head_dim"])[None] / 64
     past = np.zeros((1, d["n_kv_heads"], 1, 0, d["head_dim"]), np.float32)
-    return {layout.HIDDEN: hidden, layout.MASK: np.broadcast_to(causal, (B, 1, 1, T, T)).copy(),
+    return {layout.HIDDEN: hidden, layout.MASK: layout.decoder_mask(np.full(B, T), T),
             layout.COS: np.broadcast_to(np.cos(angle), (B, T, d["head_dim"])).astype(np.float32),
             layout.SIN: np.broadcast_to(np.sin(angle), (B, T, d["head_dim"])).astype(np.float32),
             layout.PAST_KEY: past, layout.PAST_VALUE: past}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 FORMAT = "edgerank-artifact"
 GRAPH_FORMAT = "edgerank-graph"  # the whole model as one standard ONNX graph (converters.graph_export)
 FORMAT_VERSION = 1  # what the converter writes
@@ -44,6 +46,17 @@ PAST_MASK = "past_mask"
 # whose list lacks PAST_MASK predates batched decoding
 DECODER_INPUTS = (HIDDEN, COS, SIN, MASK, PAST_KEY, PAST_VALUE, PAST_MASK)
 ENCODER_INPUTS = (HIDDEN, MASK)
+NEG = np.float32(-1e9)  # additive mask value: exp() of it is exactly 0 next to real scores
+
+
+def decoder_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    """A decoder layer graph's ``MASK`` [B,1,1,T,T] for rows of ``lengths`` real tokens
+    padded to ``width``: causal, and every key past a row's length hidden."""
+    t = np.arange(width)
+    seen = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < np.asarray(lengths)[:, None, None])
+    return np.where(seen, np.float32(0), NEG)[:, None, None]
+
+
 # layer graph outputs: new hidden states; decoders also this call's own keys/values
 HIDDEN_OUT, KEY, VALUE = "hidden_out", "key", "value"
 

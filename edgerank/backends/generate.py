@@ -36,7 +36,6 @@ from edgerank.artifact import Artifact
 from edgerank.budget import decode_rows
 from edgerank.errors import ModelFormatError
 
-NEG = np.float32(-1e9)
 LM_BLOCK_ROWS = 4096  # rows of the LM head dequantised at once (4096 x hidden fp32)
 DECODE_ROWS = 16  # candidates decoded together: their keys/values are held at once
 
@@ -147,9 +146,7 @@ class Generator:
         B, T = tokens.shape
         x = b.embed.rows(tokens.reshape(-1)).reshape(B, T, -1)
         cos, sin = b.rope(cache.positions[:, None] + np.arange(T)[None])
-        own = np.arange(T)
-        hidden = (own[None, :] > own[:, None])[None] | (own[None, None, :] >= lengths[:, None, None])
-        mask = np.where(hidden, NEG, np.float32(0))[:, None, None]  # [B,1,1,T,T]: causal, padding hidden
+        mask = layout.decoder_mask(lengths, T)
         past_mask = cache.past_mask()
         L = b.artifact.n_layers
         b.layers.prefetch(0)
@@ -246,7 +243,7 @@ class Cache:
             return None
         P = self.prefix[0][0].shape[3]
         seen = np.concatenate([np.ones((len(self.valid), P), dtype=bool), self.valid], axis=1)
-        return np.where(seen, np.float32(0), NEG)[:, None, None, None, :]
+        return np.where(seen, np.float32(0), layout.NEG)[:, None, None, None, :]
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         if self.own[layer] is None:

@@ -44,7 +44,6 @@ from edgerank.sources import ModelSource
 from edgerank.streaming import LayerSessions
 from edgerank.tokenization import EncodedBatch, HFTokenizer
 
-NEG = np.float32(-1e9)  # additive mask value: exp() of it is exactly 0 next to real scores
 
 
 @dataclass
@@ -331,7 +330,7 @@ class LayerwiseBackend:
     def _run_prefix(self, sess, prefix_state: np.ndarray):
         P = prefix_state.shape[1]
         cos, sin = self.rope(np.arange(P)[None])
-        mask = np.triu(np.full((P, P), NEG, np.float32), 1)[None, None, None]
+        mask = layout.decoder_mask(np.array([P]), P)
         out, key, value = sess.run(None, {layout.HIDDEN: prefix_state, layout.COS: cos, layout.SIN: sin,
                                           layout.MASK: mask, layout.PAST_KEY: self._no_past[0],
                                           layout.PAST_VALUE: self._no_past[1]})
@@ -352,12 +351,11 @@ class LayerwiseBackend:
         x = np.zeros((B, width, H), np.float32)
         for r, i in enumerate(chunk):
             x[r, : lengths[i]] = states[i]
-        valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
         if self.encoder:
-            feeds = {layout.HIDDEN: x, layout.MASK: np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]}
+            valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
+            feeds = {layout.HIDDEN: x, layout.MASK: np.where(valid, 0.0, layout.NEG).astype(np.float32)[:, None, None, :]}
         else:
-            causal = np.tril(np.ones((width, width), bool))
-            mask = np.where(causal[None] & valid[:, None, :], 0.0, NEG).astype(np.float32)[:, None, None]
+            mask = layout.decoder_mask(lengths[chunk], width)
             cos, sin = self.rope(prefix_len + np.arange(width)[None].repeat(B, 0))
             feeds = {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
                      layout.PAST_KEY: past[0], layout.PAST_VALUE: past[1]}

@@ -34,7 +34,6 @@ from edgerank.converters.onnx_graphs import TAPS
 # int8 form (Spearman against its int4 form on the sample) 0.5 gave 0.49, 0.7 0.73, 0.85 0.18
 # (RESULTS §18.7)
 ALPHA = 0.7
-NEG = np.float32(-1e9)
 ATTN, O, MLP, DOWN = TAPS
 CALIBRATION_PAIRS = 32  # of the sample's 64 (query, other query's passage) pairs
 CALIBRATION_ROWS = 8  # pairs per fp32 call
@@ -67,9 +66,7 @@ class Calibration:
         self.valid = np.arange(T)[None] < lengths[:, None]  # [B,T]
         self.hidden = np.asarray(embedding[ids], dtype=np.float32)
         self.cos, self.sin = rope(np.broadcast_to(np.arange(T), ids.shape))
-        t = np.arange(T)
-        hidden = (t[None, :] > t[:, None])[None] | ~self.valid[:, None, :]
-        self.mask = np.where(hidden, NEG, np.float32(0))[:, None, None]
+        self.mask = layout.decoder_mask(lengths, T)
 
     def run(self, model, n_kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
         """Run the fp32 ``taps`` graph of one layer, ``CALIBRATION_ROWS`` pairs per call (a
