@@ -10,8 +10,8 @@ chosen setting is written into the artifact's ``manifest.json`` (or a JSON confi
 
 ``--fit-readouts`` first fits per-layer readouts on training data (``edgerank.readouts_fit``)
 and stores them in the artifact; the recording then scores checks with them. Beside the
-cluster rule's grid, the rank rule's per-layer schedule is fitted; the rule that skips more
-at the target is written. The bound (the most any cut by score order could skip) is printed.
+cluster rule's grid, the rank and margin rules' per-layer schedules are fitted; the rule that
+skips most at the target is written. The bound (the most any cut by score order could skip) is printed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from edgerank.datasets import SHARED_DATA
 from edgerank.errors import ConfigError, exits_on, fraction, positive_int, positive_ints
-from edgerank.pruning import DEFAULT_CLUSTERS, PruningPolicy, PruningRun
+from edgerank.pruning import DEFAULT_CLUSTERS, RULES, PruningPolicy, PruningRun
 
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 MIN_DEPTHS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -140,6 +140,9 @@ def _cluster_counts(text: str) -> list[int]:
 
 
 def _knobs(setting: dict) -> str:
+    if setting.get("rule") == "margin":
+        return "rule=margin margin=" + ",".join(f"L{layer}:{m:.3g}" for layer, m in sorted(
+            (int(a), b) for a, b in setting["margin"].items()))
     if setting.get("rule") == "rank":
         return "rule=rank keep=" + ",".join(f"L{layer}:{frac:g}" for layer, frac in sorted(
             (int(a), b) for a, b in setting["keep"].items()))
@@ -147,6 +150,9 @@ def _knobs(setting: dict) -> str:
 
 
 def _setting(row: dict) -> dict:
+    if row.get("rule") == "margin":
+        return {"rule": "margin", "margin": {str(layer): m for layer, m in sorted(
+            (int(a), b) for a, b in row["margin"].items())}}
     if row.get("rule") == "rank":
         return {"rule": "rank", "keep": {str(layer): frac for layer, frac in sorted(
             (int(a), b) for a, b in row["keep"].items())}}
@@ -154,11 +160,13 @@ def _setting(row: dict) -> dict:
             "clusters": row.get("clusters", DEFAULT_CLUSTERS)}
 
 
-def better(cluster: dict | None, rank: dict | None) -> dict | None:
-    """The rule that skips more work at the target (the cluster rule on a tie)."""
-    if rank is None or (cluster is not None and cluster["work_skipped"] >= rank["work_skipped"]):
-        return cluster
-    return rank
+def better(*settings: dict | None) -> dict | None:
+    """The setting that skips most work at the target (the first given on a tie)."""
+    best = None
+    for row in settings:
+        if row is not None and (best is None or row["work_skipped"] > best["work_skipped"]):
+            best = row
+    return best
 
 
 def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None,
@@ -230,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-queries", type=positive_int, default=40, help="questions to fit on (default 40)")
     p.add_argument("--fit-passages", type=positive_int, default=20,
                    help="passages per question: BM25 neighbours, its own, a quarter random (default 20)")
-    p.add_argument("--rules", default="cluster,rank", help="pruning rules to calibrate (default %(default)s)")
+    p.add_argument("--rules", default="cluster,rank,margin", help="pruning rules to calibrate (default %(default)s)")
     args = p.parse_args(argv)
     console = Console()
     rules = set(args.rules.split(","))
-    if not rules or rules - {"cluster", "rank"}:
-        p.error(f"--rules: expected cluster and/or rank, got {args.rules!r}")
+    if not rules or rules - set(RULES):
+        p.error(f"--rules: expected some of {', '.join(RULES)}, got {args.rules!r}")
     if args.fit_readouts and args.dry_run:
         p.error("--fit-readouts writes readouts into the artifact; --dry-run writes nothing")
     if args.config is not None and not args.dry_run:  # fail before the long run, not after it
@@ -271,12 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         for q in tqdm(qids, desc="recording layer scores", unit="query"):
             docs = [coll.corpus[d] for d, _ in run[q][: args.depth]]
             recs.append(record(r, coll.queries[q], docs))
-    from edgerank.readouts_fit import bound, calibrate_rank
+    from edgerank.readouts_fit import bound, calibrate_margin, calibrate_rank
 
-    rows = evaluate_grid(recs, args.top_k, clusters=args.clusters) if "cluster" in rules else []
-    cluster_best = choose(rows, args.target)
-    rank_best = calibrate_rank(recs, args.top_k, args.target) if "rank" in rules else None
-    best = better(cluster_best, rank_best)
+    def fit_rules(k: int) -> tuple[list[dict], dict]:
+        """The cluster grid's rows and each rule's best setting at ``k``."""
+        grid = evaluate_grid(recs, k, clusters=args.clusters) if "cluster" in rules else []
+        return grid, {"cluster": choose(grid, args.target),
+                      "rank": calibrate_rank(recs, k, args.target) if "rank" in rules else None,
+                      "margin": calibrate_margin(recs, k, args.target) if "margin" in rules else None}
+
+    rows, bests = fit_rules(args.top_k)
+    cluster_best, rank_best, margin_best = bests["cluster"], bests["rank"], bests["margin"]
+    best = better(cluster_best, rank_best, margin_best)
     limit = bound(recs, args.top_k, args.target)
     agreement = layer_agreement(recs, args.top_k)
     console.print("per-layer agreement with the final ranking (Spearman / final top-K inside the layer's top-3K"
@@ -284,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print("  " + "  ".join(f"L{a['before_layer']}:{a['spearman']:.2f}/{a['topk_in_top3k']:.2f}"
                                    + (f"/{a['head_spearman']:.2f}" if "head_spearman" in a else "")
                                    for a in agreement))
-    for name, row in (("cluster rule", cluster_best), ("rank rule", rank_best)):
+    for name, row in (("cluster rule", cluster_best), ("rank rule", rank_best), ("margin rule", margin_best)):
         if name.split()[0] in rules:
             console.print(f"{name}: " + (f"{_knobs(row)} P@K={row['precision']:.3f} work skipped "
                                          f"{row['work_skipped']:.1%}" if row else f"nothing reaches {args.target}"))
@@ -292,15 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"at mean P@{args.top_k} >= {args.target} ({limit['at_precision_1']:.1%} keeping every top-K)")
     others = {}
     for k in args.also_k:
-        others[k] = better(choose(evaluate_grid(recs, k, clusters=args.clusters), args.target)
-                           if "cluster" in rules else None,
-                           calibrate_rank(recs, k, args.target) if "rank" in rules else None)
+        others[k] = better(*fit_rules(k)[1].values())
         console.print(f"K={k}: " + (f"{_knobs(others[k])} "
                                     f"P@K={others[k]['precision']:.3f} work skipped {others[k]['work_skipped']:.1%}"
                                     if others[k] else f"no setting reaches {args.target}"))
     if args.save:
         args.save.write_text(json.dumps({"grid": rows, "best": best, "cluster_best": cluster_best,
-                                         "rank_best": rank_best, "bound": limit, "agreement": agreement,
+                                         "rank_best": rank_best, "margin_best": margin_best, "bound": limit, "agreement": agreement,
                                          "best_other_k": others}, indent=1))
         np.savez(args.save.with_suffix(".npz"), **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
                  **{f"head_{i}": r.head_scores for i, r in enumerate(recs) if r.head_scores is not None},

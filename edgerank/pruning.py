@@ -11,9 +11,12 @@ own head on its intermediate hidden state. Then:
 5. once selected + deferred = K, nothing is left to decide.
 
 A second rule, ``rule="rank"``, keeps the top ``ceil(keep[l] * n)`` live candidates before
-each layer ``l`` of its schedule (never fewer than the free top-K slots) and drops the rest;
-calibration fits the schedule per layer and picks whichever rule skips more (issue 32).
-Both are pure functions of the scores they are given.
+each layer ``l`` of its schedule (never fewer than the free top-K slots) and drops the rest.
+A third, ``rule="margin"``, drops before each layer ``l`` of its schedule every live
+candidate scored more than ``margin[l]`` below the K-th best live score: it cuts deep where
+a query's scores are spread and not at all where they are tied, which a fixed fraction
+cannot. Calibration fits each rule and writes whichever skips more (issue 32). All three
+are pure functions of the scores they are given.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 DEFAULT_THRESHOLD = 0.3  # coefficient of variation below which nothing is pruned
 DEFAULT_MIN_DEPTH = 0.8  # fraction of the layers computed before the first check
 DEFAULT_CLUSTERS = 3
-RULES = ("cluster", "rank")
+RULES = ("cluster", "rank", "margin")
 
 
 @dataclass
@@ -82,13 +85,23 @@ class PruningPolicy:
     enabled: bool = True
     rule: str = "cluster"  # or "rank": keep the top fraction ``keep[layer]`` of the candidates
     keep: dict[int, float] | None = None  # the rank rule's schedule: layer -> fraction of n kept
+    margin: dict[int, float] | None = None  # the margin rule's: layer -> score margin below the K-th
 
     def first_layer(self, n_layers: int) -> int:
         """The first layer before which candidates are checked."""
-        if self.rule == "rank":
-            return min(self.keep) if self.keep else n_layers + 1
+        schedule = self.schedule()
+        if schedule is not None:
+            return min(schedule) if schedule else n_layers + 1
         d = self.min_depth
         return max(1, int(round(d * n_layers)) if d < 1 else int(d))
+
+    def schedule(self) -> dict[int, float] | None:
+        """The per-layer schedule of the rank or margin rule (None for the cluster rule)."""
+        if self.rule == "rank":
+            return self.keep or {}
+        if self.rule == "margin":
+            return self.margin or {}
+        return None
 
     def decide(self, scores: np.ndarray, k: int) -> Decision:
         """Split live candidates (``scores``) given ``k`` free top-K slots."""
@@ -126,8 +139,9 @@ class PruningRun:
         self.done = False  # exact_order=False and the top-K is known: stop all compute
 
     def wants_check(self, layer: int) -> bool:
-        if self.policy.rule == "rank":
-            return self.deciding and layer in (self.policy.keep or {})
+        schedule = self.policy.schedule()
+        if schedule is not None:
+            return self.deciding and layer in schedule
         return self.deciding and layer >= self.first
 
     def rank_cut(self, layer: int, scores: np.ndarray) -> Decision:
@@ -139,10 +153,21 @@ class PruningRun:
         nothing = np.array([], dtype=np.int64)
         return Decision(nothing, np.sort(order[r:]), np.sort(order[:r]), dispersion(positive(scores)))
 
+    def margin_cut(self, layer: int, scores: np.ndarray) -> Decision:
+        """The margin rule before ``layer``: drop every candidate scored more than
+        ``margin[layer]`` below the K-th best (free slot) score; nothing is selected early."""
+        s = np.asarray(scores, dtype=np.float64)
+        free = self.k - len(self.selected)
+        kth = np.sort(s)[::-1][min(free, len(s)) - 1]
+        out = s < kth - self.policy.margin[layer]
+        return Decision(np.array([], dtype=np.int64), np.flatnonzero(out), np.flatnonzero(~out), dispersion(positive(s)))
+
     def check(self, layer: int, live_scores: np.ndarray) -> Decision:
         """Apply the policy to the live candidates' scores before ``layer``."""
         if self.policy.rule == "rank":
             d = self.rank_cut(layer, live_scores)
+        elif self.policy.rule == "margin":
+            d = self.margin_cut(layer, live_scores)
         else:
             d = self.policy.decide(live_scores, self.k - len(self.selected))
         sel, drop = self.live[d.selected], self.live[d.dropped]

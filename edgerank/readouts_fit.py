@@ -7,7 +7,7 @@ regression per layer from the pooled state to the model's **own final score** (o
 logit, where the formula is a sigmoid: the logit is what is linear in the last state).
 No labels and no gradients through the model: minutes on a CPU.
 
-Also here, for calibration: the rank rule's per-layer schedule, and the bound: the most
+Also here, for calibration: the rank and margin rules' per-layer schedules, and the bound: the most
 work any policy that cuts by the layer scores' order could skip on the recordings.
 """
 
@@ -31,6 +31,8 @@ from edgerank.readouts import feature_width, features, model_digest, save
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge strength, per sample, on standardised features
 RANK_FRACTIONS = (0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1)  # the rank rule's steps
+# the margin rule's margins, in units of each layer's score error against the final score
+MARGIN_Z = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 
 
 # ---- training groups -------------------------------------------------------------------
@@ -235,6 +237,37 @@ def calibrate_rank(recs, k: int, target_p: float, fractions=RANK_FRACTIONS) -> d
     if not keep:
         return None
     return {"rule": "rank", "keep": keep, "precision": p_now, "work_skipped": s_now}
+
+
+def score_error(recs) -> np.ndarray:
+    """Per check (row l-1: before layer l), the spread of the layer's scores' error against
+    the final score, both centred per query (only order within a query matters): the root
+    mean square over every candidate of the recordings."""
+    sq = np.zeros(recs[0].layer_scores.shape[0] - 1)
+    count = 0
+    for rec in recs:
+        s = rec.layer_scores.astype(np.float64)
+        centred = s - s.mean(axis=1, keepdims=True)
+        sq += ((centred[:-1] - centred[-1]) ** 2).sum(axis=1)
+        count += s.shape[1]
+    return np.sqrt(sq / max(count, 1))
+
+
+def calibrate_margin(recs, k: int, target_p: float, zs=MARGIN_Z) -> dict | None:
+    """The margin rule's schedule ``{layer: margin}``: from a first layer on, ``z`` times
+    that layer's score error (:func:`score_error`). Two knobs, not one per layer, so the
+    setting carries to queries it was not fitted on; the pair that skips most while mean
+    P@K stays at or above ``target_p``. None if none prunes anything."""
+    L = recs[0].layer_scores.shape[0]
+    err = score_error(recs)
+    best = None
+    for first in range(1, L):
+        for z in zs:
+            margin = {layer: float(z * err[layer - 1]) for layer in range(first, L)}
+            p, s = _replay(PruningPolicy(rule="margin", margin=margin), recs, k)
+            if p >= target_p and s > 1e-9 and (best is None or s > best["work_skipped"] + 1e-9):
+                best = {"rule": "margin", "margin": margin, "z": z, "first": first, "precision": p, "work_skipped": s}
+    return best
 
 
 def _oracle_skip(rec, must: np.ndarray) -> float:

@@ -18,7 +18,8 @@ from edgerank.converters import convert
 from edgerank.errors import ModelFormatError
 from edgerank.pruning import PruningPolicy, PruningRun
 from edgerank.readouts import Readouts, features, model_digest
-from edgerank.readouts_fit import StateRecording, bound, calibrate_rank, fit_readouts, write_readouts
+from edgerank.readouts_fit import (StateRecording, bound, calibrate_margin, calibrate_rank, fit_readouts,
+                                   score_error, write_readouts)
 from tests.conftest import make_decoder
 
 QUERY = "how do vaccines work"
@@ -92,6 +93,40 @@ def test_rank_rule_keeps_the_top_fraction_before_each_layer_of_its_schedule():
     assert run.live.tolist() == [1, 3, 6]  # ceil(0.3 * 10) = 3
     assert not run.wants_check(3)  # not in the schedule
     assert (run.dropped_at >= 0).sum() == 7 and run.dropped_at[9] == 1 and run.dropped_at[8] == 2
+
+
+def test_margin_rule_drops_what_falls_further_than_its_margin_below_the_kth_score():
+    policy = PruningPolicy(rule="margin", margin={1: 0.35, 3: 0.1})
+    run = PruningRun(policy, n=10, k=2, n_layers=4)
+    assert not run.wants_check(0) and run.wants_check(1) and not run.wants_check(2)
+    scores = np.array([0.1, 0.9, 0.3, 0.8, 0.5, 0.2, 0.7, 0.4, 0.6, 0.0])
+    run.check(1, scores)  # K-th (2nd) best is 0.8: keep >= 0.45
+    assert run.live.tolist() == [1, 3, 4, 6, 8]
+    later = np.array([0.5, 0.45, 0.9, 0.3, 0.41])  # live 1, 3, 4, 6, 8: K-th is 0.5, keep >= 0.4
+    run.check(3, later)
+    assert run.live.tolist() == [1, 3, 4, 8] and run.dropped_at[6] == 3
+    # tied scores cut nothing, whatever the margin
+    tied = PruningRun(PruningPolicy(rule="margin", margin={1: 0.0}), n=6, k=2, n_layers=3)
+    tied.check(1, np.full(6, 0.5))
+    assert len(tied.live) == 6
+
+
+def test_score_error_and_the_margin_rules_calibration_by_hand():
+    # 4 candidates of 1 token, 3 layers (rows: before layers 1, 2; final), final top-2 {0, 1}
+    scores = np.array([[0.9, 0.2, 0.5, 0.1], [0.9, 0.8, 0.1, 0.0], [0.9, 0.8, 0.3, 0.2]])
+    rec = Recording(scores, np.ones(4, dtype=int), 0)
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    want = np.sqrt(((centred[:2] - centred[2]) ** 2).mean(axis=1))
+    assert score_error([rec]) == pytest.approx(want)
+    # before layer 1 the 2nd best is 0.5: a margin below 0.3 would drop candidate 1 (0.2)
+    got, _ = simulate(PruningPolicy(rule="margin", margin={1: 0.25}), rec, 2)
+    assert 1 not in got
+    got, skipped = simulate(PruningPolicy(rule="margin", margin={1: 0.35, 2: 0.5}), rec, 2)
+    assert got == {0, 1} and skipped == pytest.approx(1 - 9 / 12)  # the bound's cut
+    fit = calibrate_margin([rec], 2, 1.0, zs=(0.5, 1.0, 2.0, 4.0))
+    assert fit is not None and fit["precision"] == 1.0 and fit["work_skipped"] <= bound([rec], 2, 1.0)["work_skipped"]
+    assert fit["work_skipped"] == pytest.approx(simulate(PruningPolicy(rule="margin", margin=fit["margin"]), rec, 2)[1])
+    assert set(fit["margin"]) == set(range(fit["first"], 3))
 
 
 def test_bound_is_the_oracle_cut_that_keeps_the_final_top_k():
@@ -242,7 +277,7 @@ def test_calibrate_fit_readouts_end_to_end(two_models, tmp_path, monkeypatch, ca
         assert all("head_spearman" in a for a in saved["agreement"])
     assert saved["bound"]["work_skipped"] >= saved["best"]["work_skipped"] - 1e-12
     pruning = manifest["pruning"]
-    assert pruning["rule"] in ("cluster", "rank") and pruning["bound_work_skipped"] == saved["bound"]["work_skipped"]
+    assert pruning["rule"] in ("cluster", "rank", "margin") and pruning["bound_work_skipped"] == saved["bound"]["work_skipped"]
     with edgerank.Reranker(art) as r:
         assert r.rank(QUERY, DOCS, top_k=3).stats.extra["readouts"] == bool(readouts.fitted.any())
     out = capsys.readouterr().out
@@ -275,3 +310,24 @@ def test_a_calibrated_rank_rule_runs_as_its_replay_predicts(two_models, tmp_path
     assert [s["deferred"] for s in stats["pruning_steps"]] == [10, 6]  # ceil(0.5 * 20), ceil(0.3 * 20)
     with pytest.raises(ValueError, match="keep must map layer"):
         edgerank.Reranker(art, keep={0: 0.5})
+
+
+def test_a_calibrated_margin_rule_runs_as_its_replay_predicts(two_models, tmp_path):
+    """``rule: margin`` in the manifest is what the runtime runs, as replayed."""
+    from edgerank.calibrate import record, write_setting
+
+    art = tmp_path / "art"
+    shutil.copytree(two_models[0], art)
+    with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
+        rec = record(r, QUERY, DOCS)
+    # margins that cut some but not all: the spread of the scores before each layer
+    margin = {layer: float(0.5 * rec.layer_scores[layer - 1].std()) for layer in (1, 2, 3)}
+    write_setting(art, {"rule": "margin", "margin": margin}, {"calibrated": True})
+    got, skipped = simulate(PruningPolicy(rule="margin", margin=margin), rec, 3)
+    with edgerank.Reranker(art) as pruned:
+        out = pruned.rank(QUERY, DOCS, top_k=3)
+    stats = out.stats.extra
+    assert stats["rule"] == "margin" and {r.index for r in out} == got
+    assert stats["work_skipped"] == pytest.approx(skipped) and skipped > 0
+    with pytest.raises(ValueError, match="margin must map layer"):
+        edgerank.Reranker(art, margin={1: -1.0})

@@ -114,7 +114,7 @@ class LayerwiseBackend:
                  shared_prefix: bool = True,
                  chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False,
                  readouts: bool = True, record_states: bool = False, rule: str | None = None,
-                 keep: dict | None = None, compute: str | None = None) -> None:
+                 keep: dict | None = None, margin: dict | None = None, compute: str | None = None) -> None:
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / layout.TOKENIZER)
@@ -166,7 +166,8 @@ class LayerwiseBackend:
         # knobs: the call's options, else the artifact's calibrated values for the call's K
         # (``pruning.by_k``), else its main calibrated values, else the defaults
         calibrated = self.artifact.manifest.get("pruning") or {}
-        given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters, "rule": rule, "keep": keep}
+        given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters, "rule": rule, "keep": keep,
+                 "margin": margin}
         where = f"{self.artifact.path / 'manifest.json'}: pruning: "
         self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
         self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
@@ -435,6 +436,9 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
     keep = given.get("keep") if given.get("keep") is not None else calibrated.get("keep")
     if policy.rule == "rank":
         policy.keep = _keep(keep, where)
+    margin = given.get("margin") if given.get("margin") is not None else calibrated.get("margin")
+    if policy.rule == "margin":
+        policy.margin = _margin(margin, where)
     for knob in ("threshold", "min_depth", "clusters"):
         value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
         # a bad option is the caller's ValueError; a bad manifest is a bad artifact (a ValueError too)
@@ -461,6 +465,17 @@ def _keep(keep: object, where: str) -> dict[int, float]:
         out = {}
     if not out or any(layer < 1 or not 0 < frac <= 1 for layer, frac in out.items()):
         raise ValueError(f"{where}keep must map layer indices (>= 1) to fractions in (0, 1] (got {keep!r})")
+    return out
+
+
+def _margin(margin: object, where: str) -> dict[int, float]:
+    """The margin rule's schedule: layer index -> score margin below the K-th best score."""
+    try:
+        out = {int(layer): float(m) for layer, m in dict(margin).items()}  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        out = {}
+    if not out or any(layer < 1 or not 0 <= m < float("inf") for layer, m in out.items()):
+        raise ValueError(f"{where}margin must map layer indices (>= 1) to finite margins >= 0 (got {margin!r})")
     return out
 
 
