@@ -99,7 +99,9 @@ class SentenceTransformersPeer:
 
     def score(self, query: str, documents: list[str]) -> np.ndarray:
         if self.source.spec.kind == "cross-encoder":
-            return np.asarray(self.model.predict([(query, d) for d in documents], batch_size=BATCH))
+            out = np.asarray(self.model.predict([(query, d) for d in documents], batch_size=BATCH))
+            # a two-label classifier gives logits [n, 2]: score them as the runtime does
+            return self.source.spec.score.apply(out) if out.ndim == 2 and out.shape[1] > 1 else out.reshape(-1)
         emb = self.model.encode([query] + documents, batch_size=BATCH, convert_to_numpy=True)
         return self.source.spec.score.apply(emb[1:], query=emb[0])
 
