@@ -435,10 +435,10 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
         policy.rule = rule
     keep = given.get("keep") if given.get("keep") is not None else calibrated.get("keep")
     if policy.rule == "rank":
-        policy.keep = _keep(keep, where)
+        policy.keep = _schedule(keep, "keep", lambda f: 0 < f <= 1, "fractions in (0, 1]", where)
     margin = given.get("margin") if given.get("margin") is not None else calibrated.get("margin")
     if policy.rule == "margin":
-        policy.margin = _margin(margin, where)
+        policy.margin = _schedule(margin, "margin", lambda m: 0 <= m < float("inf"), "finite margins >= 0", where)
     for knob in ("threshold", "min_depth", "clusters"):
         value, source = (given[knob], "") if given[knob] is not None else (calibrated.get(knob), where)
         # a bad option is the caller's ValueError; a bad manifest is a bad artifact (a ValueError too)
@@ -457,25 +457,14 @@ def _policy(given: dict, calibrated: dict, enabled: bool, exact_order: bool, whe
     return policy
 
 
-def _keep(keep: object, where: str) -> dict[int, float]:
-    """The rank rule's schedule: layer index -> fraction of the call's candidates kept."""
+def _schedule(value: object, name: str, fits, what: str, where: str) -> dict[int, float]:
+    """A rank or margin rule's schedule: layer index (>= 1) -> a number that ``fits``."""
     try:
-        out = {int(layer): float(frac) for layer, frac in dict(keep).items()}  # type: ignore[arg-type]
+        out = {int(layer): float(v) for layer, v in dict(value).items()}  # type: ignore[arg-type]
     except (TypeError, ValueError):
         out = {}
-    if not out or any(layer < 1 or not 0 < frac <= 1 for layer, frac in out.items()):
-        raise ValueError(f"{where}keep must map layer indices (>= 1) to fractions in (0, 1] (got {keep!r})")
-    return out
-
-
-def _margin(margin: object, where: str) -> dict[int, float]:
-    """The margin rule's schedule: layer index -> score margin below the K-th best score."""
-    try:
-        out = {int(layer): float(m) for layer, m in dict(margin).items()}  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        out = {}
-    if not out or any(layer < 1 or not 0 <= m < float("inf") for layer, m in out.items()):
-        raise ValueError(f"{where}margin must map layer indices (>= 1) to finite margins >= 0 (got {margin!r})")
+    if not out or any(layer < 1 or not fits(v) for layer, v in out.items()):
+        raise ValueError(f"{where}{name} must map layer indices (>= 1) to {what} (got {value!r})")
     return out
 
 
