@@ -288,23 +288,35 @@ def test_calibrate_fit_readouts_end_to_end(two_models, tmp_path, monkeypatch, ca
     assert "TREC DL" in capsys.readouterr().err
 
 
-def test_a_calibrated_rank_rule_runs_as_its_replay_predicts(two_models, tmp_path):
-    """The manifest's ``rule: rank`` schedule is what the runtime runs: the pruned top-K and
-    work skipped equal the replay of the same schedule on the recorded scores."""
-    from edgerank.calibrate import record, write_setting
+def _recorded(two_models, tmp_path):
+    """A copy of the first model and one unpruned recording of QUERY over DOCS."""
+    from edgerank.calibrate import record
 
     art = tmp_path / "art"
     shutil.copytree(two_models[0], art)
     with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
-        rec = record(r, QUERY, DOCS)
-    keep = {1: 0.5, 3: 0.3}
-    write_setting(art, {"rule": "rank", "keep": keep}, {"calibrated": True})
-    assert json.loads((art / layout.MANIFEST).read_text())["pruning"]["keep"] == {"1": 0.5, "3": 0.3}
-    got, skipped = simulate(PruningPolicy(rule="rank", keep=keep), rec, 3)
+        return art, record(r, QUERY, DOCS)
+
+
+def _written_and_run(art, rec, setting: dict, k: int = 3):
+    """Write ``setting`` into the manifest, rank with it, and replay it on ``rec``: the
+    runtime's stats, its top-K set, and the replay's top-K set and work skipped."""
+    from edgerank.calibrate import write_setting
+
+    write_setting(art, setting, {"calibrated": True})
+    got, skipped = simulate(PruningPolicy(**setting), rec, k)
     with edgerank.Reranker(art) as pruned:
-        out = pruned.rank(QUERY, DOCS, top_k=3)
-    stats = out.stats.extra
-    assert stats["rule"] == "rank" and {r.index for r in out} == got
+        out = pruned.rank(QUERY, DOCS, top_k=k)
+    return out.stats.extra, {r.index for r in out}, got, skipped
+
+
+def test_a_calibrated_rank_rule_runs_as_its_replay_predicts(two_models, tmp_path):
+    """The manifest's ``rule: rank`` schedule is what the runtime runs: the pruned top-K and
+    work skipped equal the replay of the same schedule on the recorded scores."""
+    art, rec = _recorded(two_models, tmp_path)
+    stats, top, got, skipped = _written_and_run(art, rec, {"rule": "rank", "keep": {1: 0.5, 3: 0.3}})
+    assert json.loads((art / layout.MANIFEST).read_text())["pruning"]["keep"] == {"1": 0.5, "3": 0.3}
+    assert stats["rule"] == "rank" and top == got
     assert stats["work_skipped"] == pytest.approx(skipped) and skipped > 0.3
     assert [s["layer"] for s in stats["pruning_steps"]] == [1, 3]
     assert [s["deferred"] for s in stats["pruning_steps"]] == [10, 6]  # ceil(0.5 * 20), ceil(0.3 * 20)
@@ -314,20 +326,11 @@ def test_a_calibrated_rank_rule_runs_as_its_replay_predicts(two_models, tmp_path
 
 def test_a_calibrated_margin_rule_runs_as_its_replay_predicts(two_models, tmp_path):
     """``rule: margin`` in the manifest is what the runtime runs, as replayed."""
-    from edgerank.calibrate import record, write_setting
-
-    art = tmp_path / "art"
-    shutil.copytree(two_models[0], art)
-    with edgerank.Reranker(art, pruning=False, record_layers=True) as r:
-        rec = record(r, QUERY, DOCS)
+    art, rec = _recorded(two_models, tmp_path)
     # margins that cut some but not all: the spread of the scores before each layer
     margin = {layer: float(0.5 * rec.layer_scores[layer - 1].std()) for layer in (1, 2, 3)}
-    write_setting(art, {"rule": "margin", "margin": margin}, {"calibrated": True})
-    got, skipped = simulate(PruningPolicy(rule="margin", margin=margin), rec, 3)
-    with edgerank.Reranker(art) as pruned:
-        out = pruned.rank(QUERY, DOCS, top_k=3)
-    stats = out.stats.extra
-    assert stats["rule"] == "margin" and {r.index for r in out} == got
+    stats, top, got, skipped = _written_and_run(art, rec, {"rule": "margin", "margin": margin})
+    assert stats["rule"] == "margin" and top == got
     assert stats["work_skipped"] == pytest.approx(skipped) and skipped > 0
     with pytest.raises(ValueError, match="margin must map layer"):
         edgerank.Reranker(art, margin={1: -1.0})
