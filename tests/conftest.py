@@ -131,15 +131,15 @@ def make_decoder(folder: Path, arch: str, tokenizer, seed: int = 0, tie: bool = 
     return folder
 
 
-def make_bert(folder: Path, tokenizer, head: str, seed: int = 0, n_layers: int = 2) -> Path:
-    """A small random BERT: ``head`` is "classifier" (cross-encoder) or "none"."""
+def make_bert(folder: Path, tokenizer, head: str, seed: int = 0, n_layers: int = 2, num_labels: int = 1) -> Path:
+    """A small random BERT: ``head`` is "classifier" (cross-encoder, ``num_labels`` logits) or "none"."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_hidden_layers=n_layers,
                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
-                        num_labels=1)
+                        num_labels=num_labels)
     model = BertForSequenceClassification(config) if head == "classifier" else BertModel(config)
     model.save_pretrained(folder)
     _save_tokenizer(tokenizer, folder, "BertTokenizerFast", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",

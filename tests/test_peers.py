@@ -21,11 +21,13 @@ DOCS = [d for _, d in PAIRS] + ["the immune system and the vaccine", "a city of 
                                 "vaccines, vaccines and the immune system " * 6]
 
 
-@pytest.fixture(scope="module", params=["cross-encoder", "bi-encoder", "qwen3", "llama"])
+@pytest.fixture(scope="module", params=["cross-encoder", "cross-encoder-2", "bi-encoder", "qwen3", "llama"])
 def model(request, tmp_path_factory, bpe_tokenizer, wordpiece_tokenizer):
     root = tmp_path_factory.mktemp(f"peer-{request.param}")
     if request.param == "cross-encoder":
         return make_bert(root / "hf", wordpiece_tokenizer, "classifier"), None
+    if request.param == "cross-encoder-2":  # two logits, as a classifier trained from scratch has
+        return make_bert(root / "hf", wordpiece_tokenizer, "classifier", num_labels=2), None
     if request.param == "bi-encoder":
         return make_bert(root / "hf", wordpiece_tokenizer, "none"), None
     return make_decoder(root / "hf", request.param, bpe_tokenizer, n_layers=2), "qwen3-reranker"
