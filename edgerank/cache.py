@@ -128,15 +128,12 @@ def _cached(model: str, to: str, quant: str, progress: bool, family: str | None 
 
 def _older_form(artifact: Path) -> bool:
     """A cached artifact written before artifacts carried an int8 form checked for fit
-    (``compute.fit``, beside the int4 layers; edgerank.compute) and for its activation
-    scales (``compute.fit.int8.activations``), or a decoder's written before its layer
-    graphs took ``past_mask`` (batched explanations): converted again."""
+    (``compute.fit``, beside the int4 layers; edgerank.compute), or a decoder's written
+    before its layer graphs took ``past_mask`` (batched explanations): converted again."""
     try:
         manifest = json.loads((artifact / "manifest.json").read_text())
         compute = manifest.get("compute")
         if not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute:
-            return True
-        if "int8" in (compute.get("forms") or {}) and "activations" not in (compute["fit"].get("int8") or {}):
             return True
         return manifest.get("kind") == "decoder" and layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
     except (OSError, ValueError, AttributeError):

@@ -79,32 +79,26 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
     if calibration is not None:
         notes["smoothing"] = f"int8 form smoothed (alpha {ALPHA}) on {len(calibration.valid)} calibration pairs"
-    maxima: dict[int, dict] = {}  # layer -> smoothing maxima, kept for a rewrite of the int8 form
-
-    def write_layers(forms: tuple, token_scales: bool, desc: str) -> None:
-        for i in tqdm(range(cfg.n_layers), desc=desc, unit="layer", disable=not progress):
-            p = f"{layer_prefix}{i}."
-            w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
-            w.update({n[len(p):]: t for n, t in lora.items() if n.startswith(p)})
-            dec = dict(hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                       eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}",
-                       block=BLOCK_SIZE)
-            if calibration is not None and i not in maxima:
-                maxima[i] = calibration.run(decoder_layer(w, taps=True, **dec), cfg.n_kv_heads, cfg.head_dim)
-            for form in forms:
-                bits = _bits_picker(reader, form or quant, p, notes)
-                if encoder:
-                    model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
-                                          name=f"layer_{i}", bits=bits, block=BLOCK_SIZE, token_scales=token_scales)
-                else:
-                    lw = (smooth(w, maxima[i], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
-                          if (form or quant) == INT8_FORM else w)
-                    model = decoder_layer(lw, bits=bits, token_scales=token_scales, **dec)
-                onnx.save_model(model, dest / layout.layer_file(i, form))
-                del model
-            del w
-
-    write_layers((None, *extra), False, f"ONNX {quant} layers")
+    for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
+        p = f"{layer_prefix}{i}."
+        w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
+        w.update({n[len(p):]: t for n, t in lora.items() if n.startswith(p)})
+        dec = dict(hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}", block=BLOCK_SIZE)
+        maxima = None
+        if calibration is not None:
+            maxima = calibration.run(decoder_layer(w, taps=True, **dec), cfg.n_kv_heads, cfg.head_dim)
+        for form in (None, *extra):
+            bits = _bits_picker(reader, form or quant, p, notes)
+            if encoder:
+                model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
+                                      name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
+            else:
+                lw = smooth(w, maxima, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) if (form or quant) == INT8_FORM else w
+                model = decoder_layer(lw, bits=bits, **dec)
+            onnx.save_model(model, dest / layout.layer_file(i, form))
+            del model
+        del w
     manifest = _manifest(cfg, spec, quant, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     if extra:  # whether each extra form ranks like the own one, and which is faster on this CPU
@@ -112,17 +106,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         from edgerank.compute import default_threads, measure_forms
         from edgerank.converters.verify import form_fit
 
-        fit = {form: form_fit(dest, spec.family, quant, form) for form in extra}
-        if INT8_FORM in fit:
-            fit[INT8_FORM]["activations"] = "per call"
-            if fit[INT8_FORM]["spearman"] < FAITHFUL_SPEARMAN:
-                # one activation scale per call rounds too coarsely for this model: per token instead
-                write_layers((INT8_FORM,), True, "ONNX int8 layers, per-token activations")
-                manifest = _manifest(cfg, spec, quant, src, dest, token_scales=True)
-                (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-                fit[INT8_FORM] = {**form_fit(dest, spec.family, quant, INT8_FORM), "activations": "per token",
-                                  "per_call": fit[INT8_FORM]}
-        manifest["compute"]["fit"] = fit
+        manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
         manifest["compute"]["measured"] = measured = measure_forms(Artifact(dest, manifest, verified=False),
                                                                    default_threads())
         (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -242,13 +226,6 @@ def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dic
     return pick
 
 
-# The int8 form keeps one activation scale per call (the fastest) where it ranks the built-in
-# sample like the artifact's own form at least this closely, else it is rewritten with one
-# scale per token. On DL19 (RESULTS §18.11) minilm-l6's per-call form (0.9965 on the sample)
-# lost 0.0006 nDCG@10 against fp32, edgerank-minilm-ce's (0.989) 0.0079.
-FAITHFUL_SPEARMAN = 0.995
-TOKEN_SCALES_OP = {"op": "MatMulInteger", "block_size": None, "accuracy_level": None,
-                   "scheme": "symmetric absmax per output channel; activations quantized per token"}
 FORM_OPS = {
     "int4": {"op": "MatMulNBits", "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
              "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)"},
@@ -258,10 +235,8 @@ FORM_OPS = {
 }
 
 
-def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path, token_scales: bool = False) -> dict:
-    """The manifest of the files in ``dest``; ``token_scales``: the int8 form quantizes its
-    activations per token."""
-    files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name != layout.MANIFEST)
+def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path) -> dict:
+    files = sorted(p for p in dest.rglob("*") if p.is_file())
     dims = {k: getattr(cfg, k) for k in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim",
                                          "vocab_size", "context_length", "rope_theta", "norm_eps")}
     if cfg.arch in ("bert", "xlm-roberta"):
@@ -284,8 +259,7 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         "layer_inputs": list(layout.ENCODER_INPUTS if cfg.arch in ("bert", "xlm-roberta") else layout.DECODER_INPUTS),
         "compute": {"forms": {form: [layout.layer_file(i, form) for i in range(cfg.n_layers)]
                               for form in EXTRA_FORMS[quant]},
-                    "ops": {form: TOKEN_SCALES_OP if form == INT8_FORM and token_scales else FORM_OPS[form]
-                            for form in (quant, *EXTRA_FORMS[quant])}},
+                    "ops": {form: FORM_OPS[form] for form in (quant, *EXTRA_FORMS[quant])}},
         "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
         "source": str(src),
         "pruning": {"threshold": None, "calibrated": False},

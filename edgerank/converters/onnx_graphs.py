@@ -22,12 +22,9 @@ Each weight projection has one of three forms (``bits(name)`` picks it):
 
 - ``4`` / ``8``: ``MatMulNBits`` (com.microsoft) with int4/int8 block codes
   (``converters.quantize``): the least memory; ORT's kernels unpack the codes per block;
-- ``INT8`` (``"i8"``): per-channel int8 weights multiplied on int8 dot-product kernels
-  (VNNI, AMX): the fastest form where compute binds (RESULTS §18). The activations are
-  quantized either with one scale per call (``DynamicQuantizeMatMul``, com.microsoft: the
-  fastest) or, with ``token_scales``, with one symmetric scale per token (``MatMulInteger``
-  and the scales, which ORT fuses into ``MatMulIntegerToFloat``): half the rounding error
-  on a trained cross-encoder, for ~10-20% more layer time (RESULTS §18.11);
+- ``INT8`` (``"i8"``): ``DynamicQuantizeMatMul`` (com.microsoft) with per-channel int8
+  weights; the activations are quantized to uint8 per call, so the product runs on int8
+  dot-product kernels (VNNI, AMX): the fastest form where compute binds (RESULTS §18);
 - ``None``: a plain fp32 ``MatMul`` (fp32 artifacts).
 """
 
@@ -43,8 +40,6 @@ from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_M
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels
 INT8 = "i8"  # the projection form multiplied in int8: per-channel weights, dynamic activations
-ACT_CODE_MAX = 127  # per-token activation codes: 128 +- 127 in uint8 (x 7-bit weights: quantize.INT8_CODE_MAX)
-ACT_ZERO_POINT, ACT_ONE, ACT_LEVELS, ACT_TINY = "act.zero_point", "act.one", "act.levels", "act.tiny"
 # decoder layer outputs with ``taps=True``: the inputs of the attention projections, o_proj,
 # the MLP's gate/up and down_proj
 TAPS = ("tap_attn_in", "tap_o_in", "tap_mlp_in", "tap_down_in")
@@ -53,11 +48,8 @@ TAPS = ("tap_attn_in", "tap_o_in", "tap_mlp_in", "tap_down_in")
 class _Graph:
     """A small node builder: ``g.op("MatMul", a, b)`` returns the output's name."""
 
-    def __init__(self, name: str, bits=None, block: int = 32, lora: dict | None = None,
-                 token_scales: bool = False) -> None:
+    def __init__(self, name: str, bits=None, block: int = 32, lora: dict | None = None) -> None:
         self.name = name
-        self.token_scales = token_scales  # INT8 projections: one activation scale per token, not per call
-        self._token_codes: dict[str, tuple[str, str]] = {}  # input name -> (uint8 codes, scales)
         self.lora = lora or {}  # projection name -> (A [r,in], B [out,r] already scaled)
         self.bits = bits or (lambda _name: None)  # weight name -> 4, 8, INT8 or None (fp32)
         self.block = block
@@ -93,19 +85,7 @@ class _Graph:
                 # run the low-rank update beside it in fp32.
                 a, b = lora
                 weight = (weight.astype(np.float64) - b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
-            if bits == INT8 and self.token_scales:
-                codes, scales = quantize_channels(weight)
-                rows, row_scales = self.token_codes(x)
-                acc = self.op("MatMulInteger", rows, self.const(name + ".qweight", codes), ACT_ZERO_POINT)
-                # Cast -> Mul(row scale x channel scale): the pattern ORT fuses into MatMulIntegerToFloat
-                y = self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT),
-                            self.op("Mul", row_scales, self.const(name + ".scales", scales)))
-                if bias is not None and lora is None:
-                    # Sum, not Add: ORT 1.32 fuses an Add of a constant into that kernel's bias,
-                    # which it then scales per token too (wrong by ~10%); a Sum it leaves alone
-                    y = self.op("Sum", y, self.const(name + ".bias", bias.astype(np.float32)))
-                    bias = None
-            elif bits == INT8:  # the bias goes in as the op's own input (a separate Add cost 10%, RESULTS §18.5)
+            if bits == INT8:  # the bias goes in as the op's own input (a separate Add cost 10%, RESULTS §18.5)
                 codes, scales = quantize_channels(weight)
                 extra = [self.const(name + ".bias", bias.astype(np.float32))] if bias is not None and lora is None else []
                 y = self.op("DynamicQuantizeMatMul", x, self.const(name + ".qweight", codes),
@@ -126,23 +106,6 @@ class _Graph:
         if bias is not None:
             y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
         return y
-
-    def token_codes(self, x: str) -> tuple[str, str]:
-        """``x`` [..., K] as uint8 codes with one symmetric absmax scale per token (zero point
-        128, so codes span 1..255) and those scales [..., 1]: ``x ~ (codes - 128) * scale``.
-        Built once per tensor; the projections that read the same input share it."""
-        if x not in self._token_codes:
-            if not self._token_codes:  # the constants, once per graph
-                self.const(ACT_ZERO_POINT, np.array(128, np.uint8))
-                self.const(ACT_ONE, np.array(1.0, np.float32))
-                self.const(ACT_LEVELS, np.array(ACT_CODE_MAX, np.float32))
-                self.const(ACT_TINY, np.array(1e-30, np.float32))  # an all-zero token (padding): codes 128
-            peak = self.op("Max", self.op("ReduceMax", x, axes=[-1], keepdims=1),
-                           self.op("Neg", self.op("ReduceMin", x, axes=[-1], keepdims=1)), ACT_TINY)
-            scale = self.op("Div", peak, ACT_LEVELS)
-            codes = self.op("QuantizeLinear", self.op("Div", x, scale), ACT_ONE, ACT_ZERO_POINT)
-            self._token_codes[x] = (codes, scale)
-        return self._token_codes[x]
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into
@@ -178,15 +141,14 @@ def _f32(name: str, dims: list) -> onnx.ValueInfoProto:
 
 def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                   eps: float, qk_norm: bool, name: str = "layer", bits=None, block: int = 32,
-                  taps: bool = False, token_scales: bool = False) -> onnx.ModelProto:
+                  taps: bool = False) -> onnx.ModelProto:
     """One Llama/Qwen2/Qwen3 decoder layer. ``w`` holds the layer's HF tensors without the
     ``model.layers.N.`` prefix (``self_attn.q_proj.weight``, ``mlp.up_proj.weight``, ...).
     ``bits(proj_name)`` picks each projection's form (4, 8, INT8, or None for fp32).
     ``PROJ.weight.lora_A`` / ``.lora_B`` entries (B scaled) mark a merged LoRA adapter.
     ``taps`` also outputs the four projection inputs (``TAPS``: attention, o_proj, MLP,
-    down_proj), for the int8 form's smoothing statistics (``converters/smoothing.py``).
-    ``token_scales``: int8 projections quantize their inputs per token (see the module)."""
-    g = _Graph(name, bits, block, _lora(w), token_scales)
+    down_proj), for the int8 form's smoothing statistics (``converters/smoothing.py``)."""
+    g = _Graph(name, bits, block, _lora(w))
     x = g.rms_norm(HIDDEN, "input_layernorm", w["input_layernorm.weight"], eps)
 
     def heads(proj: str, n: int) -> str:  # [B,T,n*D] -> [B,KVH,n/KVH,T,D]
@@ -252,11 +214,10 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
 
 
 def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: float,
-                  name: str = "layer", bits=None, block: int = 32, token_scales: bool = False) -> onnx.ModelProto:
+                  name: str = "layer", bits=None, block: int = 32) -> onnx.ModelProto:
     """One BERT/XLM-R encoder layer. ``w`` holds the layer's HF tensors without the
-    ``encoder.layer.N.`` prefix (``attention.self.query.weight``, ...); ``bits`` and
-    ``token_scales`` as in :func:`decoder_layer`."""
-    g = _Graph(name, bits, block, _lora(w), token_scales)
+    ``encoder.layer.N.`` prefix (``attention.self.query.weight``, ...)."""
+    g = _Graph(name, bits, block, _lora(w))
     head_dim = hidden // n_heads
 
     def heads(proj: str) -> str:  # [B,T,H] -> [B,h,T,d]
