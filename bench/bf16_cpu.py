@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from edgerank.data import read_groups
-from edgerank.train import _batch, _loss, _trainable_model, cpu_has_native_bf16
-from edgerank.recipes import recipe_config
+from edgerank.data.training import read_groups
+from edgerank.train.trainer import _batch, _loss, _trainable_model, cpu_has_native_bf16
+from edgerank.train.recipes import recipe_config
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import platform
 import statistics
 from pathlib import Path
 
-from edgerank.bench import Worker, load_queries
-from edgerank.datasets import SHARED_DATA
+from edgerank.bench.runner import Worker, load_queries
+from edgerank.data.judged import SHARED_DATA
 from edgerank.metrics import ndcg_at_k
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from edgerank import Reranker
-from edgerank.bench import load_queries
+from edgerank.bench.runner import load_queries
 
 DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.decode_rows is not None:
-        from edgerank.backends import generate
+        from edgerank.runtime.backends import generate
 
         generate.DECODE_ROWS = args.decode_rows
     ks = [int(k) for k in args.ks.split(",")]

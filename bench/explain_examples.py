@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from edgerank import Reranker
-from edgerank.bench import load_queries
+from edgerank.bench.runner import load_queries
 
 DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
 

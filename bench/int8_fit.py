@@ -20,6 +20,7 @@ from pathlib import Path
 
 import edgerank.converters.onnx_export as onnx_export
 import edgerank.converters.smoothing as smoothing
+from edgerank.models.supply import resolve
 from edgerank.converters import convert
 
 
@@ -39,7 +40,7 @@ def fit(model: str, alpha: float, keep: list[str], max_factor: float | None = No
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "art"
-            convert(model, "onnx", "int4", out, verify=False, progress=False)
+            convert(resolve(model), "onnx", "int4", out, verify=False, progress=False)
             compute = json.loads((out / "manifest.json").read_text())["compute"]
     finally:
         onnx_export._bits_picker, onnx_export.smooth = picker, smooth

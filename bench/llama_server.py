@@ -64,7 +64,7 @@ def build_server(build_dir: Path, jobs: int = 2) -> Path:
 def _repack_is_safe() -> bool:
     import llama_cpp
 
-    from edgerank.backends.llamacpp import extra_buffers_are_safe
+    from edgerank.runtime.backends.llamacpp import extra_buffers_are_safe
 
     return extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode(errors="replace"))
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     import edgerank
-    from edgerank.sources import gguf_metadata
+    from edgerank.runtime.sources import gguf_metadata
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, nargs="?", help="a GGUF written by python -m edgerank.converters")
@@ -239,7 +239,7 @@ def _maybe_reranker(model: str | None, family: str):
 def _dl19(n_queries: int, depth: int, data: Path | None = None) -> list[tuple[str, str, list[str]]]:
     """(qid, query, BM25 top-``depth`` passages) for the first ``n_queries`` judged DL19
     queries, in the order of the shipped BM25 run (as ``python -m edgerank.eval`` takes them)."""
-    from edgerank.datasets import SHARED_DATA, check_run, find_run, load_beir, load_run
+    from edgerank.data.judged import SHARED_DATA, check_run, find_run, load_beir, load_run
 
     root = data or SHARED_DATA / "trec-dl19"
     coll = load_beir(root)

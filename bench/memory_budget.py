@@ -33,8 +33,8 @@ CHILD = r"""
 import json, sys
 import numpy as np, onnxruntime, tokenizers, psutil  # the libraries, loaded before the baseline
 import edgerank
-from edgerank.backends.layerwise import LayerwiseBackend
-from edgerank.budget import MemoryBudgetError
+from edgerank.runtime.backends.layerwise import LayerwiseBackend
+from edgerank.runtime.budget import MemoryBudgetError
 args = json.loads(sys.argv[1])
 query, docs = args["query"], args["docs"]
 print("ready", flush=True)
@@ -112,15 +112,15 @@ def smallest_budget(model: str, query: str, docs: list[str], stream: bool) -> fl
     """The smallest ``max_memory_mb`` (to 0.5 MB) the runtime accepts for this call, found by
     bisection on its own planning (no model run)."""
     import edgerank
-    from edgerank.budget import MemoryBudgetError
+    from edgerank.runtime.budget import MemoryBudgetError
 
     with edgerank.Reranker(model, backend="edgerank", stream_weights=stream) as r:
         b = r._backend
-        batch = edgerank.tokenization.encode_pairs(r.spec, b.tokenizer, query, docs)
-        unique, _ = edgerank.tokenization.distinct(batch)
+        batch = edgerank.runtime.tokenization.encode_pairs(r.spec, b.tokenizer, query, docs)
+        unique, _ = edgerank.runtime.tokenization.distinct(batch)
 
         def accepted(budget: float) -> bool:
-            from edgerank.budget import plan_load, tokenizer_mb
+            from edgerank.runtime.budget import plan_load, tokenizer_mb
 
             try:
                 tok = tokenizer_mb((b.artifact.path / "tokenizer.json").stat().st_size, b.tokenizer.vocab_size)

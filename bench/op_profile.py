@@ -17,9 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import edgerank
-import edgerank.streaming as streaming
-from edgerank.bench import DL19, load_queries
-from edgerank.cache import cached_artifact
+import edgerank.runtime.streaming as streaming
+from edgerank.bench.runner import DL19, load_queries
+from edgerank.models.cache import cached_artifact
+from edgerank.models.supply import resolve
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         opts.profile_file_prefix = str(Path(folder) / "layer")
         return opts
 
-    art = cached_artifact(args.model, "int4", False)
+    art = cached_artifact(resolve(args.model), "int4", False)
     with edgerank.Reranker(art, pruning=False, compute=args.compute) as warm:
         warm.score(q["query"], docs)  # conversions, caches, the form's measurement: outside the profile
     streaming.session_options = profiled

@@ -20,9 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
-import edgerank.streaming as streaming
+import edgerank.runtime.streaming as streaming
 from edgerank import Reranker
-from edgerank.bench import load_queries
+from edgerank.bench.runner import load_queries
 
 DEFAULT_VARIANTS = ["spin=session.intra_op.allow_spinning:1", "nospin=session.intra_op.allow_spinning:0"]
 

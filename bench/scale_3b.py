@@ -60,7 +60,7 @@ def make(out: Path, tokenizer_from: Path) -> None:
 
 
 def run(artifact: Path, gguf: Path, budget_mb: float, out: Path | None, only: list[str] | None = None) -> dict:
-    from edgerank.bench import Worker, machine
+    from edgerank.bench.runner import Worker, machine
 
     words = ("the immune system responds to a vaccine by training memory cells that remember the "
              "antigen so a later infection is cleared faster ").split()

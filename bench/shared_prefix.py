@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from edgerank.backends.reference import ReferenceBackend
-from edgerank.bench import DL19, load_queries
-from edgerank.sources import resolve
-from edgerank.tokenization import encode_pairs
+from edgerank.runtime.backends.reference import ReferenceBackend
+from edgerank.bench.runner import DL19, load_queries
+from edgerank.models.supply import resolve
+from edgerank.runtime.tokenization import encode_pairs
 
 
 def timed(fn):
@@ -53,9 +53,9 @@ def bench_score(args) -> list[float]:
 
 
 def bench_train(args) -> list[float]:
-    from edgerank.adapters import attach_lora
-    from edgerank.data import read_groups
-    from edgerank.train import TrainConfig, _batch, _load, supervised_layers
+    from edgerank.converters.adapters import attach_lora
+    from edgerank.data.training import read_groups
+    from edgerank.train.trainer import TrainConfig, _batch, _load, supervised_layers
 
     cfg = TrainConfig(base=args.model, family="qwen3-reranker", data=args.data, out="-", adapter="lora",
                       lora_r=6, lora_alpha=12, lora_upper=0, layer_weight=1, layer_min_depth=0.3,

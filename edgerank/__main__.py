@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgerank.api import Reranker
-from edgerank.backends import BACKENDS
-from edgerank.errors import exits_on, positive_int
-from edgerank.table import format_table
+from edgerank import Reranker
+from edgerank.runtime.backends import BACKENDS
+from edgerank.cli import exits_on, positive_int
+from edgerank.cli import format_table
 
 EXAMPLE_QUERY = "how do vaccines train the immune system"
 EXAMPLE_DOCS = [

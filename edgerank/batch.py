@@ -33,12 +33,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgerank import Reranker
-from edgerank.backends import BACKENDS
-from edgerank.datasets import load_run, load_texts
-from edgerank.errors import DataError, EdgerankError, exits_on, option_pair, positive_int, refuse_output_over_inputs
+from edgerank.runtime.backends import BACKENDS
+from edgerank.data.judged import load_run, load_texts
+from edgerank.cli import exits_on, option_pair, positive_int, refuse_output_over_inputs
+from edgerank.errors import DataError, EdgerankError
 
 TAG = "edgerank"
 
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     if args.ray is not None:
-        from edgerank.extras import require
+        from edgerank.runtime.extras import require
 
         require("ray", "python -m edgerank.batch --ray")
     report = run_batch(args.run, args.out, args.data, args.model, args.backend, args.depth, dict(args.option),

@@ -20,15 +20,6 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def builtin_verification_sample(monkeypatch):
-    """Conversions verify on the built-in sample in every test, so a test's verdict does
-    not depend on whether ../shared/data sits beside the checkout (issue 26)."""
-    import edgerank.converters.verify as verify
-
-    monkeypatch.setattr(verify, "DL19", DATA / "absent-in-tests")
-
-
 def _corpus() -> list[str]:
     import random
 
@@ -165,14 +156,14 @@ def edgerank_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path(edgerank_home) -> Path:
-    from edgerank.pull import pull
+    from edgerank.models.pull import pull
 
     return pull("smollm2-135m", progress=False)
 
 
 @pytest.fixture(scope="session")
 def minilm_path(edgerank_home) -> Path:
-    from edgerank.pull import pull
+    from edgerank.models.pull import pull
 
     return pull("minilm-l6", progress=False)
 
@@ -190,12 +181,12 @@ PAIRS = [
 def attach_random_lora(base: Path, r: int, alpha: int, std: float, params: str = "lora_B", seed: int = 1):
     """A reference backend on ``base`` with LoRA attached to every decoder layer and the
     ``params`` matrices ("lora_B" or "lora_" for both) drawn from N(0, std): a stand-in
-    for a trained adapter. Save it with ``edgerank.adapters.save_adapter``."""
+    for a trained adapter. Save it with ``edgerank.converters.adapters.save_adapter``."""
     import torch
 
-    from edgerank.adapters import attach_lora
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
+    from edgerank.converters.adapters import attach_lora
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
 
     backend = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
     attach_lora(backend.model, "decoder", backend.full_model.config.num_hidden_layers, r=r, alpha=alpha)
@@ -221,10 +212,10 @@ def snap_weights(folder: Path, snap) -> None:
 
 
 def train_random_lora(base: Path, out: Path, std: float, seed: int, r: int = 4, alpha: int = 8) -> Path:
-    """``out``: what ``edgerank.train`` leaves for a LoRA run on ``base`` (merged weights plus
+    """``out``: what ``edgerank.train.trainer`` leaves for a LoRA run on ``base`` (merged weights plus
     ``adapter.safetensors``), with a random adapter standing in for a trained one."""
-    from edgerank.adapters import save_adapter
-    from edgerank.train import export_merged
+    from edgerank.converters.adapters import save_adapter
+    from edgerank.train.trainer import export_merged
 
     backend = attach_random_lora(base, r=r, alpha=alpha, std=std, seed=seed)
     adapter = out.with_name(out.name + "-adapter.safetensors")
@@ -238,7 +229,7 @@ def without_adapter(trained: Path, out: Path) -> Path:
     """A copy of a LoRA-trained folder without its adapter file: the merged weights only."""
     import shutil
 
-    from edgerank.adapters import ADAPTER_FILE
+    from edgerank.converters.adapters import ADAPTER_FILE
 
     shutil.copytree(trained, out)
     (out / ADAPTER_FILE).unlink()

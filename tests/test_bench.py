@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from edgerank import bench
+from edgerank.models.supply import resolve
+from edgerank.bench import runner as bench
+from edgerank.bench.__main__ import main as bench_main
 from tests.conftest import make_bert, make_decoder, write_beir
 
 REQUIRED = ("name", "latency_ms_median", "latency_ms_p90", "pairs_per_s", "peak_rss_mb", "model_rss_mb",
@@ -103,11 +105,11 @@ def test_an_unknown_configuration_is_named(tiny_model):
 def test_the_edgerank_configuration_prunes_towards_the_benchs_k(tiny_model, tmp_path, monkeypatch):
     """The workers are asked for the top K, as a user asks: with an artifact whose setting
     prunes, the `edgerank` row skips work and `onnx-int4-full` does not."""
-    from edgerank.cache import cached_artifact
-    from edgerank.calibrate import write_setting
+    from edgerank.models.cache import cached_artifact
+    from edgerank.calibrate.settings import write_setting
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
-    artifact = cached_artifact(str(tiny_model), progress=False)
+    artifact = cached_artifact(resolve(str(tiny_model)), progress=False)
     write_setting(artifact, {"threshold": 0.0, "min_depth": 0.25}, {"calibrated": False})
     queries = [{**q, "docs": q["docs"] * 3} for q in QUERIES]  # 12 candidates
     report = bench.run_bench(str(tiny_model), ["onnx-int4-full", "edgerank"], queries, top_k=2, subset={},
@@ -131,7 +133,7 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
     """A model trained from a Q4_1 GGUF (SmolLM2's only form here) is compared on llama.cpp at
     q4_1, whose grid keeps the fine-tuning; other bases get q4_k_m, bi-encoders q4_0."""
     from edgerank.converters import convert
-    from edgerank.sources import resolve
+    from edgerank.models.supply import resolve
 
     base = tmp_path / "base.gguf"
     convert(make_decoder(tmp_path / "hf", "llama", bpe_tokenizer), "gguf", "q4_1", base,
@@ -151,18 +153,18 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
 
 
 def test_bench_cli_names_a_missing_model_in_one_line(tmp_path, capsys):
-    assert bench.main(["--model", str(tmp_path / "no-model"), "--queries", "1", "--configs", "edgerank"]) == 2
+    assert bench_main(["--model", str(tmp_path / "no-model"), "--queries", "1", "--configs", "edgerank"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model at") and "\n" not in err
 
 
 def test_bench_refuses_a_collection_without_a_run_or_with_a_foreign_one(tmp_path, capsys):
-    from edgerank import bench
+
 
     data = write_beir(tmp_path / "beir", ["d1"], {"1": "q"}, judged="1\td1\t1\n")
     argv = ["--data", str(data), "--model", str(tmp_path / "no-model"), "--configs", "edgerank"]
-    assert bench.main(argv) == 2
+    assert bench_main(argv) == 2
     assert "has no first-stage run" in capsys.readouterr().err
     (data / "run.bm25.trec").write_text("1 Q0 d1 1 2.0 x\n1 Q0 d7 2 1.0 x\n")
-    assert bench.main(argv) == 2
+    assert bench_main(argv) == 2
     assert "query 1 has 1 documents not in the corpus, e.g. d7" in capsys.readouterr().err

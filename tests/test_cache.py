@@ -8,8 +8,9 @@ import shutil
 import time
 
 from edgerank.converters import convert
-from edgerank import cache
-from edgerank.models import main as models_main
+from edgerank.models.supply import resolve
+from edgerank.models import cache
+from edgerank.models.__main__ import main as models_main
 
 
 def _retrain(folder) -> None:
@@ -26,11 +27,11 @@ def test_clean_removes_only_conversions_no_model_uses(tiny_cross_encoder, tmp_pa
     gone = tmp_path / "gone"
     shutil.copytree(tiny_cross_encoder, gone)
 
-    first = cache.cached_artifact(str(model), progress=False)
-    assert cache.cached_artifact(str(model), progress=False) == first  # reused, not reconverted
-    gone_entry = cache.cached_artifact(str(gone), progress=False).name
+    first = cache.cached_artifact(resolve(str(model)), progress=False)
+    assert cache.cached_artifact(resolve(str(model)), progress=False) == first  # reused, not reconverted
+    gone_entry = cache.cached_artifact(resolve(str(gone)), progress=False).name
     _retrain(model)
-    second = cache.cached_artifact(str(model), progress=False)
+    second = cache.cached_artifact(resolve(str(model)), progress=False)
     assert second != first
     shutil.rmtree(gone)
     root = cache.cache_dir()
@@ -107,14 +108,14 @@ def test_an_hf_folder_on_the_edgerank_backend_runs_its_cached_int4_conversion(
 def test_a_decoder_cached_before_batched_decoding_is_converted_again(tiny_qwen3, tmp_path, monkeypatch):
     import json
 
-    from edgerank import layout
+    from edgerank.runtime import layout
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))
-    art = cache.cached_artifact(str(tiny_qwen3), family="qwen3-reranker", progress=False)
+    art = cache.cached_artifact(resolve(str(tiny_qwen3), family="qwen3-reranker"), progress=False)
     manifest_path = art / layout.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     assert layout.PAST_MASK in manifest["layer_inputs"]
     del manifest["layer_inputs"]  # as written before the layer graphs took past_mask
     manifest_path.write_text(json.dumps(manifest))
-    assert cache.cached_artifact(str(tiny_qwen3), family="qwen3-reranker", progress=False) == art
+    assert cache.cached_artifact(resolve(str(tiny_qwen3), family="qwen3-reranker"), progress=False) == art
     assert layout.PAST_MASK in json.loads(manifest_path.read_text())["layer_inputs"]  # converted again

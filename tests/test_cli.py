@@ -31,7 +31,7 @@ def test_converting_onto_an_existing_output_is_refused_and_leaves_it(tiny_cross_
 
 
 def test_training_without_a_recipe_or_its_fields_says_what_is_missing(capsys):
-    from edgerank.train import main
+    from edgerank.train.__main__ import main
 
     assert main(["--base", "minilm-l6"]) == 2
     assert "--family" in _one_error_line(capsys)
@@ -40,7 +40,7 @@ def test_training_without_a_recipe_or_its_fields_says_what_is_missing(capsys):
 @pytest.mark.parametrize("argv", [["label", "{tmp}/missing.jsonl", "--teacher", "minilm-l6", "--out", "{tmp}/o.jsonl"],
                                   ["build-train", "--source", "squad", "{tmp}/nowhere", "--out", "{tmp}/o.jsonl"]])
 def test_data_commands_on_missing_input_are_one_line(tmp_path, capsys, argv):
-    from edgerank.data import main
+    from edgerank.data.__main__ import main
 
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     _one_error_line(capsys)
@@ -49,7 +49,8 @@ def test_data_commands_on_missing_input_are_one_line(tmp_path, capsys, argv):
 
 def test_exits_on_lets_other_errors_through():
     """Only bad input is reported as a line; a bug keeps its traceback."""
-    from edgerank.errors import ModelNotFoundError, exits_on
+    from edgerank.cli import exits_on
+    from edgerank.errors import ModelNotFoundError
 
     @exits_on(KeyError)
     def main(kind):
@@ -64,7 +65,7 @@ def test_exits_on_lets_other_errors_through():
                                           ("", "holds no groups"),
                                           ('{"query": "q", "positive": 3, "negatives": []}\n', ":1: 'positive'")])
 def test_labelling_a_malformed_groups_file_is_one_line(tmp_path, capsys, text, message):
-    from edgerank.data import main
+    from edgerank.data.__main__ import main
 
     (tmp_path / "in.jsonl").write_text(text)
     assert main(["label", str(tmp_path / "in.jsonl"), "--teacher", "minilm-l6", "--out", str(tmp_path / "o.jsonl")]) == 2
@@ -74,7 +75,7 @@ def test_labelling_a_malformed_groups_file_is_one_line(tmp_path, capsys, text, m
 
 def test_data_commands_refuse_to_replace_an_existing_output(tmp_path, capsys):
     """``--out`` naming an existing file (the input itself, say) is refused unless ``--force``."""
-    from edgerank.data import main
+    from edgerank.data.__main__ import main
 
     groups = tmp_path / "groups.jsonl"
     groups.write_text('{"query": "q", "positive": "p", "negatives": ["n"]}\n')
@@ -109,8 +110,8 @@ def test_force_never_converts_a_model_over_itself_or_its_folder(tiny_cross_encod
 def test_force_never_trains_over_the_base_or_the_data(tiny_cross_encoder, tmp_path, capsys):
     import shutil
 
-    from edgerank.data import write_jsonl
-    from edgerank.train import main
+    from edgerank.data.training import write_jsonl
+    from edgerank.train.__main__ import main
 
     base = tmp_path / "base"
     shutil.copytree(tiny_cross_encoder, base)
@@ -130,7 +131,8 @@ def test_force_never_trains_over_the_base_or_the_data(tiny_cross_encoder, tmp_pa
 
 
 def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
-    from edgerank.errors import OutputOverlapError, refuse_output_over_inputs
+    from edgerank.cli import refuse_output_over_inputs
+    from edgerank.errors import OutputOverlapError
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     refuse_output_over_inputs(tmp_path / "a" / "b" / "out", tmp_path / "a" / "b")  # inside an input: fine
@@ -144,16 +146,16 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
 
 
 @pytest.mark.parametrize("module,argv,message", [
-    ("edgerank.bench", ["--queries", "0"], "--queries: expected a positive integer"),
-    ("edgerank.bench", ["--depth", "-1"], "--depth: expected a positive integer"),
-    ("edgerank.bench", ["--configs", "edgerank,nonsense"], "unknown configuration 'nonsense'"),
-    ("edgerank.bench", ["--subset", "fp32-reference"], "expected CONFIG=N"),
-    ("edgerank.bench", ["--lowmem-mb", "nan"], "expected a positive number"),
-    ("edgerank.eval", ["--data", "x", "--depth", "0"], "--depth: expected a positive integer"),
-    ("edgerank.calibrate", ["m", "--target", "2"], "--target: expected a number in (0, 1]"),
-    ("edgerank.calibrate", ["m", "--also-k", "1,x"], "--also-k: expected a positive integer"),
-    ("edgerank.calibrate", ["m", "--clusters", "1,3"], "--clusters: expected cluster counts of at least 2"),
-    ("edgerank.data", ["build-train", "--source", "squad", "x", "--negatives", "0", "--out", "y"], "--negatives"),
+    ("edgerank.bench.__main__", ["--queries", "0"], "--queries: expected a positive integer"),
+    ("edgerank.bench.__main__", ["--depth", "-1"], "--depth: expected a positive integer"),
+    ("edgerank.bench.__main__", ["--configs", "edgerank,nonsense"], "unknown configuration 'nonsense'"),
+    ("edgerank.bench.__main__", ["--subset", "fp32-reference"], "expected CONFIG=N"),
+    ("edgerank.bench.__main__", ["--lowmem-mb", "nan"], "expected a positive number"),
+    ("edgerank.eval.__main__", ["--data", "x", "--depth", "0"], "--depth: expected a positive integer"),
+    ("edgerank.calibrate.__main__", ["m", "--target", "2"], "--target: expected a number in (0, 1]"),
+    ("edgerank.calibrate.__main__", ["m", "--also-k", "1,x"], "--also-k: expected a positive integer"),
+    ("edgerank.calibrate.__main__", ["m", "--clusters", "1,3"], "--clusters: expected cluster counts of at least 2"),
+    ("edgerank.data.__main__", ["build-train", "--source", "squad", "x", "--negatives", "0", "--out", "y"], "--negatives"),
     ("edgerank", ["--top-k", "0"], "--top-k: expected a positive integer"),
     ("edgerank", ["a query"], "give the documents to rank after the query")])
 def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, argv, message, capsys):
@@ -170,9 +172,9 @@ def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, ar
 
 
 @pytest.mark.parametrize("module, argv", [
-    ("edgerank.__main__", ["--help"]), ("edgerank.eval", ["--help"]), ("edgerank.calibrate", ["--help"]),
-    ("edgerank.bench", ["--help"]), ("edgerank.train", ["--help"]), ("edgerank.data", ["--help"]),
-    ("edgerank.models", ["--help"]), ("edgerank.converters.__main__", ["--help"]),
+    ("edgerank.__main__", ["--help"]), ("edgerank.eval.__main__", ["--help"]), ("edgerank.calibrate.__main__", ["--help"]),
+    ("edgerank.bench.__main__", ["--help"]), ("edgerank.train.__main__", ["--help"]), ("edgerank.data.__main__", ["--help"]),
+    ("edgerank.models.__main__", ["--help"]), ("edgerank.converters.__main__", ["--help"]),
 ])
 def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
     """``--help`` is the documentation a command-line user reads: no option goes without a line."""
@@ -201,6 +203,7 @@ def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkey
     one-line warning say it does not rank like its source (bench/RESULTS.md §10.5: 0.176)."""
     import edgerank.converters.__main__ as cli
 
+    monkeypatch.setattr(cli, "resolve", lambda *a, **k: None)
     monkeypatch.setattr(cli, "convert", lambda *a, **k: {"pairs": 64, "spearman": rho})
     assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o")]) == rc
     err = capsys.readouterr().err.strip()
@@ -214,6 +217,7 @@ def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkey
 def test_an_unverified_conversion_gives_no_fidelity_warning(monkeypatch, tmp_path, capsys):
     import edgerank.converters.__main__ as cli
 
+    monkeypatch.setattr(cli, "resolve", lambda *a, **k: None)
     monkeypatch.setattr(cli, "convert", lambda *a, **k: {"size_bytes": 1})
     assert cli.main(["src", "--to", "onnx", "--quant", "int4", "--out", str(tmp_path / "o"), "--no-verify"]) == 0
     assert capsys.readouterr().err == ""

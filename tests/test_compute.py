@@ -1,4 +1,4 @@
-"""The int8-compute form of an int4 artifact, and the choice between forms (edgerank.compute)."""
+"""The int8-compute form of an int4 artifact, and the choice between forms (edgerank.runtime.compute)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from scipy.stats import spearmanr
 
 import edgerank
-from edgerank.budget import MemoryBudgetError
-from edgerank.compute import cpu_id
+from edgerank.models.supply import resolve
+from edgerank.runtime.budget import MemoryBudgetError
+from edgerank.runtime.compute import cpu_id
 from edgerank.converters import convert
 from edgerank.converters.sample import SAMPLE
 from edgerank.converters.quantize import quantize_channels
@@ -150,9 +151,9 @@ def test_int8_form_on_minilm_stays_within_its_tolerance_of_a_one_pair_forward_an
     so a candidate's score moves a little with its chunk-mates: here (the real minilm-l6,
     the built-in sample) by at most 5% of a query's score spread (DL19 depth 30: 4.7%,
     RESULTS §18), while int4 stays exact. Both forms keep the fp32 order."""
-    from edgerank.cache import cached_artifact
+    from edgerank.models.cache import cached_artifact
 
-    int4, fp32 = cached_artifact(str(minilm_path), "int4", False), cached_artifact(str(minilm_path), "fp32", False)
+    int4, fp32 = cached_artifact(resolve(str(minilm_path)), "int4", False), cached_artifact(resolve(str(minilm_path)), "fp32", False)
     fit = json.loads((int4 / "manifest.json").read_text())["compute"]["fit"]["int8"]
     assert fit["fit"] and fit["spearman"] >= 0.95 and fit["pairs"] == 64
     with edgerank.Reranker(int4, pruning=False, compute="int8") as r8, \

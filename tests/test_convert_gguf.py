@@ -10,6 +10,7 @@ import pytest
 import edgerank
 from edgerank.converters import OutputExistsError, convert
 from edgerank.converters import gguf_export
+from edgerank.models.supply import resolve
 from edgerank.errors import ModelFormatError
 from tests.conftest import PAIRS, make_bert, make_decoder
 from tests.test_parity_transformers import reference_decoder_scores, qwen3_prompt
@@ -20,10 +21,10 @@ def llama_rank_pooling_p_yes(gguf_path, prompts: list[str]) -> list[float]:
 
     With two classifier labels llama.cpp returns their softmax, [p(yes), p(no)]. Straight
     C API calls, one prompt per decode; weights are kept out of llama.cpp's AMX buffers
-    where those crash (edgerank/backends/llamacpp.py)."""
+    where those crash (edgerank/runtime/backends/llamacpp.py)."""
     import llama_cpp as L
 
-    from edgerank.backends.llamacpp import extra_buffers_are_safe
+    from edgerank.runtime.backends.llamacpp import extra_buffers_are_safe
 
     L.llama_backend_init()
     mparams = L.llama_model_default_params()
@@ -196,7 +197,7 @@ def test_a_cross_encoder_is_not_converted_to_gguf(tiny_cross_encoder, tmp_path):
 
 @pytest.mark.slow
 def test_real_minilm_gguf_ranks_like_the_fp32_model(minilm_path, tmp_path):
-    report = convert("minilm-l6", "gguf", "f16", tmp_path / "minilm.gguf", progress=False)
+    report = convert(resolve("minilm-l6"), "gguf", "f16", tmp_path / "minilm.gguf", progress=False)
     assert report["spearman"] >= 0.99 and report["max_abs_diff"] < 0.01
 
 
@@ -232,7 +233,7 @@ def test_a_trained_lora_stays_unmerged_beside_a_quantized_gguf(tmp_path, bpe_tok
     # the adapter file itself, beside f16 base weights: llama.cpp applies it as transformers
     # does (a larger update here, so that every projection's part of it shows)
     from edgerank.converters.gguf_export import write_gguf
-    from edgerank.specs import get_spec
+    from edgerank.runtime.specs import get_spec
 
     train_random_lora(base, tmp_path / "strong", std=0.05, seed=4)
     write_gguf(tmp_path / "strong", tmp_path / "s16.gguf", "f16", get_spec("qwen3-reranker"), None, progress=False,

@@ -18,11 +18,11 @@ import torch
 import transformers
 
 import edgerank
-from edgerank import layout
+from edgerank.runtime import layout
 from edgerank.converters import convert
 from edgerank.errors import ModelFormatError, OptionError
-from edgerank.explain import sentences
-from edgerank.specs import SPECS
+from edgerank.runtime.explain import sentences
+from edgerank.runtime.specs import SPECS
 from tests.conftest import PAIRS, make_bert, make_decoder
 from tests.test_parity_transformers import FAMILIES
 
@@ -179,7 +179,7 @@ def test_the_top_k_decode_as_one_batch_and_equal_one_at_a_time(tmp_path, bpe_tok
 
 
 def test_rows_that_stop_early_leave_the_batch_and_the_rest_decode_on(tmp_path, bpe_tokenizer, monkeypatch):
-    from edgerank.backends import generate
+    from edgerank.runtime.backends import generate
 
     src = make_decoder(tmp_path / "hf", "llama", bpe_tokenizer, seed=5, n_layers=3, initializer_range=0.25)
     art = to_artifact(src, tmp_path / "art", family="interank")
@@ -292,7 +292,7 @@ def test_real_smollm2_fp32_generation_equals_transformers_on_the_same_gguf(smoll
 
 
 def test_decode_rows_follow_the_memory_budget():
-    from edgerank.budget import MB, Plan, Shape, decode_rows
+    from edgerank.runtime.budget import MB, Plan, Shape, decode_rows
 
     shape = Shape(hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2, layer_bytes=[0, 0],
                   head_bytes=0)

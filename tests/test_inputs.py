@@ -20,7 +20,7 @@ DOCS = ["the immune system", "the stock market", "a river city", "yes no"]
 
 def test_empty_documents_give_an_empty_ranking(reranker, monkeypatch):
     assert reranker.rank("query", []) == []
-    monkeypatch.setattr(edgerank.api, "Reranker", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(edgerank, "Reranker", lambda *a, **k: pytest.fail("a model was loaded"))
     assert edgerank.rank("query", [], model="no/such/model") == []
 
 

@@ -130,7 +130,7 @@ def test_the_model_is_loaded_once_and_options_reach_the_reranker():
 
 
 def test_a_missing_framework_is_one_error_naming_the_extra(monkeypatch):
-    from edgerank import extras
+    from edgerank.runtime import extras
 
     monkeypatch.setitem(extras.EXTRAS, "langchain", ("langchain_core", "no_such_module_xyz"))
     monkeypatch.delitem(sys.modules, "edgerank.integrations.langchain", raising=False)
@@ -350,7 +350,7 @@ def dl19_single(tmp_path_factory):
 
 @slow
 def test_batch_single_process_equals_edgerank_rank_on_dl19(dl19_single):
-    from edgerank.datasets import load_texts
+    from edgerank.data.judged import load_texts
 
     run, single, report = dl19_single
     corpus, queries = load_texts(DL19)
@@ -416,7 +416,7 @@ def test_the_integrations_reach_edgerank_only_through_its_public_api():
     and their own shared module; never the runtime's internals."""
     import ast
 
-    allowed = {"edgerank", "edgerank.errors", "edgerank.extras", "edgerank.integrations"}
+    allowed = {"edgerank", "edgerank.errors", "edgerank.runtime.extras", "edgerank.integrations"}
     for path in sorted((ROOT / "edgerank" / "integrations").glob("*.py")):
         tree = ast.parse(path.read_text())
         used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \

@@ -1,9 +1,11 @@
-"""The package's floors: the runtime ranks with none of the tools importable, imports no
-tool at module level, and the core needs neither torch nor llama.cpp (issue 27)."""
+"""The package's floors (docs/module_graph.py): every import, the ones inside functions too,
+runs down a floor or stays in its own folder, and no modules import each other in a circle;
+the runtime ranks with every tool unimportable, and the core needs neither torch nor
+llama.cpp (issues 27, 41)."""
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,54 +17,50 @@ import edgerank
 from edgerank.converters import convert
 from tests.conftest import PAIRS, make_bert
 
-ROOT = Path(__file__).resolve().parents[1] / "edgerank"
-# The tools: each is a command or a library on top of the runtime, never under it.
-TOOLS = ("edgerank.converters", "edgerank.train", "edgerank.data", "edgerank.eval", "edgerank.calibrate",
-         "edgerank.bench", "edgerank.pull", "edgerank.cache", "edgerank.models", "edgerank.recipes",
-         "edgerank.adapters", "edgerank.losses", "edgerank.datasets", "edgerank.serve",
-         "edgerank.integrations", "edgerank.batch", "edgerank.readouts_fit", "edgerank.peers")
-# The runtime: what a rank() call on a prepared artifact runs.
-RUNTIME = ("edgerank", "edgerank.api", "edgerank.tokenization", "edgerank.specs", "edgerank.catalog",
-           "edgerank.artifact", "edgerank.layout", "edgerank.sources", "edgerank.backends",
-           "edgerank.backends.heads", "edgerank.backends.layerwise", "edgerank.backends.generate",
-           "edgerank.explain", "edgerank.backends.reference",
-           "edgerank.backends.llamacpp", "edgerank.pruning", "edgerank.budget", "edgerank.streaming",
-           "edgerank.embedding", "edgerank.chunking", "edgerank.rope", "edgerank.memory", "edgerank.errors",
-           "edgerank.extras", "edgerank.metrics", "edgerank.supply", "edgerank.readouts", "edgerank.compute")
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("module_graph", ROOT / "docs" / "module_graph.py")
+module_graph = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(module_graph)
+# Everything above the front door, and the supply's converting half: what ranking a
+# prepared artifact must never need.
+TOOLS = ("edgerank.converters", "edgerank.models.cache", "edgerank.data", "edgerank.train", "edgerank.eval",
+         "edgerank.calibrate", "edgerank.bench", "edgerank.batch", "edgerank.serve", "edgerank.integrations")
 
 
-def _module_file(name: str) -> Path:
-    rel = Path(*name.split(".")[1:])
-    return ROOT / rel / "__init__.py" if (ROOT / rel).is_dir() else (ROOT / rel).with_suffix(".py")
+def test_every_import_runs_down_a_floor_or_stays_in_its_folder():
+    graph = module_graph.graph(ROOT)
+    assert len(graph) > 50 and sum(len(d) for d in graph.values()) > 200  # the walk found the package
+    assert module_graph.upward(graph) == []
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """Modules a file imports when it is imported (not inside a function)."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return found
+def test_no_modules_import_each_other_in_a_circle():
+    assert module_graph.circles(module_graph.graph(ROOT)) == []
 
 
-def test_no_runtime_module_imports_a_tool_when_it_is_imported():
-    for name in RUNTIME:
-        bad = {m for m in top_level_imports(_module_file(name)) if m.startswith(TOOLS)}
-        assert not bad, f"{name} imports the tools {bad}"
+def test_the_layering_check_sees_imports_inside_functions(tmp_path):
+    """The checker is not blind: a lazy upward import and a lazy circle, written into a
+    copy of two modules, are both found."""
+    pkg = tmp_path / "edgerank"
+    (pkg / "runtime").mkdir(parents=True)
+    (pkg / "models").mkdir()
+    for f in ("__init__.py", "runtime/__init__.py", "models/__init__.py"):
+        (pkg / f).write_text("")
+    (pkg / "runtime" / "specs.py").write_text("def f():\n    from edgerank.models import cache\n")
+    (pkg / "models" / "cache.py").write_text("from edgerank.runtime import specs\n")
+    graph = module_graph.graph(tmp_path)
+    assert module_graph.upward(graph) == [("edgerank.runtime.specs", "edgerank.models.cache")]
+    assert module_graph.circles(graph) == [["edgerank.models.cache", "edgerank.runtime.specs"]]
 
 
-def test_only_the_supply_door_reaches_the_tools_from_the_runtime():
-    """Lazily, the runtime reaches the tools through ``edgerank.supply`` alone."""
-    for name in RUNTIME:
-        if name == "edgerank.supply":
-            continue
-        tree = ast.parse(_module_file(name).read_text())
-        lazy = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
-               {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        bad = {m for m in lazy if m.startswith(TOOLS)}
-        assert not bad, f"{name} reaches the tools {bad} directly, not through edgerank.supply"
+def test_the_package_shows_its_floors_as_folders():
+    """At most 16 entries at the top, most of them folders, each one a unit of the floors."""
+    top = [p for p in (ROOT / "edgerank").iterdir() if p.name != "__pycache__"]
+    assert len(top) <= 16
+    assert sum(p.is_dir() for p in top) > len(top) / 2
+    units = {u for u, _ in module_graph.FLOORS}
+    for p in top:
+        name = "edgerank" if p.name in ("__init__.py", "__main__.py") else f"edgerank.{p.name.removesuffix('.py')}"
+        assert name in units, f"{p} is no floor's unit (docs/module_graph.py FLOORS)"
 
 
 def test_the_runtime_ranks_a_prepared_artifact_with_every_tool_unimportable(tmp_path, wordpiece_tokenizer):
@@ -89,7 +87,7 @@ def test_the_runtime_ranks_a_prepared_artifact_with_every_tool_unimportable(tmp_
 
 
 def test_a_missing_extra_is_one_error_naming_the_install_that_fixes_it(monkeypatch, tiny_qwen3):
-    from edgerank import extras
+    from edgerank.runtime import extras
 
     monkeypatch.setitem(extras.EXTRAS, "reference", ("torch", "no_such_module_xyz"))
     try:
@@ -104,7 +102,7 @@ def test_a_missing_extra_is_one_error_naming_the_install_that_fixes_it(monkeypat
 def test_without_torch_a_conversion_is_verified_against_an_fp32_artifact(monkeypatch, tmp_path, tiny_qwen3):
     """On the core install the converter's check runs the source as an fp32 artifact on
     ONNX Runtime; its figures match the check against transformers."""
-    from edgerank import extras
+    from edgerank.runtime import extras
 
     with_torch = convert(tiny_qwen3, "onnx", "int4", tmp_path / "a", family="qwen3-reranker", progress=False)
     monkeypatch.setitem(extras.EXTRAS, "reference", ("no_such_module_xyz",))

@@ -19,9 +19,10 @@ import pytest
 
 import edgerank
 from edgerank.converters import convert
+from edgerank.models.supply import resolve
 from edgerank.converters.gguf_export import RELEVANCE_KEY, RERANK_TEMPLATE_KEY
-from edgerank.tokenization import HFTokenizer, encode_pairs
-from edgerank.specs import get_spec
+from edgerank.runtime.tokenization import HFTokenizer, encode_pairs
+from edgerank.runtime.specs import get_spec
 from tests.conftest import PAIRS, make_decoder
 
 LONG = " ".join(["the vaccine trains the immune system, and the body fights infection."] * 40)
@@ -82,7 +83,7 @@ def llama_rank_pooling(gguf_path, token_lists: list[list[int]]) -> tuple[int, li
     weights kept out of llama.cpp's AMX buffers where those crash."""
     import llama_cpp as L
 
-    from edgerank.backends.llamacpp import extra_buffers_are_safe
+    from edgerank.runtime.backends.llamacpp import extra_buffers_are_safe
 
     L.llama_backend_init()
     mparams = L.llama_model_default_params()
@@ -354,7 +355,7 @@ def test_smollm2_in_qwen3_reranker_form_scores_under_llama_rank_pooling(smollm2_
     matmul's activations to 8 bits, and the readout's large component 0 makes that rounding
     differ between the two paths: up to 0.04 in p on two README documents (RESULTS §12)."""
     out = tmp_path / "smol.gguf"
-    report = convert("smollm2-135m", "gguf", "f16", out, family="qwen3-reranker", progress=False)
+    report = convert(resolve("smollm2-135m", family="qwen3-reranker"), "gguf", "f16", out, progress=False)
     assert report["source_quant"] == "Q4_1" and report["spearman"] >= 0.95
     template = gguf_strings(out)[RERANK_TEMPLATE_KEY]
     query = "how do vaccines train the immune system"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgerank
-from edgerank.datasets import load_beir, load_run
+from edgerank.data.judged import load_beir, load_run
 from edgerank.metrics import spearman
 from tests.conftest import DL19
 
@@ -50,7 +50,7 @@ def test_llamacpp_batched_equals_one_sequence_per_decode(smollm2_path):
 
 def test_tokenisation_matches_the_reference_tokenizer(smollm2_path):
     """llama.cpp's tokenizer and transformers' GGUF tokenizer give the same ids."""
-    from edgerank.tokenization import HFTokenizer
+    from edgerank.runtime.tokenization import HFTokenizer
 
     import transformers
 
@@ -74,7 +74,7 @@ def test_rank_on_llamacpp_never_imports_torch(smollm2_path):
 
 def test_extra_buffers_are_kept_off_where_llama_cpp_would_use_its_amx_kernels():
     """llama.cpp's AMX matmul crashed on the first decode here (backend module docstring)."""
-    from edgerank.backends.llamacpp import extra_buffers_are_safe
+    from edgerank.runtime.backends.llamacpp import extra_buffers_are_safe
 
     amx = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 | "
     assert not extra_buffers_are_safe(amx)
@@ -85,7 +85,7 @@ def test_extra_buffers_are_kept_off_where_llama_cpp_would_use_its_amx_kernels():
 def test_the_extra_buffer_choice_reaches_llama_cpp_and_can_be_overridden(smollm2_path):
     import llama_cpp
 
-    from edgerank.backends.llamacpp import extra_buffers_are_safe
+    from edgerank.runtime.backends.llamacpp import extra_buffers_are_safe
 
     safe = extra_buffers_are_safe(llama_cpp.llama_print_system_info().decode())
     docs = ["Vaccines train the immune system.", "The market fell."]

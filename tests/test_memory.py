@@ -1,4 +1,4 @@
-"""Peak-memory accounting (edgerank.memory) against the kernel's own counters."""
+"""Peak-memory accounting (edgerank.runtime.memory) against the kernel's own counters."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 CHILD = """
 import json, resource, time
 import numpy as np
-from edgerank.memory import PeakRSS, process_peak_mb, rss_mb, _vm_hwm_mb
+from edgerank.runtime.memory import PeakRSS, process_peak_mb, rss_mb, _vm_hwm_mb
 start = rss_mb()
 big = np.ones(300 * 2**20 // 8)          # 300 MiB, touched
 with_big = rss_mb()
@@ -62,7 +62,7 @@ def test_a_worker_does_not_inherit_its_parents_peak():
     """ru_maxrss survives fork + exec; the bench's workers must not report the parent's memory."""
     big = np.ones(400 * 2**20 // 8)  # this (parent) process now peaks above 400 MiB
     try:
-        r = _child("import json, resource\nfrom edgerank.memory import process_peak_mb\n"
+        r = _child("import json, resource\nfrom edgerank.runtime.memory import process_peak_mb\n"
                    "print(json.dumps({'process_peak': process_peak_mb(), "
                    "'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     finally:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from edgerank.datasets import load_beir, load_run
-from edgerank.eval import run_eval
+from edgerank.data.judged import load_beir, load_run
+from edgerank.eval.report import run_eval
 from edgerank.metrics import (evaluate, kendall_tau, mrr_at_k, ndcg_at_k, precision_at_k_vs,
                               recall_at_k, spearman, topk_overlap)
 from tests.conftest import DL19, write_beir
@@ -74,7 +74,7 @@ def test_eval_reports_baseline_and_a_shuffled_ranking_scores_lower(tiny_cross_en
 def test_eval_cli_writes_the_documented_json(tiny_cross_encoder, tmp_path):
     import json
 
-    from edgerank.eval import main
+    from edgerank.eval.__main__ import main
 
     out = tmp_path / "r.json"
     assert main(["--data", str(DL19), "--model", str(tiny_cross_encoder), "--backend", "reference",
@@ -91,7 +91,7 @@ def test_eval_cli_writes_the_documented_json(tiny_cross_encoder, tmp_path):
 def test_eval_cli_says_in_one_line_that_a_collection_without_judgments_has_nothing_to_score(
         tmp_path, capsys):
     """The shared trec-dl21 ships its qrels file with a header only: a clear error, no traceback."""
-    from edgerank.eval import main
+    from edgerank.eval.__main__ import main
 
     data = write_beir(tmp_path / "unjudged", ["d1", "d2"], {7: "q"})
     (data / "run.bm25.top100.trec").write_text("7 Q0 d1 1 2.0 bm25\n7 Q0 d2 2 1.0 bm25\n")
@@ -106,7 +106,7 @@ def test_eval_cli_says_in_one_line_that_a_collection_without_judgments_has_nothi
 def test_eval_refuses_a_run_that_names_documents_or_queries_the_collection_lacks(tmp_path, capsys):
     """A run file from another collection is one error line before any model loads (the
     model name here does not exist, so reaching the model would be another error)."""
-    from edgerank.eval import main
+    from edgerank.eval.__main__ import main
 
     data = write_beir(tmp_path / "beir", ["d1", "d2"], {"7": "q"}, judged="7\td1\t1\n8\td1\t1\n")
     (tmp_path / "other.trec").write_text("7 Q0 d1 1 2.0 x\n7 Q0 d9 2 1.0 x\n")

@@ -15,7 +15,7 @@ import transformers
 import edgerank
 from edgerank.converters import OutputExistsError, convert, onnx_export
 from edgerank.converters.quantize import dequantize_blocks, quantize_blocks
-from edgerank.budget import MemoryBudgetError
+from edgerank.runtime.budget import MemoryBudgetError
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 from tests.conftest import PAIRS, make_bert, make_decoder, snap_weights, train_random_lora, without_adapter
 
@@ -52,13 +52,13 @@ def test_per_layer_hidden_states_match_transformers(tmp_path, bpe_tokenizer):
     """Each layer graph, run alone on the previous layer's output, gives HF's hidden state."""
     src = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=3)
     art = to_artifact(src, tmp_path / "fp32", family="qwen3-reranker")
-    tok = edgerank.tokenization.HFTokenizer.from_file(art / "tokenizer.json")
+    tok = edgerank.runtime.tokenization.HFTokenizer.from_file(art / "tokenizer.json")
     ids = tok.encode("<|im_start|>user\nhow do vaccines work<|im_end|>")
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
         hf = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    from edgerank.embedding import EmbeddingRows
-    from edgerank.rope import RopeTable
+    from edgerank.runtime.embedding import EmbeddingRows
+    from edgerank.runtime.rope import RopeTable
 
     manifest = json.loads((art / "manifest.json").read_text())
     d = manifest["dims"]
@@ -144,7 +144,7 @@ def test_head_scores_run_on_one_blas_thread_and_leave_numpys_pool_as_it_was(tiny
     cross-encoder's pooler is the head that woke it."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from edgerank.specs import ScoreFormula
+    from edgerank.runtime.specs import ScoreFormula
 
     def blas_threads() -> set[int]:
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}

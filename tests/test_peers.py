@@ -11,9 +11,9 @@ import pytest
 from scipy.stats import spearmanr
 
 import edgerank
-from edgerank import bench
+from edgerank.bench import runner as bench
 from edgerank.converters import convert
-from edgerank.peers import GraphPeer, SentenceTransformersPeer
+from edgerank.bench.peers import GraphPeer, SentenceTransformersPeer
 from tests.conftest import PAIRS, make_bert, make_decoder
 
 QUERY = PAIRS[0][0]

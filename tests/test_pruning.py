@@ -9,8 +9,9 @@ import pytest
 
 import edgerank
 from edgerank.converters import convert
-from edgerank.calibrate import Recording, choose, evaluate_grid, record, simulate, write_setting
-from edgerank.pruning import PruningPolicy, dispersion, kmeans_1d
+from edgerank.calibrate.replay import Recording, evaluate_grid, record, simulate
+from edgerank.calibrate.settings import choose, write_setting
+from edgerank.runtime.pruning import PruningPolicy, dispersion, kmeans_1d
 from tests.conftest import make_decoder, write_beir
 
 QUERY = "how do vaccines work"
@@ -201,7 +202,7 @@ def test_a_recording_with_one_candidate_or_flat_scores_prunes_nothing():
 
 
 def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys):
-    from edgerank.calibrate import main
+    from edgerank.calibrate.__main__ import main
 
     data = write_beir(tmp_path / "beir", ["d1"], {"1": "q"})
     assert main([str(tmp_path / "no-model"), "--data", str(data)]) == 2
@@ -215,7 +216,8 @@ def test_calibrate_cli_names_a_missing_model_or_run_in_one_line(tmp_path, capsys
 def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, tmp_path, capsys):
     """The command line on a tiny collection: it records, searches the whole grid (three
     cluster counts), prints the chosen row, and writes that setting to ``--config``."""
-    from edgerank.calibrate import MIN_DEPTHS, THRESHOLDS, main
+    from edgerank.calibrate.replay import MIN_DEPTHS, THRESHOLDS
+    from edgerank.calibrate.__main__ import main
 
     docs = [f"d{i}" for i in range(12)]
     run = "".join(f"{q} Q0 {d} {r + 1} {12 - r} bm25\n" for q in ("q1", "q2") for r, d in enumerate(docs))
@@ -245,7 +247,7 @@ def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, 
 def test_calibrate_refuses_a_config_file_it_cannot_read_before_running(tmp_path, capsys):
     """``--config`` naming a file that is not a JSON object (the user's notes, say) is an
     error up front, before any model loads, and the file is left as it was."""
-    from edgerank.calibrate import main
+    from edgerank.calibrate.__main__ import main
 
     for text in ("threshold: 0.3\n", "[1, 2]"):
         notes = tmp_path / "settings.yaml"

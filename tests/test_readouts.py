@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 import edgerank
-from edgerank import layout
-from edgerank.artifact import Artifact
-from edgerank.calibrate import Recording, simulate
+from edgerank.runtime import layout
+from edgerank.runtime.artifact import Artifact
+from edgerank.calibrate.replay import Recording, simulate
 from edgerank.converters import convert
 from edgerank.errors import ModelFormatError
-from edgerank.pruning import PruningPolicy, PruningRun
-from edgerank.readouts import Readouts, features, model_digest
-from edgerank.readouts_fit import (StateRecording, bound, calibrate_margin, calibrate_rank, fit_readouts,
-                                   score_error, write_readouts)
+from edgerank.runtime.pruning import PruningPolicy, PruningRun
+from edgerank.runtime.readouts import Readouts, features, model_digest
+from edgerank.calibrate.readouts import StateRecording, fit_readouts, write_readouts
+from edgerank.calibrate.rules import bound, calibrate_margin, calibrate_rank, score_error
 from tests.conftest import make_decoder
 
 QUERY = "how do vaccines work"
@@ -252,7 +252,7 @@ def _training_folder(root, n_q: int = 6):
 
 
 def test_calibrate_fit_readouts_end_to_end(two_models, tmp_path, monkeypatch, capsys):
-    from edgerank.calibrate import main
+    from edgerank.calibrate.__main__ import main
     from tests.conftest import write_beir
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "home"))  # the BM25 cache
@@ -290,7 +290,7 @@ def test_calibrate_fit_readouts_end_to_end(two_models, tmp_path, monkeypatch, ca
 
 def _recorded(two_models, tmp_path):
     """A copy of the first model and one unpruned recording of QUERY over DOCS."""
-    from edgerank.calibrate import record
+    from edgerank.calibrate.replay import record
 
     art = tmp_path / "art"
     shutil.copytree(two_models[0], art)
@@ -301,7 +301,7 @@ def _recorded(two_models, tmp_path):
 def _written_and_run(art, rec, setting: dict, k: int = 3):
     """Write ``setting`` into the manifest, rank with it, and replay it on ``rec``: the
     runtime's stats, its top-K set, and the replay's top-K set and work skipped."""
-    from edgerank.calibrate import write_setting
+    from edgerank.calibrate.settings import write_setting
 
     write_setting(art, setting, {"calibrated": True})
     got, skipped = simulate(PruningPolicy(**setting), rec, k)

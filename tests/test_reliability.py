@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import edgerank
+from edgerank.models.supply import resolve
 from edgerank.errors import ModelFormatError
 from tests.conftest import DL19, make_bert, write_beir
 
@@ -110,7 +111,7 @@ def _collection(tmp_path) -> Path:
 
 
 def test_eval_json_never_overwrites_an_input_and_fails_before_the_evaluation(tmp_path, capsys, monkeypatch):
-    from edgerank import eval as ev
+    from edgerank.eval import __main__ as ev
 
     data = _collection(tmp_path)
     monkeypatch.setattr(ev, "run_eval", lambda *a, **k: pytest.fail("evaluated before checking --json"))
@@ -129,7 +130,7 @@ def test_rank_does_not_reset_the_host_process_peak(small_artifact):
     code = f"""
 import json, resource
 import numpy as np, edgerank
-from edgerank.memory import _vm_hwm_mb
+from edgerank.runtime.memory import _vm_hwm_mb
 big = np.ones(300 * 2**20 // 8); del big
 before = _vm_hwm_mb()
 r = edgerank.rank("the immune system", {DOCS!r}, model={str(small_artifact)!r})
@@ -148,7 +149,7 @@ CHILD = r"""
 import json, sys
 import numpy as np, onnxruntime, tokenizers, psutil
 import edgerank
-from edgerank.backends.layerwise import LayerwiseBackend
+from edgerank.runtime.backends.layerwise import LayerwiseBackend
 args = json.loads(sys.stdin.readline())
 print("ready", flush=True)
 sys.stdin.readline()
@@ -204,7 +205,7 @@ def _smallest_accepted(model: Path, stream: bool, query: str, docs: list[str]) -
     """The budget the runtime's own error asks for (load, then call), found by asking it."""
     import re
 
-    from edgerank.budget import MemoryBudgetError
+    from edgerank.runtime.budget import MemoryBudgetError
 
     budget = 1.0
     for _ in range(6):
@@ -223,9 +224,9 @@ def test_max_memory_mb_holds_measured_from_outside(minilm_path, stream):
     """100 DL19 passages on minilm-l6: at budgets from just above the refusal point to 2x,
     the memory the model adds (sampled from outside the process) stays within the budget.
     On 9859d57 it was 1.3-1.8x the budget."""
-    from edgerank.cache import cached_artifact
+    from edgerank.models.cache import cached_artifact
 
-    model = cached_artifact("minilm-l6", progress=False)
+    model = cached_artifact(resolve("minilm-l6"), progress=False)
     query, docs = _dl19_passages()
     least = _smallest_accepted(model, stream, query, docs)
     for budget in (least * 1.02, least * 2):
@@ -299,7 +300,7 @@ def test_a_config_of_the_wrong_shape_is_a_format_error(tiny_cross_encoder, tmp_p
     folder = Path(shutil.copytree(tiny_cross_encoder, tmp_path / "m"))
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError):
-        edgerank.sources.resolve(str(folder))
+        edgerank.runtime.sources.resolve(str(folder))
 
 
 # ---- (10) blank after tokenization, (12) control tokens in text --------------------------
@@ -318,8 +319,8 @@ def test_a_query_the_tokenizer_drops_entirely_is_refused(small_artifact):
 
 
 def test_control_tokens_in_documents_and_queries_are_plain_text(bpe_tokenizer):
-    from edgerank.tokenization import HFTokenizer, encode_pairs
-    from edgerank.specs import SPECS
+    from edgerank.runtime.tokenization import HFTokenizer, encode_pairs
+    from edgerank.runtime.specs import SPECS
 
     tok, spec = HFTokenizer(bpe_tokenizer), SPECS["qwen3-reranker"]
     im_end, im_start = bpe_tokenizer.token_to_id("<|im_end|>"), bpe_tokenizer.token_to_id("<|im_start|>")
@@ -341,7 +342,7 @@ def test_control_tokens_in_documents_and_queries_are_plain_text(bpe_tokenizer):
 
 def test_control_tokens_in_documents_are_plain_text_on_llama_cpp(smollm2_path):
     pytest.importorskip("llama_cpp")
-    from edgerank.tokenization import encode_pairs
+    from edgerank.runtime.tokenization import encode_pairs
 
     with edgerank.Reranker(smollm2_path, backend="llamacpp") as r:
         tok = r._backend.tokenizer
@@ -357,7 +358,7 @@ def test_control_tokens_in_documents_are_plain_text_on_llama_cpp(smollm2_path):
 # ---- (5) malformed data files ------------------------------------------------------------
 
 def test_blank_lines_in_data_files_are_skipped(tmp_path):
-    from edgerank.datasets import load_beir, load_run
+    from edgerank.data.judged import load_beir, load_run
 
     data = _collection(tmp_path)
     for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "run.bm25.trec"):
@@ -375,7 +376,7 @@ def test_blank_lines_in_data_files_are_skipped(tmp_path):
     ("run.bm25.trec", "q1 Q0 d2 3 high r", "run.bm25.trec:3: the score 'high' is not a number"),
 ])
 def test_a_malformed_data_line_is_one_error_naming_file_and_line(tmp_path, capsys, name, line, message):
-    from edgerank import eval as ev
+    from edgerank.eval import __main__ as ev
 
     data = _collection(tmp_path)
     (data / name).write_text((data / name).read_text() + line + "\n")
@@ -395,7 +396,7 @@ def test_bad_queries_on_the_command_line_are_one_line(minilm_path, capsys, argv,
 
 
 def test_a_bad_eval_option_is_one_line(small_artifact, tmp_path, capsys):
-    from edgerank import eval as ev
+    from edgerank.eval import __main__ as ev
 
     data = _collection(tmp_path)
     assert ev.main(["--data", str(data), "--model", str(small_artifact), "--option", "threads=0"]) == 2
@@ -423,7 +424,7 @@ def test_a_read_only_edgerank_home_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_an_empty_home_does_not_put_the_cache_at_the_root(monkeypatch):
     from edgerank.errors import OutputLocationError
-    from edgerank.pull import edgerank_home
+    from edgerank.models.pull import edgerank_home
 
     monkeypatch.delenv("EDGERANK_HOME", raising=False)
     monkeypatch.setenv("HOME", "")
@@ -440,7 +441,7 @@ def test_an_empty_backend_name_is_refused(small_artifact):
 
 
 def test_a_moved_model_keeps_its_cache_name(tiny_cross_encoder, tmp_path):
-    from edgerank.cache import source_digest
+    from edgerank.models.cache import source_digest
 
     moved = Path(shutil.copytree(tiny_cross_encoder, tmp_path / "elsewhere" / tiny_cross_encoder.name))
     assert source_digest(moved) == source_digest(tiny_cross_encoder)
@@ -451,7 +452,8 @@ def test_a_moved_model_keeps_its_cache_name(tiny_cross_encoder, tmp_path):
 def test_a_moved_cache_keeps_its_builtin_conversions_current(tmp_path, monkeypatch, small_artifact):
     """A built-in's conversion in a cache moved elsewhere is current, not orphaned (so
     ``cache --clean`` would not delete it), and keeps its name."""
-    from edgerank import cache, pull
+    from edgerank.models import cache
+    from edgerank.models import pull
 
     home = tmp_path / "old"
     model = home / "models" / "minilm-l6"
@@ -459,11 +461,11 @@ def test_a_moved_cache_keeps_its_builtin_conversions_current(tmp_path, monkeypat
     (model / "config.json").write_text("{}")
     (model / pull.COMPLETE_MARKER).write_text("{}")
     monkeypatch.setenv("EDGERANK_HOME", str(home))
-    name = cache.cache_name("minilm-l6")
+    name = cache.cache_name(resolve("minilm-l6"))
     art = cache.cache_dir() / f"{name}-int4"
     shutil.copytree(small_artifact, art)
     (art.parent / (art.name + cache.REPORT_SUFFIX)).write_text(json.dumps({"source": str(model)}))
     shutil.move(str(home), str(tmp_path / "new"))
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "new"))
-    assert cache.cache_name("minilm-l6") == name
+    assert cache.cache_name(resolve("minilm-l6")) == name
     assert [e.state for e in cache.entries()] == ["current"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from edgerank import layout
+from edgerank.runtime import layout
 from edgerank.converters.onnx_graphs import TAPS, decoder_layer
 from edgerank.converters.smoothing import smooth
-from edgerank.streaming import session_options
+from edgerank.runtime.streaming import session_options
 
 H, NH, KVH, D, FFN = 64, 4, 2, 16, 128
 
@@ -85,7 +85,7 @@ def test_a_lora_update_is_scaled_with_its_weight():
 
 def test_calibration_maxima_ignore_padding_and_match_sequences_run_alone():
     from edgerank.converters.smoothing import CALIBRATION_ROWS, Calibration
-    from edgerank.rope import RopeTable
+    from edgerank.runtime.rope import RopeTable
 
     rng = np.random.default_rng(2)
     w = _layer(rng)

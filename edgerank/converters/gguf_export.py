@@ -19,7 +19,7 @@ What ``llama-server --reranking`` needs to score as edgerank does (``/v1/rerank`
   edgerank's score is its sigmoid. ``edgerank.relevance_score`` in the file says which.
 
 A model trained with a LoRA adapter (a folder with ``adapter.safetensors``, from
-``edgerank.train``) is split for the quantized types: a fine-tuned update is far smaller
+``edgerank.train.trainer``) is split for the quantized types: a fine-tuned update is far smaller
 than a 4-bit (or 8-bit) step, so quantizing the merged weights would round the training
 away. The model file then holds the base (merged - B@A) and names, in
 ``edgerank.lora_adapter``, a llama.cpp LoRA adapter GGUF beside it that holds A and B in
@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from edgerank.converters.tensors import ArchConfig, hf_config, iter_gguf, iter_safetensors
 from edgerank.converters.vocab import add_tokenizer
 from edgerank.errors import UnsupportedModelError
-from edgerank.sources import FAMILY_KEY, LORA_KEY
-from edgerank.specs import ModelSpec
+from edgerank.runtime.sources import FAMILY_KEY, LORA_KEY
+from edgerank.runtime.specs import ModelSpec
 
 RERANK_TEMPLATE_KEY = gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="rerank")
 # What llama-server's relevance_score is for this file: "probability" (edgerank's score) or
@@ -276,7 +276,7 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
             raise UnsupportedModelError(
                 f"model type {arch!r} has no llama.cpp GGUF mapping here; convert it to the ONNX artifact instead")
     else:
-        from edgerank.sources import gguf_metadata
+        from edgerank.runtime.sources import gguf_metadata
 
         meta = gguf_metadata(src)
         arch = meta["general.architecture"]
@@ -285,7 +285,7 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
 
     lora = {}
     if adapter_dest is not None:
-        from edgerank.adapters import adapter_file, lora_updates
+        from edgerank.converters.adapters import adapter_file, lora_updates
 
         lora = lora_updates(adapter_file(src))
     notes: dict = {"fallbacks": {}}

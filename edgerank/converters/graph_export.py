@@ -3,7 +3,7 @@
 What a user would build instead of edgerank: ``torch.onnx.export`` of the model with its
 scoring head, optionally ``onnxruntime.quantization.quantize_dynamic`` (int8) on top. Any
 ONNX runtime runs it; the bench runs it as the ``ort-fp32-graph`` and ``ort-int8-graph``
-peers (``edgerank.peers``). Layout::
+peers (``edgerank.bench.peers``). Layout::
 
     manifest.json   format "edgerank-graph", family, kind, padding side, sha256 per file
     model.onnx      inputs input_ids, attention_mask [, token_type_ids] [B, T] int64;
@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgerank import layout
+from edgerank.runtime import layout
 from edgerank.errors import ModelFormatError
-from edgerank.layout import GRAPH_FORMAT, sha256_file
-from edgerank.sources import ModelSource
+from edgerank.runtime.layout import GRAPH_FORMAT, sha256_file
+from edgerank.runtime.sources import ModelSource
 
 GRAPH_FILE = "model.onnx"
 QUANTS = ("fp32", "int8")
@@ -32,7 +32,7 @@ def write_graph(source: ModelSource, dest: Path, quant: str) -> dict:
     backend reads it) into the folder ``dest`` (new or empty)."""
     import torch
 
-    from edgerank.backends.reference import ReferenceBackend
+    from edgerank.runtime.backends.reference import ReferenceBackend
 
     from edgerank.converters.onnx_export import write_tokenizer
 

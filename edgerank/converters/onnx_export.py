@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
 from edgerank.converters.smoothing import ALPHA, Calibration, calibration_tokens, smooth
 from edgerank.converters.tensors import ArchConfig, TensorReader
-from edgerank import layout
-from edgerank.layout import FORMAT, FORMAT_VERSION, sha256_file
+from edgerank.runtime import layout
+from edgerank.runtime.layout import FORMAT, FORMAT_VERSION, sha256_file
 from edgerank.errors import ModelFormatError, UnsupportedModelError
-from edgerank.specs import ModelSpec
+from edgerank.runtime.specs import ModelSpec
 
 QUANTS = ("int4", "int8", "fp32")
-# forms stored beside the artifact's own, for the runtime to choose from (``edgerank.compute``):
+# forms stored beside the artifact's own, for the runtime to choose from (``edgerank.runtime.compute``):
 # an int4 artifact carries int8-compute layers too (the faster form where memory allows)
 INT8_FORM = "int8"
 EXTRA_FORMS = {"int4": (INT8_FORM,), "int8": (), "fp32": ()}
@@ -102,8 +102,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     manifest = _manifest(cfg, spec, quant, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     if extra:  # whether each extra form ranks like the own one, and which is faster on this CPU
-        from edgerank.artifact import Artifact
-        from edgerank.compute import default_threads, measure_forms
+        from edgerank.runtime.artifact import Artifact
+        from edgerank.runtime.compute import default_threads, measure_forms
         from edgerank.converters.verify import form_fit
 
         manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
@@ -118,7 +118,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
 def _calibration(cfg: ArchConfig, spec: ModelSpec, tokenizer, table: np.ndarray) -> Calibration:
     """The calibration pairs' layer-0 hidden states (fp32 embedding rows) and positions."""
     from edgerank.converters.sample import SAMPLE
-    from edgerank.rope import RopeTable
+    from edgerank.runtime.rope import RopeTable
 
     return Calibration(calibration_tokens(tokenizer, spec, SAMPLE), table,
                        RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
@@ -126,8 +126,8 @@ def _calibration(cfg: ArchConfig, spec: ModelSpec, tokenizer, table: np.ndarray)
 
 def _adapter_tensors(src: Path) -> dict[str, np.ndarray]:
     """The LoRA adapter a trained folder carries (``adapter.safetensors``, written by
-    ``edgerank.train``), as ``{weight key}.lora_A`` / ``.lora_B`` with B scaled by alpha/r."""
-    from edgerank.adapters import adapter_file, lora_updates
+    ``edgerank.train.trainer``), as ``{weight key}.lora_A`` / ``.lora_B`` with B scaled by alpha/r."""
+    from edgerank.converters.adapters import adapter_file, lora_updates
 
     path = adapter_file(src)
     if path is None:
@@ -147,7 +147,7 @@ def _encoder_prefix(reader: TensorReader) -> str:
 
 def write_tokenizer(src: Path, dest: Path):
     """Copy (HF folder) or rebuild (GGUF, via transformers) ``tokenizer.json``."""
-    from edgerank.tokenization import HFTokenizer
+    from edgerank.runtime.tokenization import HFTokenizer
 
     if src.is_dir():
         if not (src / layout.TOKENIZER).is_file():
@@ -181,7 +181,7 @@ def _write_embedding(table: np.ndarray, dest: Path, quant: str, name: str = layo
 
 
 def _decoder_head(reader: TensorReader, cfg: ArchConfig, spec: ModelSpec, tokenizer) -> dict:
-    from edgerank.tokenization import label_token_ids
+    from edgerank.runtime.tokenization import label_token_ids
 
     ids = label_token_ids(tokenizer, spec.score.labels)
     lm = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgerank.converters.quantize import quantize_blocks, quantize_channels
-from edgerank.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_MASK, PAST_VALUE, SIN, VALUE
+from edgerank.runtime.layout import COS, HIDDEN, HIDDEN_OUT, KEY, MASK, PAST_KEY, PAST_MASK, PAST_VALUE, SIN, VALUE
 
 OPSET = 17
 ACCURACY_LEVEL = 4  # int8 activations x int4 weights: ORT's fast CPU kernels

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edgerank.layout import FORMAT, GRAPH_FORMAT
+from edgerank.runtime.layout import FORMAT, GRAPH_FORMAT
 
 
 def size_on_disk(path: Path) -> int:

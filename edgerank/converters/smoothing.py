@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from edgerank import layout
-from edgerank.compute import default_threads
-from edgerank.streaming import session_options
+from edgerank.runtime import layout
+from edgerank.runtime.compute import default_threads
+from edgerank.runtime.streaming import session_options
 from edgerank.converters.onnx_graphs import TAPS
 
 # how much of the outliers moves into the weights: the paper's default is 0.5; on SmolLM2's
@@ -43,7 +43,7 @@ MAX_FACTOR = 100.0  # the factors stay within [1/100, 100]
 def calibration_tokens(tokenizer, spec, sample) -> list[list[int]]:
     """Token ids of the calibration pairs: query i of ``sample`` with the passages of
     query i+1, through the family's template."""
-    from edgerank.tokenization import encode_pairs
+    from edgerank.runtime.tokenization import encode_pairs
 
     seqs = []
     for i, (query, _) in enumerate(sample):

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgerank.adapters import ADAPTER_FILE
+from edgerank.converters.adapters import ADAPTER_FILE
 from edgerank.converters.safetensors_file import SafetensorsFile
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 
@@ -190,8 +190,8 @@ def _hf_name(gguf_name: str) -> str:
 
 
 def gguf_config(path: Path, reader) -> ArchConfig:
-    """Dimensions of a GGUF decoder from its metadata (``edgerank.sources.gguf_metadata``)."""
-    from edgerank.sources import gguf_metadata
+    """Dimensions of a GGUF decoder from its metadata (``edgerank.runtime.sources.gguf_metadata``)."""
+    from edgerank.runtime.sources import gguf_metadata
 
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")

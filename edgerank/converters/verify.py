@@ -1,4 +1,6 @@
-"""Score real query-document pairs with the full-precision source and the converted model."""
+"""Score the built-in sample (``sample.SAMPLE``: 64 query-passage pairs) with the full-precision
+source and the converted model, and say how far they agree. The same pairs on every machine,
+with or without judged data beside the checkout, so a conversion's verdict never depends on it."""
 
 from __future__ import annotations
 
@@ -8,20 +10,6 @@ import numpy as np
 
 from edgerank.converters.sample import SAMPLE
 from edgerank.metrics import kendall_tau, precision_at_k_vs, spearman
-
-DL19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "trec-dl19"
-
-def sample_pairs(n_queries: int = 4, per_query: int = 16) -> list[tuple[str, list[str]]]:
-    """``n_queries`` DL19 queries with their top BM25 candidates, else the built-in sample
-    (``edgerank/converters/sample.py``: 64 pairs, relevant and irrelevant passages per query)."""
-    if not DL19.is_dir():
-        return SAMPLE
-    from edgerank.datasets import load_beir, load_run
-
-    coll = load_beir(DL19)
-    run = load_run(DL19 / "run.bm25.top100.trec")
-    return [(coll.queries[q], [coll.corpus[d] for d, _ in run[q][:per_query]]) for q in sorted(run)[:n_queries]]
-
 
 def compare(reference, converted, pairs) -> dict:
     """Agreement of two Rerankers over ``pairs``: rank correlations, top-10, differences.
@@ -62,12 +50,13 @@ def form_fit(artifact: Path, family: str, own: str, form: str) -> dict:
     (unpruned): int8 activations, one scale per chunk, wreck a model whose activations have
     outlier channels (SmolLM2: Spearman 0.29; MiniLM: 0.996, RESULTS §18.4), so each
     model's int8 form is checked at conversion and offered only where it holds."""
-    from edgerank.api import Reranker
+    from edgerank.runtime.reranker import Reranker
+    from edgerank.runtime.sources import source_at
 
     def sample_scores(compute: str) -> list[np.ndarray]:
         # one form at a time, its layers streamed: a 3B model's two forms resident at once
         # took the conversion to 6,250 MB (RESULTS §13.1)
-        with Reranker(artifact, family=family, pruning=False, compute=compute, verify=False,
+        with Reranker(source_at(artifact, family), pruning=False, compute=compute, verify=False,
                       stream_weights=True) as r:
             return scores(r, SAMPLE)
 

@@ -113,8 +113,8 @@ def gguf_label_ids(path: Path, labels) -> list[int]:
     one that scores the file), each of which must be one token."""
     import llama_cpp
 
-    from edgerank.backends.llamacpp import _silence_llama_logs
-    from edgerank.tokenization import LlamaCppTokenizer, label_token_ids
+    from edgerank.runtime.backends.llamacpp import _silence_llama_logs
+    from edgerank.runtime.tokenization import LlamaCppTokenizer, label_token_ids
 
     _silence_llama_logs(llama_cpp)
     llama_cpp.llama_backend_init()

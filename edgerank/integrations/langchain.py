@@ -16,7 +16,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from edgerank.extras import require
+from edgerank.runtime.extras import require
 
 require("langchain", "edgerank.integrations.langchain")
 

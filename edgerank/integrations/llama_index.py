@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional
 
-from edgerank.extras import require
+from edgerank.runtime.extras import require
 
 require("llama-index", "edgerank.integrations.llama_index")
 

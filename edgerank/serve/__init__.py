@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Union
 
-from edgerank.extras import require
+from edgerank.runtime.extras import require
 
 require("server", "python -m edgerank.serve")
 

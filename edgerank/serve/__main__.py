@@ -8,7 +8,7 @@ import ipaddress
 import os
 import sys
 
-from edgerank.errors import exits_on, option_pair, positive_int, positive_number
+from edgerank.cli import exits_on, option_pair, positive_int, positive_number
 
 
 def non_negative_int(text: str) -> int:

@@ -1,0 +1,1 @@
+"""Calibration: per-layer readouts fitted on unlabelled data, and the pruning setting that keeps P@K."""

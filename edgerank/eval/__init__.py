@@ -1,0 +1,1 @@
+"""Evaluation: rerank a first-stage run on judged data and score both."""

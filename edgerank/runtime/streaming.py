@@ -1,0 +1,160 @@
+"""Layer sessions: all resident, or a two-layer sliding window streamed from disk.
+
+Streaming (``stream=True``): while layer i computes, a background thread reads layer
+i+1's file and builds its ONNX Runtime session; layer i is released as soon as its work is
+done. At most two layers' weights are resident. The time the compute thread spends
+waiting for a layer that is not ready yet is the I/O wait (``io_wait_s``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import onnxruntime as ort
+
+from edgerank.runtime.artifact import Artifact
+from edgerank.errors import ModelFormatError
+from edgerank.runtime.layout import sha256_file
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No per-session arena: with one session per layer, arenas would each keep their own
+    # peak activations alive. Freed buffers go straight back.
+    opts.enable_cpu_mem_arena = False
+    # Every call has new input shapes; ORT's memory-pattern cache keeps a plan per shape
+    # and grew a resident session's RSS from 542 to 982 MB over six DL19 queries
+    # (flat at ~470 MB without it, same speed). See bench/RESULTS.md §6.3.
+    opts.enable_mem_pattern = False
+    # Idle pool threads block instead of spinning. Every layer session has its own pool,
+    # so a finished layer's spinning threads competed with the next layer's, and with any
+    # other busy process: paired, 0.74x (minilm-l6) and 0.81x (smollm2) the latency beside
+    # a training job, 1.02x and 0.96x on a quiet machine. See bench/RESULTS.md §9.3.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class LayerSessions:
+    """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
+
+    def __init__(self, artifact: Artifact, stream: bool, threads: int, form: str | None = None) -> None:
+        self.artifact = artifact
+        self.stream = stream
+        self.files = artifact.layer_files(form)  # the layers in the form chosen (edgerank.runtime.compute)
+        self._opts = session_options(threads)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
+        self.io_wait_s = 0.0
+        self.load_s = 0.0
+        self.peak_resident = 0  # most layers held at once (streaming)
+        self._resident: dict[int, ort.InferenceSession] = {}
+        if not stream:
+            for i in range(artifact.n_layers):
+                self._resident[i] = self._load(i)
+
+    def _load(self, i: int) -> ort.InferenceSession:
+        """Layer ``i``'s session, its file checked against the manifest first.
+
+        A streamed layer is read again on every call, long after the artifact was checked
+        at load, so it is checked again: its size, and its sha256 when the artifact was
+        opened with ``verify=True`` (hashing runs in the prefetch thread beside the
+        previous layer's compute, at ~1 GB/s, well under the session's build time). A file
+        replaced between the check and the load is caught by its identity (inode, size,
+        mtime) before and after. The session is built from the path, not from the hashed
+        bytes: from bytes ONNX Runtime kept 2.2x the file resident instead of 1.2x."""
+        t0 = time.perf_counter()
+        rel = self.files[i]
+        path = self.artifact.path / rel
+        info = self.artifact.manifest["files"][rel]
+        before = self._identity(path, rel)
+        if before[1] != info["size"]:
+            raise ModelFormatError(f"{self.artifact.path}: {rel} is {before[1]} bytes, the manifest says "
+                                   f"{info['size']}: the artifact changed after it was loaded")
+        if self.stream and self.artifact.verified and sha256_file(path) != info["sha256"]:
+            raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
+                                   "the file was modified after the artifact was loaded")
+        try:
+            sess = ort.InferenceSession(str(path), self._opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, ...
+            raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer "
+                                   f"({type(e).__name__}: {str(e).strip()[:200]})") from e
+        self._check_inputs(sess, rel)
+        if self._identity(path, rel) != before:
+            raise ModelFormatError(f"{self.artifact.path}: {rel} changed while it was being loaded")
+        with self._lock:
+            self.load_s += time.perf_counter() - t0
+        return sess
+
+    def _check_inputs(self, sess: ort.InferenceSession, rel: str) -> None:
+        """The layer graph's fixed sizes must be the manifest's: a mismatch would fail deep in
+        ONNX Runtime at the first call."""
+        dims = self.artifact.manifest["dims"]
+        want = {"hidden": (-1, dims["hidden"]), "cos": (-1, dims["head_dim"]),
+                "past_key": (1, dims["n_kv_heads"])}
+        for inp in sess.get_inputs():
+            if inp.name in want:
+                axis, size = want[inp.name]
+                got = inp.shape[axis] if -len(inp.shape) <= axis < len(inp.shape) else None
+                if isinstance(got, int) and got != size:
+                    raise ModelFormatError(f"{self.artifact.path}: {rel} takes {inp.name} of size {got} on axis "
+                                           f"{axis}; the manifest's dims say {size}")
+
+    def _identity(self, path, rel: str) -> tuple[int, int, int]:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ModelFormatError(f"{self.artifact.path}: {rel} cannot be read ({e.strerror or e}); "
+                                   "the artifact changed after it was loaded") from e
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def prefetch(self, i: int) -> None:
+        """Start loading layer ``i`` in the background (streaming only; no-op otherwise)."""
+        if self.stream and 0 <= i < self.artifact.n_layers and i not in self._pending:
+            self._pending[i] = self._pool.submit(self._load, i)
+            self.peak_resident = max(self.peak_resident, len(self._pending))
+
+    def get(self, i: int) -> ort.InferenceSession:
+        if not self.stream:
+            return self._resident[i]
+        self.prefetch(i)
+        t0 = time.perf_counter()
+        try:
+            sess = self._pending[i].result()
+        except Exception:
+            self.release()  # a layer that cannot be loaded ends the call: hold nothing after it
+            raise
+        self.io_wait_s += time.perf_counter() - t0
+        return sess
+
+    def done(self, i: int) -> None:
+        """Layer ``i`` has no more work in this call: drop it when streaming."""
+        if self.stream:
+            fut = self._pending.pop(i, None)
+            if fut is not None:
+                try:
+                    fut.result()  # let a load in flight finish before dropping it
+                except Exception:  # noqa: BLE001 - a failed load of a layer no longer wanted
+                    pass
+
+    def reset_counters(self) -> None:
+        self.io_wait_s = self.load_s = 0.0
+
+    def release(self) -> None:
+        """Drop every streamed layer still held (a call ended early, or is over)."""
+        for i in list(self._pending):
+            self.done(i)
+
+    def close(self) -> None:
+        self.release()
+        self._resident.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
