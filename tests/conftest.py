@@ -215,13 +215,14 @@ def train_random_lora(base: Path, out: Path, std: float, seed: int, r: int = 4, 
     """``out``: what ``edgerank.train.trainer`` leaves for a LoRA run on ``base`` (merged weights plus
     ``adapter.safetensors``), with a random adapter standing in for a trained one."""
     from edgerank.converters.adapters import save_adapter
-    from edgerank.train.trainer import export_merged
+    from edgerank.converters.merge import export_merged
+    from edgerank.models.supply import resolve
 
     backend = attach_random_lora(base, r=r, alpha=alpha, std=std, seed=seed)
     adapter = out.with_name(out.name + "-adapter.safetensors")
     save_adapter(backend.model, backend.weight_prefix, adapter, r, alpha, str(base), "qwen3-reranker")
     backend.close()
-    export_merged(str(base), "qwen3-reranker", adapter, out)
+    export_merged(resolve(str(base), family="qwen3-reranker"), adapter, out)
     return out
 
 

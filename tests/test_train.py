@@ -259,7 +259,7 @@ def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
     from edgerank.runtime.backends.reference import ReferenceBackend
     from edgerank.models.supply import resolve
     from edgerank.runtime.tokenization import encode_pairs
-    from edgerank.train.trainer import export_merged
+    from edgerank.converters.merge import export_merged
 
     base = make_decoder(tmp_path / "base", "qwen3", bpe_tokenizer, n_layers=2)
     backend = attach_random_lora(base, r=4, alpha=8, std=0.05, params="lora_")
@@ -269,7 +269,7 @@ def test_merged_adapter_scores_equal_attached_adapter(tmp_path, bpe_tokenizer):
         attached = backend.head_outputs(enc.sequences).numpy()
     adapter = tmp_path / "a.safetensors"
     save_adapter(backend.model, backend.weight_prefix, adapter, 4, 8, str(base), "qwen3-reranker")
-    digest = export_merged(str(base), "qwen3-reranker", adapter, tmp_path / "merged")
+    digest = export_merged(resolve(str(base), family="qwen3-reranker"), adapter, tmp_path / "merged")
     merged = ReferenceBackend(resolve(str(tmp_path / "merged")), device="cpu")
     assert merged.spec.family == "qwen3-reranker"
     with torch.no_grad():
@@ -409,14 +409,15 @@ def test_pull_assembles_base_plus_adapter_and_checks_it(tmp_path, bpe_tokenizer,
     from edgerank.models import pull as pulling
     from edgerank.converters.adapters import save_adapter
     from edgerank.errors import ModelFormatError
-    from edgerank.train.trainer import export_merged
+    from edgerank.converters.merge import export_merged
+    from edgerank.models.supply import resolve
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, n_layers=2)
     backend = attach_random_lora(base, r=2, alpha=4, std=0.01)
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     save_adapter(backend.model, backend.weight_prefix, adapters / "t.safetensors", 2, 4, str(base), "qwen3-reranker")
-    digest = export_merged(str(base), "qwen3-reranker", adapters / "t.safetensors", tmp_path / "ref")
+    digest = export_merged(resolve(str(base), family="qwen3-reranker"), adapters / "t.safetensors", tmp_path / "ref")
     from edgerank.runtime.layout import sha256_file
 
     entry = catalog.BuiltinModel(
@@ -460,7 +461,7 @@ def test_saved_model_stores_tied_embeddings_once_and_reloads_identically(tmp_pat
 
     from edgerank.runtime.backends.reference import ReferenceBackend
     from edgerank.models.supply import resolve
-    from edgerank.train.trainer import save_model
+    from edgerank.converters.merge import save_model
 
     base = make_decoder(tmp_path / "base", "llama", bpe_tokenizer, tie=True)
     before = ReferenceBackend(resolve(str(base), family="qwen3-reranker"), device="cpu")
