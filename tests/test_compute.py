@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 import edgerank
 from edgerank.models.supply import resolve
 from edgerank.runtime.budget import MemoryBudgetError
-from edgerank.runtime.compute import cpu_id
+from edgerank.runtime.cpu import cpu_id
 from edgerank.converters import convert
 from edgerank.converters.sample import SAMPLE
 from edgerank.converters.quantize import quantize_channels

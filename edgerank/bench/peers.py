@@ -30,7 +30,7 @@ class GraphPeer:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from edgerank.runtime.compute import default_threads
+        from edgerank.runtime.cpu import default_threads
         from edgerank.runtime.specs import get_spec
 
         self.path = Path(path)

@@ -396,7 +396,8 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgerank.runtime.compute import default_threads, median_ms
+    from edgerank.runtime.compute import median_ms
+    from edgerank.runtime.cpu import default_threads
     from edgerank.converters.quantize import quantize_channels
     from edgerank.runtime.streaming import session_options
 
@@ -425,7 +426,7 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
 def machine() -> dict:
     import psutil
 
-    from edgerank.runtime.compute import cpu_id
+    from edgerank.runtime.cpu import cpu_id
 
     return {"cpu": cpu_id(), "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": f"{platform.system()} {platform.release()}",

@@ -103,7 +103,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     if extra:  # whether each extra form ranks like the own one, and which is faster on this CPU
         from edgerank.runtime.artifact import Artifact
-        from edgerank.runtime.compute import default_threads, measure_forms
+        from edgerank.runtime.compute import measure_forms
+        from edgerank.runtime.cpu import default_threads
         from edgerank.converters.verify import form_fit
 
         manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgerank.runtime import layout
-from edgerank.runtime.compute import default_threads
+from edgerank.runtime.cpu import default_threads
 from edgerank.runtime.streaming import session_options
 from edgerank.converters.onnx_graphs import TAPS
 

@@ -12,19 +12,15 @@ The memory budget can still force int4 (``backends.layerwise``).
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
+from edgerank.runtime.cpu import cpu_id
 from edgerank.runtime.streaming import session_options
 
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
@@ -32,7 +28,6 @@ PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
 # (tiny models, a noisy machine) keeps the stored format, so repeated loads agree
 MARGIN = 0.9
-_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm")
 _measured: dict[tuple[str, str], "Choice"] = {}  # (artifact's layer-0 sha256, CPU) -> choice, this process
 
 
@@ -49,28 +44,6 @@ class Choice:
 
     def as_dict(self) -> dict:
         return {"form": self.form, "how": self.how, "probe_ms": self.ms, "cpu": self.cpu}
-
-
-def default_threads() -> int:
-    """Threads a model runs with unless told: one per physical core."""
-    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-
-
-@functools.cache
-def cpu_id() -> str:
-    """The CPU's model name and the flags that decide int8 speed: what a measurement is valid for."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine()):
-                name = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return f"{name} [{' '.join(f for f in _FLAGS if f in flags) or 'no int8 dot-product flags'}]"
 
 
 def measure(artifact: Artifact, form: str, threads: int) -> float:

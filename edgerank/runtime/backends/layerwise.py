@@ -34,7 +34,8 @@ from edgerank.runtime.backends.heads import _BLAS, head_for
 from edgerank.runtime.budget import (INT8_CHUNK_TOKENS, MB, MemoryBudgetError, Plan, Shape, plan_call, plan_load,
                              tokenizer_mb)
 from edgerank.runtime.chunking import length_chunks
-from edgerank.runtime.compute import Choice, choose, default_threads
+from edgerank.runtime.compute import Choice, choose
+from edgerank.runtime.cpu import default_threads
 from edgerank.runtime.embedding import EmbeddingRows
 from edgerank.errors import ModelFormatError, is_int, is_number
 from edgerank.runtime.pruning import RULES, PruningPolicy, PruningRun
