@@ -198,7 +198,7 @@ def test_config_shapes(tiny_cross_encoder, tmp_path_factory, mutations, family_f
     if st_config is not None:
         (folder / "sentence_bert_config.json").write_text(json.dumps(st_config))
     try:
-        source = edgerank.runtime.sources.resolve(str(folder))
+        source = edgerank.runtime.sources.source_at(str(folder))
     except Exception as e:  # noqa: BLE001
         check_documented(e)
         assert isinstance(e, EdgerankError), e

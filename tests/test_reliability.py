@@ -300,7 +300,7 @@ def test_a_config_of_the_wrong_shape_is_a_format_error(tiny_cross_encoder, tmp_p
     folder = Path(shutil.copytree(tiny_cross_encoder, tmp_path / "m"))
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError):
-        edgerank.runtime.sources.resolve(str(folder))
+        edgerank.runtime.sources.source_at(str(folder))
 
 
 # ---- (10) blank after tokenization, (12) control tokens in text --------------------------
