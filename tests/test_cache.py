@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 
+from edgerank.runtime import layout
 from edgerank.converters import convert
 from edgerank.models.supply import resolve
 from edgerank.models import cache
@@ -55,7 +56,7 @@ def test_clean_removes_only_conversions_no_model_uses(tiny_cross_encoder, tmp_pa
     assert "3 entries" in capsys.readouterr().out and first.exists()
 
     assert models_main(["cache", "--clean"]) == 0
-    assert not first.exists() and not first.with_name(first.name + cache.REPORT_SUFFIX).exists()
+    assert not first.exists() and not first.with_name(first.name + layout.REPORT_SUFFIX).exists()
     assert not any(p.name.startswith(gone_entry) for p in root.iterdir())
     assert not old_leftover.exists()
     assert second.is_dir() and by_hand.is_dir() and (root / "notes.txt").read_text() == "the user's"

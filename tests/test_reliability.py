@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import edgerank
+from edgerank.runtime import layout
 from edgerank.models.supply import resolve
 from edgerank.errors import ModelFormatError
 from tests.conftest import DL19, make_bert, write_beir
@@ -464,7 +465,7 @@ def test_a_moved_cache_keeps_its_builtin_conversions_current(tmp_path, monkeypat
     name = cache.cache_name(resolve("minilm-l6"))
     art = cache.cache_dir() / f"{name}-int4"
     shutil.copytree(small_artifact, art)
-    (art.parent / (art.name + cache.REPORT_SUFFIX)).write_text(json.dumps({"source": str(model)}))
+    (art.parent / (art.name + layout.REPORT_SUFFIX)).write_text(json.dumps({"source": str(model)}))
     shutil.move(str(home), str(tmp_path / "new"))
     monkeypatch.setenv("EDGERANK_HOME", str(tmp_path / "new"))
     assert cache.cache_name(resolve("minilm-l6")) == name

@@ -337,26 +337,34 @@ def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, 
         if same and c.startswith("edgerank"):
             row["precision_at_k_vs_unpruned"] = float(np.mean(
                 [precision_at_k_vs(orders[qi], full_orders[qi], top_k) for qi in same]))
-        extras = [r["extra"] for r in rs if r.get("extra")]
-        if extras and "work_skipped" in extras[0]:
-            row["work_skipped"] = float(np.mean([e["work_skipped"] for e in extras]))
-            row["work_saved_vs_unshared"] = float(np.mean([e["work_saved_vs_unshared"] for e in extras]))
-            row["padding_fraction"] = float(np.mean([e["padding_fraction"] for e in extras]))
-            row["io_wait_s_mean"] = float(np.mean([e["io_wait_s"] for e in extras]))
-            # where a call's time goes: embedding, the layers (inside ONNX Runtime, and the padding,
-            # masks and copies between its calls), pruning checks (readout + policy)
-            row["stage_ms_median"] = {stage: 1000 * float(np.median([e[f"{stage}_s"] for e in extras]))
-                                      for stage in ("embed", "ort", "between_calls", "prune")}
-            if "layer_gflop" in extras[0]:  # achieved on the layer work: GFLOP run / seconds in ONNX Runtime
-                row["layer_gflops"] = (sum(e["layer_gflop"] for e in extras) / max(sum(e["ort_s"] for e in extras), 1e-9))
-                row["compute"] = extras[0]["compute"]["form"]
-            layers = extras[0]["layers"]
-            hist = np.sum([e["layers_per_candidate"] for e in extras], axis=0)
-            computed = np.array([hist[i + 1:].sum() for i in range(layers)], dtype=float)  # reached layer i
-            row["computed_fraction_per_layer"] = (computed / max(hist.sum(), 1)).tolist()
+        row.update(_runtime_figures([r["extra"] for r in rs if r.get("extra")]))
         rows.append(row)
     _add_ratios(rows)
     return rows
+
+
+def _runtime_figures(extras: list[dict]) -> dict:
+    """The edgerank runtime's own figures over a configuration's calls: work skipped, where
+    the time goes, the layers' GFLOP/s and the form they ran in."""
+    if not extras or "work_skipped" not in extras[0]:
+        return {}
+    row: dict = {}
+    row["work_skipped"] = float(np.mean([e["work_skipped"] for e in extras]))
+    row["work_saved_vs_unshared"] = float(np.mean([e["work_saved_vs_unshared"] for e in extras]))
+    row["padding_fraction"] = float(np.mean([e["padding_fraction"] for e in extras]))
+    row["io_wait_s_mean"] = float(np.mean([e["io_wait_s"] for e in extras]))
+    # where a call's time goes: embedding, the layers (inside ONNX Runtime, and the padding,
+    # masks and copies between its calls), pruning checks (readout + policy)
+    row["stage_ms_median"] = {stage: 1000 * float(np.median([e[f"{stage}_s"] for e in extras]))
+                              for stage in ("embed", "ort", "between_calls", "prune")}
+    if "layer_gflop" in extras[0]:  # achieved on the layer work: GFLOP run / seconds in ONNX Runtime
+        row["layer_gflops"] = (sum(e["layer_gflop"] for e in extras) / max(sum(e["ort_s"] for e in extras), 1e-9))
+        row["compute"] = extras[0]["compute"]["form"]
+    layers = extras[0]["layers"]
+    hist = np.sum([e["layers_per_candidate"] for e in extras], axis=0)
+    computed = np.array([hist[i + 1:].sum() for i in range(layers)], dtype=float)  # reached layer i
+    row["computed_fraction_per_layer"] = (computed / max(hist.sum(), 1)).tolist()
+    return row
 
 
 def _add_ratios(rows: list[dict]) -> None:

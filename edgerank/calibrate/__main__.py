@@ -42,6 +42,7 @@ from edgerank.calibrate.settings import (
 )
 from edgerank.cli import exits_on, fraction, positive_int, positive_ints
 from edgerank.data.judged import SHARED_DATA, check_run, load_beir, load_run
+from edgerank.runtime import layout
 from edgerank.runtime.pruning import DEFAULT_CLUSTERS, RULES
 
 TABLE_ROWS = 20
@@ -106,7 +107,7 @@ def _checked_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argpars
 def _artifact(model: str, console) -> Path:
     """``model``'s artifact folder: itself, or the cached int4 artifact of a name or path."""
     artifact = Path(model).expanduser()
-    if (artifact / "manifest.json").is_file():
+    if (artifact / layout.MANIFEST).is_file():
         return artifact
     from edgerank.models.cache import cached_artifact
     from edgerank.models.supply import resolve

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from edgerank.errors import ConfigError
+from edgerank.runtime import layout
 from edgerank.runtime.pruning import DEFAULT_CLUSTERS
 
 
@@ -54,7 +55,7 @@ def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None
     """Store the chosen knobs in the artifact's manifest (atomically) or a config file.
     ``by_k`` holds the settings chosen for other K values (None: none kept the target);
     the runtime uses one for a call with that K, and the main setting for any other K."""
-    target = config or artifact / "manifest.json"
+    target = config or artifact / layout.MANIFEST
     doc = settings_file(target)
     doc["pruning"] = {**_setting(setting), "calibrated": True, **meta}
     if by_k:  # a K that no setting kept at the target prunes nothing: {"off": true}

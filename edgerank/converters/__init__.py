@@ -10,9 +10,16 @@ import os
 import time
 from pathlib import Path
 
-from edgerank.converters.output import OutputExistsError, atomic_path, check_output_location, size_on_disk, written_by_edgerank
 from edgerank.cli import refuse_output_over_inputs
+from edgerank.converters.output import (
+    OutputExistsError,
+    atomic_path,
+    check_output_location,
+    size_on_disk,
+    written_by_edgerank,
+)
 from edgerank.errors import ModelFormatError
+from edgerank.runtime import layout
 from edgerank.runtime.memory import PeakRSS
 from edgerank.runtime.sources import ModelSource, source_at
 
@@ -119,7 +126,7 @@ def convert(src: str | Path | ModelSource, to: str, quant: str | None, out: str 
 
 
 def _report_path(out: Path) -> Path:
-    return out.with_name(out.name + ".conversion_report.json")
+    return out.with_name(out.name + layout.REPORT_SUFFIX)
 
 
 def _source(src: str | Path | ModelSource, family: str | None, to: str) -> ModelSource:
@@ -200,10 +207,10 @@ def _verify(source, converted: Path, to: str) -> dict:
     into a temporary folder), which equals transformers within 1e-3 (tests)."""
     import tempfile
 
-    from edgerank.runtime import extras
-    from edgerank.runtime.reranker import Reranker
     from edgerank.converters.sample import SAMPLE
     from edgerank.converters.verify import compare
+    from edgerank.runtime import extras
+    from edgerank.runtime.reranker import Reranker
 
     if to == "gguf":
         extras.require("llamacpp", "verifying a GGUF conversion (or pass --no-verify)")

@@ -268,18 +268,8 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
             _llama_quantize(f16, dest, ftype)  # metadata (the adapter's name too) carries over
         notes["quantizer"] = "llama_cpp.llama_model_quantize"
         return notes
-    meta: dict = {}
-    if src.is_dir():
-        cfg = hf_config(src)
-        arch = cfg.arch
-        if arch not in ARCHS:
-            raise UnsupportedModelError(
-                f"model type {arch!r} has no llama.cpp GGUF mapping here; convert it to the ONNX artifact instead")
-    else:
-        from edgerank.runtime.sources import gguf_metadata
-
-        meta = gguf_metadata(src)
-        arch = meta["general.architecture"]
+    cfg, meta = _source_config(src)
+    arch = cfg.arch if cfg is not None else meta["general.architecture"]
     yes_no = spec is not None and spec.kind == "decoder" and spec.score.kind == "yes_no" and bool(label_ids)
     rank_head = yes_no and arch in RANK_POOLING_ARCHS
 
@@ -289,18 +279,8 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
 
         lora = lora_updates(adapter_file(src))
     notes: dict = {"fallbacks": {}}
-    readout = None
-    if yes_no and arch in READOUT_ARCHS:
-        if meta.get(RELEVANCE_KEY) == "logit":
-            notes["rank_readout"] = "kept: the source's residual stream is already rotated"
-        elif lora or not rank_readout:
-            why = "the LoRA adapter would need rotating too" if lora else "turned off (--no-rank-readout)"
-            notes["rank_readout"] = (f"not applied: {why}; llama-server's relevance_score is not the model's "
-                                     "score for this file (edgerank's backends are unaffected)")
-        else:
-            readout = RankReadout.from_source(src, label_ids)
-            notes["rank_readout"] = (f"residual stream rotated: llama-server's relevance_score is the "
-                                     f"{spec.score.labels[0].strip()}-minus-{spec.score.labels[1].strip()} logit")
+    readout = _readout(src, meta, spec, label_ids, bool(lora), rank_readout, notes) if yes_no and \
+        arch in READOUT_ARCHS else None
 
     def make() -> Iterator[tuple[str, np.ndarray]]:  # read twice: shapes first, then data
         if src.is_dir():
@@ -320,7 +300,44 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
         _write_lora_gguf(lora, cfg, adapter_dest)
         notes["lora"] = (f"{len(lora)} projections: base weights quantized, LoRA update kept unmerged in fp32 "
                          f"in {adapter_dest.name} ({adapter_dest.stat().st_size} bytes)")
-    # pass 1: shapes and types only (each tensor is read, then dropped)
+    notes["tensors"] = _write_tensors(writer, make, qtype, quant, progress, notes)
+    return notes
+
+
+def _source_config(src: Path) -> tuple[ArchConfig | None, dict]:
+    """An HF folder's architecture config (refused where llama.cpp has no mapping for it), or
+    a GGUF file's metadata."""
+    if not src.is_dir():
+        from edgerank.runtime.sources import gguf_metadata
+
+        return None, gguf_metadata(src)
+    cfg = hf_config(src)
+    if cfg.arch not in ARCHS:
+        raise UnsupportedModelError(
+            f"model type {cfg.arch!r} has no llama.cpp GGUF mapping here; convert it to the ONNX artifact instead")
+    return cfg, {}
+
+
+def _readout(src: Path, meta: dict, spec: ModelSpec, label_ids: list[int], lora: bool, rank_readout: bool,
+             notes: dict) -> RankReadout | None:
+    """The rotation that makes llama-server's rank pooling return a yes/no model's logit,
+    where it applies (``RankReadout``); ``notes`` say whether it was applied and why."""
+    if meta.get(RELEVANCE_KEY) == "logit":
+        notes["rank_readout"] = "kept: the source's residual stream is already rotated"
+        return None
+    if lora or not rank_readout:
+        why = "the LoRA adapter would need rotating too" if lora else "turned off (--no-rank-readout)"
+        notes["rank_readout"] = (f"not applied: {why}; llama-server's relevance_score is not the model's "
+                                 "score for this file (edgerank's backends are unaffected)")
+        return None
+    notes["rank_readout"] = (f"residual stream rotated: llama-server's relevance_score is the "
+                             f"{spec.score.labels[0].strip()}-minus-{spec.score.labels[1].strip()} logit")
+    return RankReadout.from_source(src, label_ids)
+
+
+def _write_tensors(writer: gguf.GGUFWriter, make, qtype, quant: str, progress: bool, notes: dict) -> int:
+    """Write the tensors ``make()`` yields in two passes (shapes and types, then data, each
+    tensor read and dropped in turn, so memory holds one at a time); returns how many."""
     plan = []
     for name, w in make():
         t, why = _target_type(name, w, qtype)
@@ -333,13 +350,11 @@ def write_gguf(src: Path, dest: Path, quant: str, spec: ModelSpec | None, label_
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    # pass 2: the data, converted tensor by tensor
     for (name, t), (name2, w) in zip(tqdm(plan, desc=f"GGUF {quant}", unit="tensor", disable=not progress), make()):
         assert name == name2
         writer.write_tensor_data(_encode(w, t))
     writer.close()
-    notes["tensors"] = len(plan)
-    return notes
+    return len(plan)
 
 
 def _write_lora_gguf(lora: dict, cfg: ArchConfig, dest: Path) -> None:

@@ -79,6 +79,20 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
     if calibration is not None:
         notes["smoothing"] = f"int8 form smoothed (alpha {ALPHA}) on {len(calibration.valid)} calibration pairs"
+    _write_layers(reader, cfg, dest, quant, extra, layer_prefix, lora, calibration, notes, progress)
+    manifest = _manifest(cfg, spec, quant, src, dest)
+    (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if extra:
+        notes["compute"] = _check_forms(dest, manifest, spec, quant, extra)
+    notes["format_version"] = FORMAT_VERSION
+    return notes
+
+
+def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str, extra: tuple, layer_prefix: str,
+                  lora: dict, calibration: Calibration | None, notes: dict, progress: bool) -> None:
+    """Each layer's graph in the artifact's own format and in each ``extra`` form, one layer's
+    weights in memory at a time."""
+    encoder = cfg.arch in ("bert", "xlm-roberta")
     for i in tqdm(range(cfg.n_layers), desc=f"ONNX {quant} layers", unit="layer", disable=not progress):
         p = f"{layer_prefix}{i}."
         w = {n[len(p):]: reader.get(n) for n in reader.names() if n.startswith(p)}
@@ -99,21 +113,21 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
             onnx.save_model(model, dest / layout.layer_file(i, form))
             del model
         del w
-    manifest = _manifest(cfg, spec, quant, src, dest)
-    (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if extra:  # whether each extra form ranks like the own one, and which is faster on this CPU
-        from edgerank.runtime.artifact import Artifact
-        from edgerank.runtime.compute import measure_forms
-        from edgerank.runtime.cpu import default_threads
-        from edgerank.converters.verify import form_fit
 
-        manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
-        manifest["compute"]["measured"] = measured = measure_forms(Artifact(dest, manifest, verified=False),
-                                                                   default_threads())
-        (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        notes["compute"] = {**measured, "fit": manifest["compute"]["fit"]}
-    notes["format_version"] = FORMAT_VERSION
-    return notes
+
+def _check_forms(dest: Path, manifest: dict, spec: ModelSpec, quant: str, extra: tuple) -> dict:
+    """Whether each extra form ranks like the own one (``compute.fit``), and which form is
+    fastest on this CPU (``compute.measured``): written into the manifest; returns both."""
+    from edgerank.converters.verify import form_fit
+    from edgerank.runtime.artifact import Artifact
+    from edgerank.runtime.compute import measure_forms
+    from edgerank.runtime.cpu import default_threads
+
+    manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
+    manifest["compute"]["measured"] = measured = measure_forms(Artifact(dest, manifest, verified=False),
+                                                               default_threads())
+    (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return {**measured, "fit": manifest["compute"]["fit"]}
 
 
 def _calibration(cfg: ArchConfig, spec: ModelSpec, tokenizer, table: np.ndarray) -> Calibration:

@@ -150,7 +150,35 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     down_proj), for the int8 form's smoothing statistics (``converters/smoothing.py``)."""
     g = _Graph(name, bits, block, _lora(w))
     x = g.rms_norm(HIDDEN, "input_layernorm", w["input_layernorm.weight"], eps)
+    ctx = _decoder_attention(g, x, w, n_heads, n_kv_heads, head_dim, eps, qk_norm)
+    attn = g.linear(ctx, "self_attn.o_proj", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+    h = g.op("Add", HIDDEN, attn)
+    x2 = g.rms_norm(h, "post_attention_layernorm", w["post_attention_layernorm.weight"], eps)
+    gate = g.linear(x2, "mlp.gate_proj", w["mlp.gate_proj.weight"])
+    up = g.linear(x2, "mlp.up_proj", w["mlp.up_proj.weight"])
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
+    g.op("Add", h, down, out=HIDDEN_OUT)
+    kv = ["PB", n_kv_heads, 1, "P", head_dim]  # PB: 1 (one past shared by every row) or B
+    tapped = []
+    if taps:
+        for tap, t, width in zip(TAPS, (x, ctx, x2, act), (hidden, n_heads * head_dim, hidden, w["mlp.down_proj.weight"].shape[1])):
+            g.op("Identity", t, out=tap)
+            tapped.append(_f32(tap, ["B", "T", width]))
+    return g.model(
+        [_f32(HIDDEN, ["B", "T", hidden]), _f32(COS, ["B", "T", head_dim]), _f32(SIN, ["B", "T", head_dim]),
+         _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv),
+         _f32(PAST_MASK, ["PMB", 1, 1, 1, "PM"])],
+        [_f32(HIDDEN_OUT, ["B", "T", hidden]), _f32(KEY, ["B", n_kv_heads, 1, "T", head_dim]),
+         _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim]), *tapped],
+    )
 
+
+def _decoder_attention(g: _Graph, x: str, w: dict[str, np.ndarray], n_heads: int, n_kv_heads: int, head_dim: int,
+                       eps: float, qk_norm: bool) -> str:
+    """Grouped-query attention of the normed hidden states ``x`` over the past (the shared
+    prefix's keys and values) and the rows' own causal keys, rotary positions from COS/SIN;
+    outputs KEY and VALUE and returns the heads' context [B,T,n_heads*D] (before o_proj)."""
     def heads(proj: str, n: int) -> str:  # [B,T,n*D] -> [B,KVH,n/KVH,T,D]
         y = g.linear(x, f"self_attn.{proj}", w[f"self_attn.{proj}.weight"], w.get(f"self_attn.{proj}.bias"))
         y = g.op("Reshape", y, g.shape_const("shape", [0, 0, n, head_dim]))
@@ -190,27 +218,7 @@ def decoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, n_kv_h
     ctx = g.op("Add", g.op("MatMul", a_prefix, PAST_VALUE), g.op("MatMul", a_own, v))  # [B,KVH,G,T,D]
     ctx = g.op("Reshape", ctx, g.shape_const("shape", [0, n_heads, -1, head_dim]))
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.shape_const("shape", [0, 0, n_heads * head_dim]))
-    attn = g.linear(ctx, "self_attn.o_proj", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-    h = g.op("Add", HIDDEN, attn)
-    x2 = g.rms_norm(h, "post_attention_layernorm", w["post_attention_layernorm.weight"], eps)
-    gate = g.linear(x2, "mlp.gate_proj", w["mlp.gate_proj.weight"])
-    up = g.linear(x2, "mlp.up_proj", w["mlp.up_proj.weight"])
-    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-    down = g.linear(act, "mlp.down_proj", w["mlp.down_proj.weight"])
-    g.op("Add", h, down, out=HIDDEN_OUT)
-    kv = ["PB", n_kv_heads, 1, "P", head_dim]  # PB: 1 (one past shared by every row) or B
-    tapped = []
-    if taps:
-        for tap, t, width in zip(TAPS, (x, ctx, x2, act), (hidden, n_heads * head_dim, hidden, w["mlp.down_proj.weight"].shape[1])):
-            g.op("Identity", t, out=tap)
-            tapped.append(_f32(tap, ["B", "T", width]))
-    return g.model(
-        [_f32(HIDDEN, ["B", "T", hidden]), _f32(COS, ["B", "T", head_dim]), _f32(SIN, ["B", "T", head_dim]),
-         _f32(MASK, ["B", 1, 1, "T", "T"]), _f32(PAST_KEY, kv), _f32(PAST_VALUE, kv),
-         _f32(PAST_MASK, ["PMB", 1, 1, 1, "PM"])],
-        [_f32(HIDDEN_OUT, ["B", "T", hidden]), _f32(KEY, ["B", n_kv_heads, 1, "T", head_dim]),
-         _f32(VALUE, ["B", n_kv_heads, 1, "T", head_dim]), *tapped],
-    )
+    return ctx
 
 
 def encoder_layer(w: dict[str, np.ndarray], *, hidden: int, n_heads: int, eps: float,

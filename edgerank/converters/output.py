@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edgerank.runtime.layout import FORMAT, GRAPH_FORMAT
+from edgerank.runtime.layout import FORMAT, GRAPH_FORMAT, MANIFEST, REPORT_SUFFIX
 
 
 def size_on_disk(path: Path) -> int:
@@ -44,13 +44,13 @@ def written_by_edgerank(path: Path) -> bool:
         if path.is_symlink():
             return False
         if path.is_dir():
-            manifest = json.loads((path / "manifest.json").read_text())
+            manifest = json.loads((path / MANIFEST).read_text())
             if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, GRAPH_FORMAT):
                 return False
-            listed = set(manifest.get("files") or {}) | {"manifest.json"}
+            listed = set(manifest.get("files") or {}) | {MANIFEST}
             return all(str(f.relative_to(path)) in listed for f in path.rglob("*") if not f.is_dir())
         if path.is_file():
-            if path.name.endswith(".conversion_report.json"):
+            if path.name.endswith(REPORT_SUFFIX):
                 report = json.loads(path.read_text())
                 return isinstance(report, dict) and {"source", "output", "format"} <= set(report)
             with open(path, "rb") as f:

@@ -74,13 +74,12 @@ class Calibration:
         input and returns the abs maxima per channel of each tap (real tokens only)."""
         sess = ort.InferenceSession(model.SerializeToString(), session_options(default_threads()),
                                     providers=["CPUExecutionProvider"])
-        empty = np.zeros((1, n_kv_heads, 1, 0, head_dim), np.float32)
+        empty = layout.no_past(n_kv_heads, head_dim)
         maxima: dict[str, np.ndarray] = {}
         for a in range(0, len(self.hidden), CALIBRATION_ROWS):
             rows = slice(a, a + CALIBRATION_ROWS)
-            outs = sess.run([layout.HIDDEN_OUT, *TAPS], {
-                layout.HIDDEN: self.hidden[rows], layout.COS: self.cos[rows], layout.SIN: self.sin[rows],
-                layout.MASK: self.mask[rows], layout.PAST_KEY: empty, layout.PAST_VALUE: empty})
+            outs = sess.run([layout.HIDDEN_OUT, *TAPS], layout.decoder_inputs(
+                self.hidden[rows], self.cos[rows], self.sin[rows], self.mask[rows], empty))
             self.hidden[rows] = outs[0]
             valid = self.valid[rows]
             for tap, t in zip(TAPS, outs[1:]):

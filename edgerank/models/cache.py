@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerank.runtime import layout
 from edgerank.errors import UnsupportedModelError
 from edgerank.models import pull
 from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
+from edgerank.runtime import layout
 from edgerank.runtime.sources import ModelSource, source_at
 
-REPORT_SUFFIX = ".conversion_report.json"
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
 _LEFTOVER = re.compile(r"^\..+\.(partial-.+|old-\d+)$")  # converters.output staging names
 LEFTOVER_AGE_S = 3600  # a staging folder untouched this long belongs to no running conversion
@@ -97,7 +96,7 @@ def _cached(source: ModelSource, to: str, quant: str, progress: bool) -> Path:
     dest = cache_dir() / (f"{cache_name(source)}-{'graph_' if to == 'onnx-graph' else ''}{quant}"
                           + (".gguf" if to == "gguf" else ""))
     # the converter renames its output into place last, so the file that marks it complete
-    if not (dest if to == "gguf" else dest / "manifest.json").is_file() or to == "onnx" and _older_form(dest):
+    if not (dest if to == "gguf" else dest / layout.MANIFEST).is_file() or to == "onnx" and _older_form(dest):
         from edgerank.converters import convert
 
         ensure_dir(dest.parent)
@@ -110,7 +109,7 @@ def _older_form(artifact: Path) -> bool:
     (``compute.fit``, beside the int4 layers; edgerank.runtime.compute), or a decoder's written
     before its layer graphs took ``past_mask`` (batched explanations): converted again."""
     try:
-        manifest = json.loads((artifact / "manifest.json").read_text())
+        manifest = json.loads((artifact / layout.MANIFEST).read_text())
         compute = manifest.get("compute")
         if not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute:
             return True
@@ -149,7 +148,7 @@ def _is_conversion(path: Path) -> bool:
     """Only what edgerank's converters write counts as a cache entry."""
     if path.is_dir():
         try:
-            return json.loads((path / "manifest.json").read_text()).get("format") == "edgerank-artifact"
+            return json.loads((path / layout.MANIFEST).read_text()).get("format") == layout.FORMAT
         except (OSError, ValueError):
             return False
     if path.suffix == ".gguf" and not path.name.endswith(".lora.gguf"):
@@ -200,13 +199,13 @@ def entries(root: Path | None = None) -> list[Entry]:
             continue
         if not _is_conversion(path):
             continue
-        report = path.with_name(path.name + REPORT_SUFFIX)
+        report = path.with_name(path.name + layout.REPORT_SUFFIX)
         paths = [path] + [p for p in (report, path.with_name(path.stem + ".lora.gguf")) if p.exists()]
         claimed.update(paths)
         state, source = _state(path, report)
         out.append(Entry(path.name, paths, state, source, sum(_size(p) for p in paths)))
-    for report in sorted(root.glob("*" + REPORT_SUFFIX)):  # a report whose conversion is gone
-        if report not in claimed and _NAME.search(report.name.removesuffix(REPORT_SUFFIX).removesuffix(".gguf")):
+    for report in sorted(root.glob("*" + layout.REPORT_SUFFIX)):  # a report whose conversion is gone
+        if report not in claimed and _NAME.search(report.name.removesuffix(layout.REPORT_SUFFIX).removesuffix(".gguf")):
             out.append(Entry(report.name, [report], "orphaned", None, _size(report)))
     return out
 

@@ -68,6 +68,17 @@ def check_manifest(path: Path, manifest: object) -> None:
         raise bad(f"'max_length' must be a positive int (got {max_length!r})")
     if not isinstance(manifest.get("pruning") or {}, dict):
         raise bad(f"'pruning' must be an object (got {manifest['pruning']!r})")
+    _check_dims(path, manifest)
+
+
+def _check_dims(path: Path, manifest: dict) -> None:
+    """The manifest's ``dims``: positive sizes, and rotary settings for a decoder."""
+    def bad(what: str) -> ModelFormatError:
+        return ModelFormatError(f"{path}: manifest.json {what}")
+
+    def positive_int(v: object) -> bool:
+        return is_int(v) and v > 0
+
     dims = manifest.get("dims")
     if not isinstance(dims, dict):
         raise bad("has no 'dims' object")

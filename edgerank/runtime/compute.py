@@ -70,13 +70,12 @@ def probe_feeds(artifact: Artifact) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((B, T, d["hidden"])).astype(np.float32)
     if artifact.is_encoder:
-        return {layout.HIDDEN: hidden, layout.MASK: np.zeros((B, 1, 1, T), np.float32)}
+        return layout.encoder_inputs(hidden, np.full(B, T))
     angle = np.arange(T)[:, None] * np.ones(d["head_dim"])[None] / 64
-    past = np.zeros((1, d["n_kv_heads"], 1, 0, d["head_dim"]), np.float32)
-    return {layout.HIDDEN: hidden, layout.MASK: layout.decoder_mask(np.full(B, T), T),
-            layout.COS: np.broadcast_to(np.cos(angle), (B, T, d["head_dim"])).astype(np.float32),
-            layout.SIN: np.broadcast_to(np.sin(angle), (B, T, d["head_dim"])).astype(np.float32),
-            layout.PAST_KEY: past, layout.PAST_VALUE: past}
+    rope = (np.broadcast_to(np.cos(angle), (B, T, d["head_dim"])).astype(np.float32),
+            np.broadcast_to(np.sin(angle), (B, T, d["head_dim"])).astype(np.float32))
+    return layout.decoder_inputs(hidden, *rope, layout.decoder_mask(np.full(B, T), T),
+                                 layout.no_past(d["n_kv_heads"], d["head_dim"]))
 
 
 def measure_forms(artifact: Artifact, threads: int) -> dict:

@@ -15,6 +15,9 @@ GRAPH_FORMAT = "edgerank-graph"  # the whole model as one standard ONNX graph (c
 FORMAT_VERSION = 1  # what the converter writes
 SUPPORTED_VERSIONS = (1,)  # what the runtime reads
 
+# beside a converted model (an artifact folder or a GGUF file): the converter's report
+REPORT_SUFFIX = ".conversion_report.json"
+
 # files, relative to the artifact folder
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -55,6 +58,31 @@ def decoder_mask(lengths: np.ndarray, width: int) -> np.ndarray:
     t = np.arange(width)
     seen = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < np.asarray(lengths)[:, None, None])
     return np.where(seen, np.float32(0), NEG)[:, None, None]
+
+
+def no_past(n_kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Past keys and values of length 0: what a decoder layer attends to before any token."""
+    empty = np.zeros((1, n_kv_heads, 1, 0, head_dim), np.float32)
+    return empty, empty
+
+
+def decoder_inputs(hidden: np.ndarray, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
+                   past: tuple[np.ndarray, np.ndarray], past_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A decoder layer graph's inputs by name: hidden states [B,T,H], the rotary tables [B,T,D],
+    the additive mask [B,1,1,T,T] (:func:`decoder_mask`), the past's keys and values
+    [1 or B,KVH,1,P,D] (:func:`no_past` for none) and, where rows' pasts differ in length, the
+    additive mask over the past's positions."""
+    feeds = {HIDDEN: hidden, COS: cos, SIN: sin, MASK: mask, PAST_KEY: past[0], PAST_VALUE: past[1]}
+    if past_mask is not None:
+        feeds[PAST_MASK] = past_mask
+    return feeds
+
+
+def encoder_inputs(hidden: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """An encoder layer graph's inputs by name: hidden states [B,T,H] and the additive mask
+    [B,1,1,T] that hides every key past a row's ``lengths``."""
+    valid = np.arange(hidden.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return {HIDDEN: hidden, MASK: np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]}
 
 
 # layer graph outputs: new hidden states; decoders also this call's own keys/values

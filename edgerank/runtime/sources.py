@@ -7,8 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from edgerank.errors import (
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    is_int,
+)
+from edgerank.runtime import layout
 from edgerank.runtime.artifact import check_manifest
-from edgerank.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, is_int
 from edgerank.runtime.specs import SPECS, ModelSpec, get_spec
 
 DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
@@ -49,8 +55,8 @@ def source_at(path: str | Path, family: str | None = None, name: str | None = No
         raise ModelNotFoundError(f"no model at {str(path)!r}: no such file or folder")
     if path.is_file():
         return _gguf_source(path, name, family)
-    if (path / "manifest.json").is_file():
-        manifest = _read_json(path / "manifest.json")
+    if (path / layout.MANIFEST).is_file():
+        manifest = _read_json(path / layout.MANIFEST)
         check_manifest(path, manifest)
         if family is None and manifest.get("family") not in SPECS:
             raise ModelFormatError(f"{path}: manifest.json names no known reranker family "

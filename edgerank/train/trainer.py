@@ -176,31 +176,16 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
         raise ValueError(f"{cfg.data}: loss 'kl' needs teacher_scores: run python -m edgerank.data label")
     work = _work_dir(out)
     ckpt_path = work / "checkpoint.pt"
-    state = None
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if not _same_run(state["config"], cfg):
-            raise ValueError(f"{work} holds an interrupted run with another config; delete it to start over")
+    state = _saved_state(ckpt_path, cfg, work)
     work.mkdir(parents=True, exist_ok=True)
-
     torch.manual_seed(cfg.seed)  # the fresh head (cross-encoders) is drawn from here
     backend, names, params = _trainable_model(cfg)
     spec = backend.spec.with_max_length(cfg.max_length)
     module = backend.model
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+    opt, sched = _optimizer(cfg, params)
     step, log = 0, []
     if state is not None:
-        trainable = dict(zip(names, params))
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                trainable[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, log = state["step"], state["log"]
+        step, log = _resume(state, dict(zip(names, params)), opt, sched)
     module.train()
     started = time.perf_counter() - (log[-1]["elapsed_s"] if log else 0.0)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {Path(cfg.out).name}", unit="step",
@@ -232,6 +217,36 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     bar.close()
     module.eval()
     return _finish(cfg, backend, work, out, log)
+
+
+def _saved_state(ckpt_path: Path, cfg: TrainConfig, work: Path) -> dict | None:
+    """An interrupted run's checkpoint, if there is one of this same config."""
+    if not ckpt_path.is_file():
+        return None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not _same_run(state["config"], cfg):
+        raise ValueError(f"{work} holds an interrupted run with another config; delete it to start over")
+    return state
+
+
+def _optimizer(cfg: TrainConfig, params: list) -> tuple:
+    """AdamW, and a linear warm-up then linear decay to 0 at ``cfg.steps``."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+    return opt, sched
+
+
+def _resume(state: dict, trainable: dict, opt, sched) -> tuple[int, list[dict]]:
+    """Restore the trainable weights, optimizer, schedule and RNG; returns (step, log)."""
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            trainable[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["log"]
 
 
 def _trainable_model(cfg: TrainConfig):

@@ -153,12 +153,7 @@ class Generator:
         for layer in range(L):
             sess = b.layers.get(layer)
             b.layers.prefetch(layer + 1)
-            pk, pv = cache.past(layer)
-            feeds = {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
-                     layout.PAST_KEY: pk, layout.PAST_VALUE: pv}
-            if past_mask is not None:
-                feeds[layout.PAST_MASK] = past_mask
-            x, k, v = sess.run(None, feeds)
+            x, k, v = sess.run(None, layout.decoder_inputs(x, cos, sin, mask, cache.past(layer), past_mask))
             cache.append(layer, k, v)
             b.layers.done(layer)
         cache.grow(T, lengths)

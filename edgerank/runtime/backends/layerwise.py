@@ -116,18 +116,13 @@ class LayerwiseBackend:
                  chunk_tokens: int | None = None, verify: bool = True, record_layers: bool = False,
                  readouts: bool = True, record_states: bool = False, rule: str | None = None,
                  keep: dict | None = None, margin: dict | None = None, compute: str | None = None) -> None:
+        _check_options(threads, max_memory_mb, chunk_tokens)
+        if record_layers and pruning:
+            raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
         self.artifact = Artifact.open(source.path, verify=verify)
         self.spec = source.spec
         self.tokenizer = HFTokenizer.from_file(self.artifact.path / layout.TOKENIZER)
-        if threads is not None and (not is_int(threads) or threads < 1):
-            raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
         self.threads = int(threads or default_threads())
-        if max_memory_mb is not None and not (is_number(max_memory_mb) and 0 < max_memory_mb < float("inf")):
-            raise ValueError(f"max_memory_mb must be a positive number of MB, or None for no budget "
-                             f"(got {max_memory_mb!r})")
-        if chunk_tokens is not None and (not is_int(chunk_tokens) or chunk_tokens < 1):
-            raise ValueError(f"chunk_tokens must be a positive int, or None to let the budget choose "
-                             f"(got {chunk_tokens!r})")
         dims = self.artifact.dims
         self.head = head_for(self.artifact, self.spec)
         # loaded (and so checked against this model) even when not used
@@ -135,58 +130,51 @@ class LayerwiseBackend:
         self.readouts = fitted if readouts and fitted is not None and fitted.fitted.any() else None
         self.encoder = self.artifact.is_encoder
         _check_parts(self.artifact.path, self.spec, self.encoder, self.head.weights, dims["hidden"])
-        # the form the layers run in (int8 compute or int4 codes, edgerank.runtime.compute), unless
-        # the budget or streaming needs the smaller one
-        self.compute = choose(self.artifact, self.threads, compute)
-        self.shape = self._shape(self.compute.form)
+        self.max_memory_mb = max_memory_mb
+        self.compute, self.shape, self.plan = self._form_and_plan(compute, stream_weights, chunk_tokens)
         # "No earlier tokens": the past K/V fed to the prefix pass, and to every chunk when no
         # shared prefix applies (decoders only).
-        self._no_past = (np.zeros((1, self.shape.n_kv_heads, 1, 0, self.shape.head_dim), np.float32),) * 2
-        self.max_memory_mb = max_memory_mb
+        self._no_past = layout.no_past(self.shape.n_kv_heads, self.shape.head_dim)
         self.record_layers = record_layers  # keep every layer's check scores (calibration)
         self.record_states = bool(record_states)  # and the pooled states readouts read (fitting)
-        tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
-        smallest, chosen = self.artifact.weights, compute is not None
-        try:
-            self.plan: Plan = plan_load(self.shape, max_memory_mb, stream_weights, tok_mb)
-            forced = self.plan.stream and not chosen and self.compute.form != smallest
-        except MemoryBudgetError:
-            if chosen or self.compute.form == smallest:
-                raise
-            forced = True
-        if forced:  # memory binds: the smaller form, streamed if it must be
-            self.compute = Choice(smallest, "memory budget", self.compute.ms, self.compute.cpu)
-            self.shape = self._shape(smallest)
-            self.plan = plan_load(self.shape, max_memory_mb, stream_weights, tok_mb)
-        if chunk_tokens is not None:
-            self.plan.chunk_tokens = int(chunk_tokens)
-        elif self.compute.form == "int8":
-            self.plan.chunk_tokens = min(self.plan.chunk_tokens, INT8_CHUNK_TOKENS)
-        if record_layers and pruning:
-            raise ValueError("record_layers=True needs pruning=False (every candidate through every layer)")
         # knobs: the call's options, else the artifact's calibrated values for the call's K
         # (``pruning.by_k``), else its main calibrated values, else the defaults
         calibrated = self.artifact.manifest.get("pruning") or {}
         given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters, "rule": rule, "keep": keep,
                  "margin": margin}
-        where = f"{self.artifact.path / 'manifest.json'}: pruning: "
+        where = f"{self.artifact.path / layout.MANIFEST}: pruning: "
         self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
         self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
                                             exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
-        scales = self.artifact.path / layout.EMBED_SCALE
-        try:
-            self.embed = EmbeddingRows(self.artifact.path / layout.EMBED, scales if scales.is_file() else None,
-                                       max_rows=self.plan.cache_rows)
-        except ValueError as e:  # numpy: not an .npy file
-            raise ModelFormatError(f"{self.artifact.path}: {layout.EMBED} is not a readable table ({e})") from e
-        if self.embed._table.ndim != 2 or self.embed.hidden != dims["hidden"]:
-            raise ModelFormatError(f"{self.artifact.path}: {layout.EMBED} has shape {self.embed._table.shape}; the "
-                                   f"manifest's dims.hidden is {dims['hidden']}")
+        self.embed = _embedding(self.artifact, self.plan.cache_rows)
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.form)
         self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
+
+    def _form_and_plan(self, asked: str | None, stream_weights: bool | None,
+                       chunk_tokens: int | None) -> tuple[Choice, Shape, Plan]:
+        """The form the layers run in (``runtime.compute``: measured, or the caller's), unless
+        the memory budget needs the artifact's smallest one, and the memory plan for it."""
+        choice = choose(self.artifact, self.threads, asked)
+        tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
+        smallest = self.artifact.weights
+        try:
+            plan = plan_load(self._shape(choice.form), self.max_memory_mb, stream_weights, tok_mb)
+            forced = plan.stream and asked is None and choice.form != smallest
+        except MemoryBudgetError:
+            if asked is not None or choice.form == smallest:
+                raise
+            forced = True
+        if forced:  # memory binds: the smaller form, streamed if it must be
+            choice = Choice(smallest, "memory budget", choice.ms, choice.cpu)
+            plan = plan_load(self._shape(smallest), self.max_memory_mb, stream_weights, tok_mb)
+        if chunk_tokens is not None:
+            plan.chunk_tokens = int(chunk_tokens)
+        elif choice.form == "int8":
+            plan.chunk_tokens = min(plan.chunk_tokens, INT8_CHUNK_TOKENS)
+        return choice, self._shape(choice.form), plan
 
     def _shape(self, form: str) -> Shape:
         dims, n = self.artifact.dims, self.artifact.n_layers
@@ -228,8 +216,7 @@ class LayerwiseBackend:
         prefix_state = self.embed.rows(np.asarray(prefix, dtype=np.int64))[None] if prefix_len else None
         count.embed_s = time.perf_counter() - t0
 
-        policy = self.policy_for(k)
-        run = PruningRun(policy, n, k, L)
+        run = PruningRun(self.policy_for(k), n, k, L)
         scores, provisional = np.zeros(n), np.zeros(n, dtype=bool)
         computing = np.arange(n)  # candidates that run through the next layer
         self.layers.prefetch(0)
@@ -241,28 +228,9 @@ class LayerwiseBackend:
                     computing = self._prune(run, layer, states, scores, provisional, count)
                     if run.done:
                         break
-                tl = time.perf_counter()
-                sess = self.layers.get(layer)
-                self.layers.prefetch(layer + 1)
-                past = None
-                if not self.encoder:
-                    past = self._no_past
-                    if prefix_state is not None:
-                        tr = time.perf_counter()
-                        prefix_state, past = self._run_prefix(sess, prefix_state)
-                        count.run_s += time.perf_counter() - tr
-                        count.flop += self._flop(1, prefix_len, 0)
-                        if self._prefix_kv is not None:
-                            self._prefix_kv.append(past)
-                        count.work += prefix_len
                 rows = np.concatenate([np.arange(q), computing + q])
-                for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
-                    w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
-                    count.work, count.pad = count.work + w, count.pad + p
+                prefix_state = self._run_layer(layer, states, prefix_state, rows, lengths, chunk_tokens, count)
                 count.layers_done[computing] += 1
-                self.layers.done(layer)
-                del sess
-                count.layers_s += time.perf_counter() - tl
         finally:  # a failed call (a layer file changed, say) must not keep streamed layers
             self.layers.release()
 
@@ -275,6 +243,32 @@ class LayerwiseBackend:
             stats.update(recorder.stats(scores, lengths[q:]))
         stats["wall_s"] = time.perf_counter() - t_start
         return Scores(scores, tier, provisional, stats)
+
+    def _run_layer(self, layer: int, states: list, prefix_state: np.ndarray | None, rows: np.ndarray,
+                   lengths: np.ndarray, chunk_tokens: int, count: CallCounters) -> np.ndarray | None:
+        """Run ``rows`` through ``layer``, in place: a decoder's shared prefix first (its
+        keys and values feed every row), then the rows in length-sorted chunks; returns the
+        prefix's new hidden state."""
+        tl = time.perf_counter()
+        sess = self.layers.get(layer)
+        self.layers.prefetch(layer + 1)
+        past, prefix_len = (None if self.encoder else self._no_past), 0
+        if prefix_state is not None:
+            prefix_len = prefix_state.shape[1]
+            tr = time.perf_counter()
+            prefix_state, past = self._run_prefix(sess, prefix_state)
+            count.run_s += time.perf_counter() - tr
+            count.flop += self._flop(1, prefix_len, 0)
+            if self._prefix_kv is not None:
+                self._prefix_kv.append(past)
+            count.work += prefix_len
+        for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
+            w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
+            count.work, count.pad = count.work + w, count.pad + p
+        self.layers.done(layer)
+        del sess
+        count.layers_s += time.perf_counter() - tl
+        return prefix_state
 
     def plan_chunk(self, batch: EncodedBatch) -> int:
         """Tokens per chunk for ``batch`` under the budget; a :class:`MemoryBudgetError`
@@ -333,9 +327,7 @@ class LayerwiseBackend:
         P = prefix_state.shape[1]
         cos, sin = self.rope(np.arange(P)[None])
         mask = layout.decoder_mask(np.array([P]), P)
-        out, key, value = sess.run(None, {layout.HIDDEN: prefix_state, layout.COS: cos, layout.SIN: sin,
-                                          layout.MASK: mask, layout.PAST_KEY: self._no_past[0],
-                                          layout.PAST_VALUE: self._no_past[1]})
+        out, key, value = sess.run(None, layout.decoder_inputs(prefix_state, cos, sin, mask, self._no_past))
         return out, (key, value)
 
     def _flop(self, rows: int, width: int, past: int) -> float:
@@ -354,13 +346,10 @@ class LayerwiseBackend:
         for r, i in enumerate(chunk):
             x[r, : lengths[i]] = states[i]
         if self.encoder:
-            valid = np.arange(width)[None, :] < lengths[chunk][:, None]  # [B,T] real keys
-            feeds = {layout.HIDDEN: x, layout.MASK: np.where(valid, 0.0, layout.NEG).astype(np.float32)[:, None, None, :]}
+            feeds = layout.encoder_inputs(x, lengths[chunk])
         else:
-            mask = layout.decoder_mask(lengths[chunk], width)
             cos, sin = self.rope(prefix_len + np.arange(width)[None].repeat(B, 0))
-            feeds = {layout.HIDDEN: x, layout.COS: cos, layout.SIN: sin, layout.MASK: mask,
-                     layout.PAST_KEY: past[0], layout.PAST_VALUE: past[1]}
+            feeds = layout.decoder_inputs(x, cos, sin, layout.decoder_mask(lengths[chunk], width), past)
         tr = time.perf_counter()
         out = sess.run(None, feeds)[0]
         count.run_s += time.perf_counter() - tr
@@ -409,6 +398,32 @@ _HEAD = {"decoder": {"norm": 0, "rows": 1},
          "cross-encoder": {"pool_weight": 1, "pool_bias": 0, "cls_weight": 1, "cls_bias": None,
                            "position": 1, "ln_weight": 0, "ln_bias": 0},
          "bi-encoder": {"position": 1, "ln_weight": 0, "ln_bias": 0}}
+
+
+def _check_options(threads: object, max_memory_mb: object, chunk_tokens: object) -> None:
+    """Refuse a thread count, budget or chunk size that is not one, before anything loads."""
+    if threads is not None and (not is_int(threads) or threads < 1):
+        raise ValueError(f"threads must be a positive int, or None for the physical core count (got {threads!r})")
+    if max_memory_mb is not None and not (is_number(max_memory_mb) and 0 < max_memory_mb < float("inf")):
+        raise ValueError(f"max_memory_mb must be a positive number of MB, or None for no budget "
+                         f"(got {max_memory_mb!r})")
+    if chunk_tokens is not None and (not is_int(chunk_tokens) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int, or None to let the budget choose "
+                         f"(got {chunk_tokens!r})")
+
+
+def _embedding(artifact: Artifact, cache_rows: int) -> EmbeddingRows:
+    """The artifact's embedding table (rows read on demand, an LRU of ``cache_rows``), checked
+    against the manifest's hidden size."""
+    scales = artifact.path / layout.EMBED_SCALE
+    try:
+        embed = EmbeddingRows(artifact.path / layout.EMBED, scales if scales.is_file() else None, max_rows=cache_rows)
+    except ValueError as e:  # numpy: not an .npy file
+        raise ModelFormatError(f"{artifact.path}: {layout.EMBED} is not a readable table ({e})") from e
+    if embed._table.ndim != 2 or embed.hidden != artifact.dims["hidden"]:
+        raise ModelFormatError(f"{artifact.path}: {layout.EMBED} has shape {embed._table.shape}; the "
+                               f"manifest's dims.hidden is {artifact.dims['hidden']}")
+    return embed
 
 
 def _check_parts(path, spec, encoder: bool, head: dict, hidden: int) -> None:

@@ -82,6 +82,21 @@ class LlamaCppBackend:
         self._model = llama_cpp.llama_model_load_from_file(str(source.path).encode(), mparams)
         if not self._model:
             raise ModelFormatError(f"llama.cpp could not load {source.path}")
+        cparams = self._context_params(threads, flash_attn)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ModelFormatError(f"llama.cpp could not create a context for {source.path}")
+        self._adapter = self._apply_adapter(source) if source.adapter is not None else None
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.tokenizer = LlamaCppTokenizer(vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.label_ids = [] if self.embedding else label_token_ids(self.tokenizer, self.spec.score.labels)
+        self._batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
+
+    def _context_params(self, threads: int, flash_attn: bool):
+        """llama.cpp context settings: one stream per sequence, a whole sequence per stream."""
+        llama_cpp = self._lib
         cparams = llama_cpp.llama_context_default_params()
         # every stream holds one whole sequence: n_ctx is split evenly across streams
         cparams.n_ctx = self.max_sequences * self.spec.max_length
@@ -95,25 +110,21 @@ class LlamaCppBackend:
         if self.embedding:
             cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         cparams.flash_attn_type = 1 if flash_attn else 0
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise ModelFormatError(f"llama.cpp could not create a context for {source.path}")
-        self._adapter = None
-        if source.adapter is not None:  # a fine-tuned update kept beside quantized base weights
-            self._adapter = llama_cpp.llama_adapter_lora_init(self._model, str(source.adapter).encode())
-            if not self._adapter:
-                self.close()
-                raise ModelFormatError(f"llama.cpp could not load the LoRA adapter {source.adapter} for {source.path}")
-            one = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
-            if llama_cpp.llama_set_adapters_lora(self._ctx, one, 1, (ctypes.c_float * 1)(1.0)) != 0:
-                self.close()
-                raise ModelFormatError(f"llama.cpp could not apply the LoRA adapter {source.adapter}")
-        vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.tokenizer = LlamaCppTokenizer(vocab)
-        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
-        self.label_ids = [] if self.embedding else label_token_ids(self.tokenizer, self.spec.score.labels)
-        self._batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
+        return cparams
+
+    def _apply_adapter(self, source: ModelSource):
+        """Load the fine-tuned LoRA update kept beside quantized base weights, and apply it."""
+        llama_cpp = self._lib
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(source.adapter).encode())
+        if not adapter:
+            self.close()
+            raise ModelFormatError(f"llama.cpp could not load the LoRA adapter {source.adapter} for {source.path}")
+        one = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        if llama_cpp.llama_set_adapters_lora(self._ctx, one, 1, (ctypes.c_float * 1)(1.0)) != 0:
+            self._adapter = adapter
+            self.close()
+            raise ModelFormatError(f"llama.cpp could not apply the LoRA adapter {source.adapter}")
+        return adapter
 
     def score(self, batch: EncodedBatch, top_k: int | None = None) -> Scores:
         """One score per sequence, decoding many sequences per ``llama_decode`` call
