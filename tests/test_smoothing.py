@@ -10,7 +10,7 @@ import onnxruntime as ort
 from edgerank.runtime import layout
 from edgerank.converters.onnx_graphs import TAPS, decoder_layer
 from edgerank.converters.smoothing import smooth
-from edgerank.runtime.streaming import session_options
+from edgerank.runtime.engines import session_options
 
 H, NH, KVH, D, FFN = 64, 4, 2, 16, 128
 

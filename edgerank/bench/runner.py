@@ -407,7 +407,7 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
     from edgerank.runtime.compute import median_ms
     from edgerank.runtime.cpu import default_threads
     from edgerank.converters.quantize import quantize_channels
-    from edgerank.runtime.streaming import session_options
+    from edgerank.runtime.engines import session_options
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)

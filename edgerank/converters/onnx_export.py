@@ -82,8 +82,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     _write_layers(reader, cfg, dest, quant, extra, layer_prefix, lora, calibration, notes, progress)
     manifest = _manifest(cfg, spec, quant, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if extra:
-        notes["compute"] = _check_forms(dest, manifest, spec, quant, extra)
+    notes["compute"] = _check_forms(dest, manifest, spec, quant)
     notes["format_version"] = FORMAT_VERSION
     return notes
 
@@ -115,17 +114,21 @@ def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str,
         del w
 
 
-def _check_forms(dest: Path, manifest: dict, spec: ModelSpec, quant: str, extra: tuple) -> dict:
-    """Whether each extra form ranks like the own one (``compute.fit``), and which form is
-    fastest on this CPU (``compute.measured``): written into the manifest; returns both."""
+def _check_forms(dest: Path, manifest: dict, spec: ModelSpec, quant: str) -> dict:
+    """Whether each form other than the own one that runs here (the stored extra forms, and
+    ``bf16`` on OpenVINO where it runs) ranks like the own one (``compute.fit``), and which
+    form is fastest on this CPU (``compute.measured``): written into the manifest; returns both."""
     from edgerank.converters.verify import form_fit
     from edgerank.runtime.artifact import Artifact
-    from edgerank.runtime.compute import measure_forms
+    from edgerank.runtime.compute import measure_forms, runnable
     from edgerank.runtime.cpu import default_threads
 
-    manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in extra}
-    manifest["compute"]["measured"] = measured = measure_forms(Artifact(dest, manifest, verified=False),
-                                                               default_threads())
+    artifact = Artifact(dest, manifest, verified=False)
+    others = [form for form in runnable(artifact) if form != quant]
+    if not others:
+        return {}
+    manifest["compute"]["fit"] = {form: form_fit(dest, spec.family, quant, form) for form in others}
+    manifest["compute"]["measured"] = measured = measure_forms(artifact, default_threads())
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {**measured, "fit": manifest["compute"]["fit"]}
 

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from edgerank.runtime import layout
 from edgerank.runtime.cpu import default_threads
-from edgerank.runtime.streaming import session_options
+from edgerank.runtime.engines import session_options
 from edgerank.converters.onnx_graphs import TAPS
 
 # how much of the outliers moves into the weights: the paper's default is 0.5; on SmolLM2's

@@ -25,6 +25,8 @@ from edgerank.models import pull
 from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
 from edgerank.runtime import layout
+from edgerank.runtime.artifact import Artifact
+from edgerank.runtime.compute import BF16, runnable
 from edgerank.runtime.sources import ModelSource, source_at
 
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
@@ -106,15 +108,19 @@ def _cached(source: ModelSource, to: str, quant: str, progress: bool) -> Path:
 
 def _older_form(artifact: Path) -> bool:
     """A cached artifact written before artifacts carried an int8 form checked for fit
-    (``compute.fit``, beside the int4 layers; edgerank.runtime.compute), or a decoder's written
-    before its layer graphs took ``past_mask`` (batched explanations): converted again."""
+    (``compute.fit``, beside the int4 layers; edgerank.runtime.compute), one whose forms were
+    checked where the bf16 form could not run and that runs here now (OpenVINO installed since,
+    or another CPU), or a decoder's written before its layer graphs took ``past_mask``
+    (batched explanations): converted again."""
     try:
         manifest = json.loads((artifact / layout.MANIFEST).read_text())
         compute = manifest.get("compute")
         if not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute:
             return True
+        if BF16 in runnable(Artifact(artifact, manifest, verified=False)) and BF16 not in (compute.get("fit") or {}):
+            return True
         return manifest.get("kind") == "decoder" and layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, KeyError):
         return True
 
 

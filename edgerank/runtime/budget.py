@@ -13,13 +13,27 @@ from dataclasses import dataclass
 from edgerank.errors import EdgerankError
 
 MB = 2**20
-# ONNX Runtime holds a session's weights plus its own bookkeeping: measured 1.21x the file
-# size (smollm2-135m) to 1.32x (minilm-l6); 9859d57 assumed 1.3.
-SESSION_OVERHEAD = 1.4
-# The first session of a process also sets up ONNX Runtime itself (environment, kernel
-# registry, thread pool): measured 10.3 MB on minilm-l6 (a 1.3 MB layer file took 11.6 MB),
-# and it is not returned when the sessions go (bench/RESULTS.md §12).
-RUNTIME_MB = 11.0
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What an engine holds for a layer file of B bytes (``per_file_byte`` x B), and for
+    itself once per process, whatever is loaded (``runtime_mb``)."""
+
+    per_file_byte: float
+    runtime_mb: float
+
+
+ENGINE_MEMORY = {
+    # ONNX Runtime holds a session's weights plus its own bookkeeping: measured 1.21x the file
+    # size (smollm2-135m) to 1.32x (minilm-l6); 9859d57 assumed 1.3. Its first session sets up
+    # the environment, kernel registry and thread pool: 10.3 MB on minilm-l6, not returned when
+    # the sessions go (bench/history/applications.md §12).
+    "onnxruntime": EngineMemory(1.4, 11.0),
+    # OpenVINO's CPU plugin keeps a compiled layer's weights repacked for its kernels: 2.8x
+    # the int4 file on minilm-l6; the plugin itself ~60 MB (bench/history/speed.md §19)
+    "openvino": EngineMemory(3.0, 64.0),
+}
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.runtime.embedding): the table's pages held at once are bounded by this.
 EMBED_READ_ROWS = 256
@@ -66,6 +80,7 @@ class Shape:
     n_layers: int
     layer_bytes: list[int]
     head_bytes: int
+    engine: str = "onnxruntime"  # what runs the layers (runtime.engines): how much it holds per file byte
 
     def activation_bytes_per_token(self, context: int) -> int:
         """Peak live activations of one token inside a layer (fp32), attending to ``context`` keys.
@@ -84,13 +99,14 @@ class Shape:
 def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, tokenizer_mb: float = 0.0) -> Plan:
     """Streaming mode and cache size for a budget (``None``: unbounded, all resident);
     ``tokenizer_mb`` is the loaded tokenizer's share (:func:`tokenizer_mb`)."""
-    resident = SESSION_OVERHEAD * sum(shape.layer_bytes) / MB
-    window = SESSION_OVERHEAD * 2 * max(shape.layer_bytes) / MB
+    engine = ENGINE_MEMORY[shape.engine]
+    resident = engine.per_file_byte * sum(shape.layer_bytes) / MB
+    window = engine.per_file_byte * 2 * max(shape.layer_bytes) / MB
     row_mb = 4 * shape.hidden / MB
     # the head is read from an npz (a copy while it is converted), the table's pages while
     # rows are read (a row may straddle two pages)
     # and one weight matrix dequantized to fp32 by a MatMulNBits kernel
-    fixed = (2 * shape.head_bytes / MB + RUNTIME_MB + tokenizer_mb
+    fixed = (2 * shape.head_bytes / MB + engine.runtime_mb + tokenizer_mb
              + EMBED_READ_ROWS * 2 * 4096 / MB + 4 * shape.hidden * shape.ffn / MB)
     if max_memory_mb is None:
         s = bool(stream)

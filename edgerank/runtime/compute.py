@@ -1,13 +1,18 @@
-"""Which form of the layers a model runs in on this CPU, chosen by measuring.
+"""Which form of the layers a model runs in on this CPU, and on which engine.
 
-An int4 artifact stores its layers twice (``Artifact.forms``): as int4 ``MatMulNBits``
-codes (the least memory) and as int8 ``DynamicQuantizeMatMul`` weights (int8 dot-product
-kernels: the fastest where compute binds, which is reranking's case: every call is a
-prefill of thousands of tokens). Which is faster depends on the CPU (VNNI, AMX, AVX2 only),
-so it is measured: layer 0 of each form on one synthetic chunk, a few runs each. The
-converter measures at conversion and writes the result in the manifest (``compute.measured``);
-the runtime reuses it on the same CPU and measures again (once per process) on another.
-The memory budget can still force int4 (``backends.layerwise``).
+An int4 artifact stores its layers twice (``Artifact.forms``): as int4 ``MatMulNBits`` codes
+(the least memory) and as int8 ``DynamicQuantizeMatMul`` weights (int8 dot-product kernels).
+Where the ``openvino`` extra is installed and the CPU multiplies bf16 in hardware (AVX512-BF16,
+AMX), the int4 files also run as a third form, ``bf16``: compiled by OpenVINO with bf16
+activations (``runtime.engines``). A form other than the artifact's own runs unasked only
+where the converter found it ranks like the own one (``compute.fit``).
+
+Which usable form runs is decided once per artifact and CPU, the same in every process: the
+converter measures each form on layer 0 (``compute.measured``) and the runtime takes the
+fastest on the CPU it was measured on; on any other CPU a fixed rule by the CPU's features
+decides (:func:`by_rule`), never a timing taken at load, which two racing processes could
+read differently. The memory budget can still force the smallest form (``backends.layerwise``),
+which the stats say.
 """
 
 from __future__ import annotations
@@ -16,44 +21,62 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.cpu import cpu_id
-from edgerank.runtime.streaming import session_options
+from edgerank.runtime.cpu import cpu_id, features, has_bf16
+from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_available
 
+BF16 = "bf16"  # the own int4 (or fp32) layer files, run by OpenVINO with bf16 activations
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
 PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
 # (tiny models, a noisy machine) keeps the stored format, so repeated loads agree
 MARGIN = 0.9
-_measured: dict[tuple[str, str], "Choice"] = {}  # (artifact's layer-0 sha256, CPU) -> choice, this process
+# int8 dot products in hardware: x86 AVX2 (vpmaddubsw) and on, ARM dotprod
+INT8_DOT = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
 @dataclass
 class Choice:
     """The form a model runs in, and why: ``how`` is ``only form``, ``the other forms rank
-    unlike it``, ``manifest`` (measured at conversion on this CPU), ``measured at load``,
-    ``asked`` (the caller's ``compute=``) or ``memory budget`` (int4 forced)."""
+    unlike it``, ``manifest`` (measured at conversion on this CPU), ``rule`` (another CPU:
+    :func:`by_rule`), ``asked`` (the caller's ``compute=``) or ``memory budget`` (the
+    smallest form, forced)."""
 
     form: str
     how: str
     ms: dict[str, float] = field(default_factory=dict)  # form -> ms per run of layer 0 on the probe
     cpu: str = ""
+    files: str = ""  # the stored form whose layer files run
+    engine: str = ORT
 
     def as_dict(self) -> dict:
-        return {"form": self.form, "how": self.how, "probe_ms": self.ms, "cpu": self.cpu}
+        return {"form": self.form, "how": self.how, "probe_ms": self.ms, "cpu": self.cpu, "engine": self.engine}
+
+
+def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
+    """Every form the artifact can run in here: form -> (stored layer files, engine)."""
+    out = {form: (form, ORT) for form in artifact.forms}
+    if artifact.weights in ("int4", "fp32") and openvino_available() and has_bf16():
+        out[BF16] = (artifact.weights, OPENVINO)
+    return out
+
+
+def usable(artifact: Artifact) -> list[str]:
+    """The forms that may run unasked: the own one, and each other runnable form the
+    converter found to rank like it (``compute.fit``, converters/verify.py)."""
+    fit = (artifact.manifest.get("compute") or {}).get("fit") or {}
+    return [f for f in runnable(artifact) if f == artifact.weights or (fit.get(f) or {}).get("fit") is True]
 
 
 def measure(artifact: Artifact, form: str, threads: int) -> float:
     """Median ms of layer 0 in ``form`` on a synthetic chunk of PROBE_ROWS x PROBE_TOKENS."""
-    sess = ort.InferenceSession(str(artifact.layer_path(0, form)), session_options(threads),
-                                providers=["CPUExecutionProvider"])
-    return median_ms(sess, probe_feeds(artifact), PROBE_RUNS)
+    files, engine = runnable(artifact)[form]
+    return median_ms(load_layer(artifact.layer_path(0, files), engine, threads), probe_feeds(artifact), PROBE_RUNS)
 
 
-def median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> float:
+def median_ms(sess, feeds: dict[str, np.ndarray], runs: int) -> float:
     """Median ms of ``runs`` runs of ``sess`` on ``feeds``, after one warm-up run."""
     sess.run(None, feeds)
     times = []
@@ -79,8 +102,8 @@ def probe_feeds(artifact: Artifact) -> dict[str, np.ndarray]:
 
 
 def measure_forms(artifact: Artifact, threads: int) -> dict:
-    """Every stored form, measured here: what the converter writes as ``compute.measured``."""
-    ms = {form: round(measure(artifact, form, threads), 3) for form in artifact.forms}
+    """Every form runnable here, measured: what the converter writes as ``compute.measured``."""
+    ms = {form: round(measure(artifact, form, threads), 3) for form in runnable(artifact)}
     return {"cpu": cpu_id(), "threads": threads, "probe_tokens": PROBE_ROWS * PROBE_TOKENS, "ms": ms,
             "fastest": fastest(ms, artifact)}
 
@@ -89,30 +112,43 @@ def fastest(ms: dict[str, float], artifact: Artifact) -> str:
     """The form to run given each form's time: the quickest usable one (it ranks like the
     own form), if it beats the artifact's own format by the margin, else the own format."""
     own = artifact.weights
-    best = min((f for f in artifact.usable_forms if f in ms), key=ms.get, default=own)
+    best = min((f for f in usable(artifact) if f in ms), key=ms.get, default=own)
     return best if ms[best] < MARGIN * ms[own] else own
 
 
+def by_rule(forms: list[str]) -> str:
+    """The form a CPU that no measurement was recorded on runs, from ``forms`` (the usable
+    ones): bf16 where it is usable (the CPU has bf16 hardware and OpenVINO is installed), else
+    int8 where the CPU has int8 dot products, else the artifact's own (``forms[0]``)."""
+    if BF16 in forms:
+        return BF16
+    if "int8" in forms and any(f in features() for f in INT8_DOT):
+        return "int8"
+    return forms[0]
+
+
 def choose(artifact: Artifact, threads: int, asked: str | None = None) -> Choice:
-    """The form to run: the caller's (``asked``), the only one stored, the manifest's
-    measurement when it was taken on this CPU with these threads, else a measurement now."""
-    forms = artifact.forms
-    cpu = cpu_id()
+    """The form to run: the caller's (``asked``), the only usable one, the manifest's
+    measurement when it was taken on this CPU with these threads, else :func:`by_rule`."""
+    forms, cpu = runnable(artifact), cpu_id()
+
+    def choice(form: str, how: str, ms: dict | None = None) -> Choice:
+        return Choice(form, how, dict(ms or {}), cpu, *forms[form])
+
     if asked is not None:
         if asked not in forms:
-            raise ValueError(f"compute={asked!r}: this artifact stores its layers as "
-                             f"{', '.join(sorted(forms))}; choose one of them, or None to measure")
-        return Choice(asked, "asked", cpu=cpu)
+            why = (" (bf16 runs on OpenVINO where the CPU has bf16 hardware: pip install 'edgerank[openvino]')"
+                   if asked == BF16 else "")
+            raise ValueError(f"compute={asked!r}: this artifact runs here as {', '.join(sorted(forms))}{why}; "
+                             "choose one of them, or None to let edgerank choose")
+        return choice(asked, "asked")
+    ok = usable(artifact)
     if len(forms) == 1:
-        return Choice(artifact.weights, "only form", cpu=cpu)
-    if len(artifact.usable_forms) == 1:  # the others do not rank like it (compute.fit)
-        return Choice(artifact.weights, "the other forms rank unlike it", cpu=cpu)
+        return choice(artifact.weights, "only form")
+    if len(ok) == 1:  # the others do not rank like it (compute.fit)
+        return choice(artifact.weights, "the other forms rank unlike it")
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
-    if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ms) == set(forms):
-        return Choice(fastest(ms, artifact), "manifest", dict(ms), cpu)
-    key = (artifact.manifest["files"][artifact.manifest["layers"][0]]["sha256"], f"{cpu} x{threads}")
-    if key not in _measured:
-        ms = {form: measure(artifact, form, threads) for form in forms}
-        _measured[key] = Choice(fastest(ms, artifact), "measured at load", ms, cpu)
-    return _measured[key]
+    if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ok) <= set(ms):
+        return choice(fastest(ms, artifact), "manifest", ms)
+    return choice(by_rule(ok), "rule", ms if measured.get("cpu") == cpu else None)

@@ -11,6 +11,7 @@ from edgerank.errors import MissingExtraError
 # extra -> the import names it brings (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, tuple[str, ...]] = {
     "llamacpp": ("llama_cpp",),
+    "openvino": ("openvino",),
     "reference": ("torch", "transformers", "safetensors"),
     "hub": ("huggingface_hub",),
     "train": ("torch", "transformers", "peft", "safetensors"),

@@ -13,55 +13,33 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import onnxruntime as ort
-
 from edgerank.runtime.artifact import Artifact
+from edgerank.runtime.engines import ORT, load_layer
 from edgerank.errors import ModelFormatError
 from edgerank.runtime.layout import sha256_file
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No per-session arena: with one session per layer, arenas would each keep their own
-    # peak activations alive. Freed buffers go straight back.
-    opts.enable_cpu_mem_arena = False
-    # Every call has new input shapes; ORT's memory-pattern cache keeps a plan per shape
-    # and grew a resident session's RSS from 542 to 982 MB over six DL19 queries
-    # (flat at ~470 MB without it, same speed). See bench/RESULTS.md §6.3.
-    opts.enable_mem_pattern = False
-    # Idle pool threads block instead of spinning. Every layer session has its own pool,
-    # so a finished layer's spinning threads competed with the next layer's, and with any
-    # other busy process: paired, 0.74x (minilm-l6) and 0.81x (smollm2) the latency beside
-    # a training job, 1.02x and 0.96x on a quiet machine. See bench/RESULTS.md §9.3.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
 
 
 class LayerSessions:
     """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
 
-    def __init__(self, artifact: Artifact, stream: bool, threads: int, form: str | None = None) -> None:
+    def __init__(self, artifact: Artifact, stream: bool, threads: int, files: str | None = None,
+                 engine: str = ORT) -> None:
         self.artifact = artifact
         self.stream = stream
-        self.files = artifact.layer_files(form)  # the layers in the form chosen (edgerank.runtime.compute)
-        self._opts = session_options(threads)
+        self.files = artifact.layer_files(files)  # the stored form's layer files (edgerank.runtime.compute)
+        self.engine, self.threads = engine, threads
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
         self.io_wait_s = 0.0
         self.load_s = 0.0
         self.peak_resident = 0  # most layers held at once (streaming)
-        self._resident: dict[int, ort.InferenceSession] = {}
+        self._resident: dict[int, object] = {}  # layer -> session (ORT) or compiled layer (OpenVINO)
         if not stream:
             for i in range(artifact.n_layers):
                 self._resident[i] = self._load(i)
 
-    def _load(self, i: int) -> ort.InferenceSession:
+    def _load(self, i: int):
         """Layer ``i``'s session, its file checked against the manifest first.
 
         A streamed layer is read again on every call, long after the artifact was checked
@@ -83,9 +61,9 @@ class LayerSessions:
             raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
                                    "the file was modified after the artifact was loaded")
         try:
-            sess = ort.InferenceSession(str(path), self._opts, providers=["CPUExecutionProvider"])
+            sess = load_layer(path, self.engine, self.threads)
         except Exception as e:  # onnxruntime raises InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, ...
-            raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer "
+            raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer for {self.engine} "
                                    f"({type(e).__name__}: {str(e).strip()[:200]})") from e
         self._check_inputs(sess, rel)
         if self._identity(path, rel) != before:
@@ -94,7 +72,7 @@ class LayerSessions:
             self.load_s += time.perf_counter() - t0
         return sess
 
-    def _check_inputs(self, sess: ort.InferenceSession, rel: str) -> None:
+    def _check_inputs(self, sess, rel: str) -> None:
         """The layer graph's fixed sizes must be the manifest's: a mismatch would fail deep in
         ONNX Runtime at the first call."""
         dims = self.artifact.manifest["dims"]
@@ -122,7 +100,7 @@ class LayerSessions:
             self._pending[i] = self._pool.submit(self._load, i)
             self.peak_resident = max(self.peak_resident, len(self._pending))
 
-    def get(self, i: int) -> ort.InferenceSession:
+    def get(self, i: int):
         if not self.stream:
             return self._resident[i]
         self.prefetch(i)

@@ -150,7 +150,8 @@ class LayerwiseBackend:
         self.embed = _embedding(self.artifact, self.plan.cache_rows)
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
-        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.form)
+        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
+                                    self.compute.engine)
         self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
 
     def _form_and_plan(self, asked: str | None, stream_weights: bool | None,
@@ -161,26 +162,26 @@ class LayerwiseBackend:
         tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
         smallest = self.artifact.weights
         try:
-            plan = plan_load(self._shape(choice.form), self.max_memory_mb, stream_weights, tok_mb)
+            plan = plan_load(self._shape(choice), self.max_memory_mb, stream_weights, tok_mb)
             forced = plan.stream and asked is None and choice.form != smallest
         except MemoryBudgetError:
             if asked is not None or choice.form == smallest:
                 raise
             forced = True
         if forced:  # memory binds: the smaller form, streamed if it must be
-            choice = Choice(smallest, "memory budget", choice.ms, choice.cpu)
-            plan = plan_load(self._shape(smallest), self.max_memory_mb, stream_weights, tok_mb)
+            choice = Choice(smallest, "memory budget", choice.ms, choice.cpu, smallest)
+            plan = plan_load(self._shape(choice), self.max_memory_mb, stream_weights, tok_mb)
         if chunk_tokens is not None:
             plan.chunk_tokens = int(chunk_tokens)
         elif choice.form == "int8":
             plan.chunk_tokens = min(plan.chunk_tokens, INT8_CHUNK_TOKENS)
-        return choice, self._shape(choice.form), plan
+        return choice, self._shape(choice), plan
 
-    def _shape(self, form: str) -> Shape:
+    def _shape(self, choice: Choice) -> Shape:
         dims, n = self.artifact.dims, self.artifact.n_layers
         return Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"], n_kv_heads=dims["n_kv_heads"],
-                     head_dim=dims["head_dim"], n_layers=n,
-                     layer_bytes=[self.artifact.layer_bytes(i, form) for i in range(n)],
+                     head_dim=dims["head_dim"], n_layers=n, engine=choice.engine,
+                     layer_bytes=[self.artifact.layer_bytes(i, choice.files) for i in range(n)],
                      head_bytes=sum(v.nbytes for v in self.head.weights.values()))
 
     def policy_for(self, k: int) -> PruningPolicy:
