@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -13,6 +15,8 @@ from scipy.stats import spearmanr
 import edgerank
 from edgerank.models.supply import resolve
 from edgerank.runtime.budget import MemoryBudgetError
+from edgerank.runtime.artifact import Artifact
+from edgerank.runtime.compute import by_rule, runnable, usable
 from edgerank.runtime.cpu import cpu_id
 from edgerank.converters import convert
 from edgerank.converters.sample import SAMPLE
@@ -55,14 +59,19 @@ def test_an_int4_artifact_stores_an_int8_form_measured_at_conversion(model):
     forms = manifest["compute"]["forms"]
     assert list(forms) == ["int8"] and len(forms["int8"]) == len(manifest["layers"]) == 3
     ops = {n.op_type for n in onnx.load(int4 / forms["int8"][0]).graph.node}
-    assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
     assert "MatMulNBits" in {n.op_type for n in onnx.load(int4 / manifest["layers"][0]).graph.node}
     measured = manifest["compute"]["measured"]
-    assert measured["cpu"] == cpu_id() and set(measured["ms"]) == {"int4", "int8"}
+    runs_here = set(runnable(Artifact.open(int4)))  # int4, int8, and bf16 where OpenVINO runs it
+    assert measured["cpu"] == cpu_id() and set(measured["ms"]) == runs_here >= {"int4", "int8"}
     assert all(ms > 0 for ms in measured["ms"].values())
-    ms, fit = measured["ms"], manifest["compute"]["fit"]["int8"]
-    assert set(fit) == {"spearman", "kendall_tau_b", "pairs", "fit"} and fit["fit"] == (fit["spearman"] >= 0.95)
-    assert measured["fastest"] == ("int8" if fit["fit"] and ms["int8"] < 0.9 * ms["int4"] else "int4")
+    ms, fits = measured["ms"], manifest["compute"]["fit"]
+    assert set(fits) == runs_here - {"int4"}
+    for fit in fits.values():
+        assert set(fit) == {"spearman", "kendall_tau_b", "pairs", "fit"} and fit["fit"] == (fit["spearman"] >= 0.95)
+    usable = ["int4"] + [f for f, fit in fits.items() if fit["fit"]]
+    best = min(usable, key=ms.get)
+    assert measured["fastest"] == (best if ms[best] < 0.9 * ms["int4"] else "int4")
 
 
 def test_the_runtime_takes_the_measured_form_and_says_so(model, tmp_path):
@@ -70,27 +79,42 @@ def test_the_runtime_takes_the_measured_form_and_says_so(model, tmp_path):
     fit = tmp_path / "fit"  # whether a random model's int8 form passes the fit check is not what this tests
     shutil.copytree(int4, fit)
     manifest = json.loads((fit / "manifest.json").read_text())
-    manifest["compute"]["fit"]["int8"]["fit"] = True
+    for form in manifest["compute"]["fit"].values():
+        form["fit"] = True
     (fit / "manifest.json").write_text(json.dumps(manifest))
     with edgerank.Reranker(fit, family=family) as r:
         r.score(QUERY, DOCS)
         compute = r.last_stats.extra["compute"]
     ms = manifest["compute"]["measured"]["ms"]
+    best = min(ms, key=ms.get)
     assert compute["how"] == "manifest" and compute["probe_ms"] == ms
-    assert compute["form"] == ("int8" if ms["int8"] < 0.9 * ms["int4"] else "int4")
-    # measured on another CPU: this one measures again, once per process
-    moved = tmp_path / "moved"
-    shutil.copytree(fit, moved)
-    manifest["compute"]["measured"]["cpu"] = "another CPU [avx2]"
-    (moved / "manifest.json").write_text(json.dumps(manifest))
-    with edgerank.Reranker(moved, family=family) as r:
-        r.score(QUERY, DOCS[:2])
-        compute = r.last_stats.extra["compute"]
-    assert compute["how"] == "measured at load" and set(compute["probe_ms"]) == {"int4", "int8"}
-    ms = compute["probe_ms"]
-    assert compute["form"] == ("int8" if ms["int8"] < 0.9 * ms["int4"] else "int4")
+    assert compute["form"] == (best if ms[best] < 0.9 * ms["int4"] else "int4")
     with pytest.raises(ValueError, match="compute='int2'.*int4, int8"):
         edgerank.Reranker(int4, family=family, compute="int2")
+
+
+def test_on_a_cpu_no_measurement_was_taken_on_a_fixed_rule_decides_the_same_in_every_process(model, tmp_path):
+    """A form decided by timing at load could differ between two processes (issue 45: two
+    racing processes ran different forms and scored one pair 0.8746 and 0.8799): on a CPU
+    the converter did not measure on, the rule decides, never a timing."""
+    _, int4, _, family = model
+    moved = tmp_path / "moved"
+    shutil.copytree(int4, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    for form in manifest["compute"]["fit"].values():
+        form["fit"] = True
+    manifest["compute"]["measured"]["cpu"] = "another CPU [avx2]"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    code = ("import json, sys, edgerank\n"
+            f"r = edgerank.Reranker({str(moved)!r}, family={family!r})\n"
+            f"s = r.score({QUERY!r}, {DOCS!r})\n"
+            "print(json.dumps({'compute': r.last_stats.extra['compute'], 'scores': s.tolist()}))\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first["compute"]["how"] == "rule" and first["compute"]["probe_ms"] == {}
+    assert first["compute"]["form"] == by_rule(usable(Artifact.open(moved)))
+    assert first == second
 
 
 def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
@@ -101,7 +125,8 @@ def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
     fast8 = tmp_path / "fast8"
     shutil.copytree(int4, fast8)
     manifest = json.loads((fast8 / "manifest.json").read_text())
-    manifest["compute"]["measured"]["ms"] = {"int4": 2.0, "int8": 1.0}  # as on an int8-fast CPU
+    probe = {"int4": 2.0, "int8": 1.0, "bf16": 1.5}  # as on an int8-fast CPU
+    manifest["compute"]["measured"]["ms"] = probe = {f: probe[f] for f in manifest["compute"]["measured"]["ms"]}
     manifest["compute"]["fit"]["int8"]["fit"] = True  # and where it ranks like int4
     (fast8 / "manifest.json").write_text(json.dumps(manifest))
     with edgerank.Reranker(fast8, family=family) as r:
@@ -109,8 +134,8 @@ def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
         assert r.last_stats.extra["compute"]["form"] == "int8"
     with edgerank.Reranker(fast8, family=family, stream_weights=True) as r:
         r.score(QUERY, DOCS[:2])
-        assert r.last_stats.extra["compute"] == {"form": "int4", "how": "memory budget",
-                                                 "probe_ms": {"int4": 2.0, "int8": 1.0}, "cpu": cpu_id()}
+        assert r.last_stats.extra["compute"] == {"form": "int4", "how": "memory budget", "probe_ms": probe,
+                                                 "cpu": cpu_id(), "engine": "onnxruntime"}
     with edgerank.Reranker(fast8, family=family, compute="int8", stream_weights=True) as r:
         r.score(QUERY, DOCS[:2])
         assert r.last_stats.extra["compute"]["form"] == "int8"  # asked for: kept, streamed
@@ -146,11 +171,11 @@ def test_int4_form_equals_a_plain_one_pair_at_a_time_forward(model):
     assert np.abs(got - one_by_one).max() < 1e-4
 
 
-def test_int8_form_on_minilm_stays_within_its_tolerance_of_a_one_pair_forward_and_of_fp32(minilm_path):
-    """The int8 form quantizes each chunk's activations with one scale for the whole chunk,
-    so a candidate's score moves a little with its chunk-mates: here (the real minilm-l6,
-    the built-in sample) by at most 5% of a query's score spread (DL19 depth 30: 4.7%,
-    RESULTS §18), while int4 stays exact. Both forms keep the fp32 order."""
+def test_int8_form_on_minilm_scores_a_pair_as_alone_and_stays_within_its_tolerance_of_fp32(minilm_path):
+    """The int8 form quantizes each token's activations with a scale of its own, so a
+    candidate's score does not move with its chunk-mates (issue 45: one scale per chunk
+    moved it by up to 0.036 on DL19): here the real minilm-l6 on the built-in sample, a
+    pair scored alone and in its chunk agree to float rounding. Both forms keep the fp32 order."""
     from edgerank.models.cache import cached_artifact
 
     int4, fp32 = cached_artifact(resolve(str(minilm_path)), "int4", False), cached_artifact(resolve(str(minilm_path)), "fp32", False)
@@ -164,7 +189,7 @@ def test_int8_form_on_minilm_stays_within_its_tolerance_of_a_one_pair_forward_an
             one_by_one = np.array([r8.score(query, [p])[0] for p in passages])
             ref, four = f.score(query, passages), r4.score(query, passages)
             spread = ref.max() - ref.min()
-            assert np.abs(got - one_by_one).max() <= 0.05 * spread, query
+            assert np.abs(got - one_by_one).max() <= 1e-5, query
             assert np.abs(got - ref).max() <= 0.05 * spread and np.abs(four - ref).max() <= 0.1 * spread, query
             assert spearmanr(got, ref).statistic > 0.9 and spearmanr(four, ref).statistic > 0.9, query
 

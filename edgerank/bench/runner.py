@@ -11,13 +11,17 @@ Configurations (``--configs`` picks a subset):
   (``--to onnx-graph``: torch export, and ``quantize_dynamic`` for int8) on ONNX Runtime,
   length-sorted batches of 32 (``edgerank.bench.peers``);
 - ``sentence-transformers``: its CrossEncoder / SentenceTransformer (encoders only);
+- ``openvino``, ``openvino-int8``: the fp32 graph on OpenVINO at its default precision (bf16
+  where the CPU has bf16 hardware), and NNCF-compressed (encoders: int8 weights and
+  activations; decoders: int8 weights) (``edgerank.bench.peers``);
+- ``ctranslate2-int8``: CTranslate2's int8 encoder (BERT-style encoders only);
 - ``onnx-int4-full``: edgerank's int4 artifact (in the form chosen), every candidate through every layer;
 - ``edgerank``: the product, with pruning, shared prefix, chunking at their defaults;
 - ``edgerank-int4``: the same on the int4 form (what ran before the int8-compute form; what
   a tight memory budget runs);
 - ``edgerank-lowmem``: the same with streamed weights under ``--lowmem-mb``.
 
-The first five are the peers, what a user would run instead; every row is set against the
+The first eight are the peers, what a user would run instead; every row is set against the
 fastest of them whose top K agrees with fp32's (P@K ≥ ``FAITHFUL``; ``latency_vs_fastest_peer``). The machine's fp32 and int8 matmul peaks
 are measured in the same run (:func:`gemm_peaks`), so a row's achieved GFLOP/s on its
 layer work reads against them.
@@ -46,7 +50,8 @@ import numpy as np
 
 from edgerank.data.judged import SHARED_DATA
 
-PEERS = ("fp32-reference", "llamacpp-q4", "ort-fp32-graph", "ort-int8-graph", "sentence-transformers")
+PEERS = ("fp32-reference", "llamacpp-q4", "ort-fp32-graph", "ort-int8-graph", "sentence-transformers",
+         "openvino", "openvino-int8", "ctranslate2-int8")
 FAITHFUL = 0.8  # P@K against fp32 a peer needs to count as the fastest peer
 CONFIGS = PEERS + ("onnx-int4-full", "edgerank", "edgerank-int4", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
@@ -85,6 +90,13 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
         elif c == "sentence-transformers":
             out[c] = ({"peer": "sentence-transformers", "model": str(model)} if source.spec.kind != "decoder"
                       else {"error": "n/a: sentence-transformers runs encoders, not LLM rerankers"})
+        elif c in ("openvino", "openvino-int8"):
+            out[c] = {"peer": "openvino", "model": str(cached_graph(source, "fp32", progress)),
+                      "precision": "int8" if c.endswith("int8") else "default"}
+        elif c == "ctranslate2-int8":
+            out[c] = ({"peer": "ctranslate2", "model": str(model), "family": source.spec.family}
+                      if source.spec.kind != "decoder" and source.kind == "hf"
+                      else {"error": "n/a: the CTranslate2 peer runs BERT-style HF encoders"})
         elif c == "onnx-int4-full":
             out[c] = {"model": str(artifact), "backend": "edgerank", "pruning": False}
         elif c == "edgerank":
@@ -189,6 +201,10 @@ def _import_backend(backend: str | None) -> None:
         import onnxruntime  # noqa: F401
     elif backend == "sentence-transformers":
         import sentence_transformers  # noqa: F401
+    elif backend == "openvino":
+        import openvino  # noqa: F401
+    elif backend == "ctranslate2":
+        import ctranslate2  # noqa: F401
     else:
         import edgerank.runtime.backends.layerwise  # noqa: F401
 

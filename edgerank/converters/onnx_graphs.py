@@ -22,9 +22,12 @@ Each weight projection has one of three forms (``bits(name)`` picks it):
 
 - ``4`` / ``8``: ``MatMulNBits`` (com.microsoft) with int4/int8 block codes
   (``converters.quantize``): the least memory; ORT's kernels unpack the codes per block;
-- ``INT8`` (``"i8"``): ``DynamicQuantizeMatMul`` (com.microsoft) with per-channel int8
-  weights; the activations are quantized to uint8 per call, so the product runs on int8
-  dot-product kernels (VNNI, AMX): the fastest form where compute binds (RESULTS §18);
+- ``INT8`` (``"i8"``): per-channel int8 weights (7-bit codes) and activations quantized to
+  uint8 **per token** (one scale per row: its absolute maximum / 127), multiplied by
+  ``MatMulInteger`` on int8 dot-product kernels (VNNI, AMX): the fastest form where compute
+  binds (RESULTS §18). A token's codes depend on that token alone, so a candidate's score
+  never moves with the other rows of its chunk (issue 45; one scale per call did, by up to
+  0.036 on DL19). Projections that read one input (q/k/v; gate/up) share its codes;
 - ``None``: a plain fp32 ``MatMul`` (fp32 artifacts).
 """
 
@@ -54,6 +57,7 @@ class _Graph:
         self.bits = bits or (lambda _name: None)  # weight name -> 4, 8, INT8 or None (fp32)
         self.block = block
         self.quantized: dict[str, int] = {}
+        self._codes: dict[str, tuple[str, str, str]] = {}  # input -> its per-token uint8 codes, scales, shape
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
@@ -85,14 +89,8 @@ class _Graph:
                 # run the low-rank update beside it in fp32.
                 a, b = lora
                 weight = (weight.astype(np.float64) - b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
-            if bits == INT8:  # the bias goes in as the op's own input (a separate Add cost 10%, RESULTS §18.5)
-                codes, scales = quantize_channels(weight)
-                extra = [self.const(name + ".bias", bias.astype(np.float32))] if bias is not None and lora is None else []
-                y = self.op("DynamicQuantizeMatMul", x, self.const(name + ".qweight", codes),
-                            self.const(name + ".scales", scales),
-                            self.const(name + ".zeros", np.zeros(len(scales), np.int8)), *extra,
-                            domain="com.microsoft")
-                bias = None if extra else bias
+            if bits == INT8:
+                y = self._int8_product(x, name, weight)
             else:
                 codes, scales, zeros = quantize_blocks(weight, bits, self.block)
                 y = self.op("MatMulNBits", x, self.const(name + ".qweight", codes),
@@ -104,8 +102,37 @@ class _Graph:
                 low = self.op("MatMul", x, self.const(name + ".lora_A", lora[0].T.astype(np.float32)))
                 y = self.op("Add", y, self.op("MatMul", low, self.const(name + ".lora_B", lora[1].T.astype(np.float32))))
         if bias is not None:
-            y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
+            # Sum, not Add: ORT folds an Add of a constant after an integer matmul into the
+            # kernel's bias, which it then scales per row too (RESULTS §18.11)
+            y = self.op("Sum" if bits == INT8 else "Add", y, self.const(name + ".bias", bias.astype(np.float32)))
         return y
+
+    def _int8_product(self, x: str, name: str, weight: np.ndarray) -> str:
+        """``x @ weight.T`` in int8: ``x``'s per-token codes (shared by every projection of
+        ``x``) times 7-bit per-channel weight codes, rescaled per token and per channel."""
+        codes, scales = quantize_channels(weight)  # [in, out] int8, [out]
+        q, row_scale, shape = self._token_codes(x, weight.shape[1])
+        acc = self.op("MatMulInteger", q, self.const(name + ".qweight", codes), self.const(name + ".azero", np.array(128, np.uint8)))
+        y = self.op("Mul", self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), row_scale),
+                    self.const(name + ".scales", scales.astype(np.float32)))
+        out_shape = self.op("Concat", shape, self.shape_const("n", [weight.shape[0]]), axis=0)
+        return self.op("Reshape", y, out_shape)
+
+    def _token_codes(self, x: str, width: int) -> tuple[str, str, str]:
+        """``x`` [..., width] as uint8 codes [N, width] with one scale per token (N = the
+        leading dims' product): its absolute maximum over 127, zero point 128; the scales
+        [N, 1] and ``x``'s leading shape. Built once per input."""
+        if x not in self._codes:
+            flat = self.op("Reshape", x, self.shape_const("s", [-1, width]))
+            amax = self.op("ReduceMax", self.op("Abs", flat), axes=[1], keepdims=1)  # [N,1]
+            scale = self.op("Max", self.op("Mul", amax, self.const(self._fresh("inv127"), np.array(1 / 127, np.float32))),
+                            self.const(self._fresh("tiny"), np.array(1e-12, np.float32)))
+            per_row = self.op("Reshape", scale, self.shape_const("s", [-1]))
+            zero = self.op("Expand", self.const(self._fresh("zp"), np.array([128], np.uint8)), self.op("Shape", per_row))
+            codes = self.op("QuantizeLinear", flat, per_row, zero, axis=0)
+            lead = self.op("Slice", self.op("Shape", x), self.shape_const("s", [0]), self.shape_const("e", [-1]))
+            self._codes[x] = (codes, scale, lead)
+        return self._codes[x]
 
     def rms_norm(self, x: str, name: str, weight: np.ndarray, eps: float) -> str:
         # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into

@@ -1,7 +1,7 @@
 """Smoothing for a decoder's int8-compute form: move activation outliers into the weights.
 
-The int8 form quantizes each projection's input with one scale per call
-(``DynamicQuantizeMatMul``), so a few channels that run far larger than the rest (decoders
+The int8 form quantizes each projection's input with one scale per token
+(``onnx_graphs``), so a few channels that run far larger than the rest (decoders
 have them; SmolLM2's int8 form ranked like its int4 form at Spearman 0.29, RESULTS §18.4)
 leave the other channels a handful of codes. SmoothQuant (Xiao et al., 2023) divides input
 channel j by s_j and multiplies the weight column j that reads it by s_j. In a Llama/Qwen

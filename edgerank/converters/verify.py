@@ -47,7 +47,7 @@ FIT_SPEARMAN = 0.95  # an extra form must rank the sample like the artifact's ow
 
 def form_fit(artifact: Path, family: str, own: str, form: str) -> dict:
     """Whether ``form`` of an artifact ranks like its ``own`` form on the built-in sample
-    (unpruned): int8 activations, one scale per chunk, wreck a model whose activations have
+    (unpruned): int8 activations (then one scale per chunk; now per token) wreck a model whose activations have
     outlier channels (SmolLM2: Spearman 0.29; MiniLM: 0.996, RESULTS §18.4), so each
     model's int8 form is checked at conversion and offered only where it holds."""
     from edgerank.runtime.reranker import Reranker

@@ -26,7 +26,7 @@ from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.compute import BF16, runnable
+from edgerank.runtime.compute import BF16, PER_CALL_INT8, runnable
 from edgerank.runtime.sources import ModelSource, source_at
 
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
@@ -118,6 +118,8 @@ def _older_form(artifact: Path) -> bool:
         if not isinstance(compute, dict) or bool(compute.get("forms")) and "fit" not in compute:
             return True
         if BF16 in runnable(Artifact(artifact, manifest, verified=False)) and BF16 not in (compute.get("fit") or {}):
+            return True
+        if ((compute.get("ops") or {}).get("int8") or {}).get("op") == PER_CALL_INT8:  # scores moved with batch-mates
             return True
         return manifest.get("kind") == "decoder" and layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
     except (OSError, ValueError, AttributeError, KeyError):

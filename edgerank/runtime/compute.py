@@ -1,7 +1,8 @@
 """Which form of the layers a model runs in on this CPU, and on which engine.
 
 An int4 artifact stores its layers twice (``Artifact.forms``): as int4 ``MatMulNBits`` codes
-(the least memory) and as int8 ``DynamicQuantizeMatMul`` weights (int8 dot-product kernels).
+(the least memory) and as int8 weights multiplied with per-token int8 activations (``MatMulInteger``:
+int8 dot-product kernels).
 Where the ``openvino`` extra is installed and the CPU multiplies bf16 in hardware (AVX512-BF16,
 AMX), the int4 files also run as a third form, ``bf16``: compiled by OpenVINO with bf16
 activations (``runtime.engines``). A form other than the artifact's own runs unasked only
@@ -33,6 +34,7 @@ PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
 # (tiny models, a noisy machine) keeps the stored format, so repeated loads agree
 MARGIN = 0.9
+PER_CALL_INT8 = "DynamicQuantizeMatMul"  # the int8 form's op before per-token scales (issue 45)
 # int8 dot products in hardware: x86 AVX2 (vpmaddubsw) and on, ARM dotprod
 INT8_DOT = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
@@ -65,9 +67,13 @@ def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
 
 def usable(artifact: Artifact) -> list[str]:
     """The forms that may run unasked: the own one, and each other runnable form the
-    converter found to rank like it (``compute.fit``, converters/verify.py)."""
-    fit = (artifact.manifest.get("compute") or {}).get("fit") or {}
-    return [f for f in runnable(artifact) if f == artifact.weights or (fit.get(f) or {}).get("fit") is True]
+    converter found to rank like it (``compute.fit``, converters/verify.py), except an int8
+    form of one activation scale per call (artifacts from before per-token scales), whose
+    scores move with their batch-mates."""
+    compute = artifact.manifest.get("compute") or {}
+    fit, ops = compute.get("fit") or {}, compute.get("ops") or {}
+    return [f for f in runnable(artifact) if f == artifact.weights or (fit.get(f) or {}).get("fit") is True
+            and (ops.get(f) or {}).get("op") != PER_CALL_INT8]
 
 
 def measure(artifact: Artifact, form: str, threads: int) -> float:
