@@ -42,11 +42,11 @@ def reranker():
 
 
 @contextlib.contextmanager
-def serving(reranker, **settings):
+def serving(reranker, port=0, **settings):
     """A real uvicorn on 127.0.0.1 (a free port) in a thread, serving ``reranker``, configured
     as ``python -m edgerank.serve`` configures it."""
     app = create_app(Settings(**settings), reranker)
-    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
