@@ -266,6 +266,28 @@ def test_a_request_not_in_within_read_timeout_is_answered_408(reranker):
             silent.close()
 
 
+def test_bodies_being_read_share_a_bounded_room(reranker):
+    """Bodies are not counted against the queue while they arrive, so their memory has a
+    bound of its own, (max_queue + 1) x max_body_bytes: a body that would pass it is 429,
+    and the room frees when the body it held is gone."""
+    with serving(reranker, max_queue=0, max_body_bytes=64 * 1024) as (base, app):
+        holder = socket.create_connection(host_port(base))
+        holder.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 60000\r\n\r\n" + b" " * 50_000)  # 50 kB in, then it waits
+        wait_for(lambda: app.state.service.budget.used == 50_000)
+        docs = [d + " " + "x" * 3000 for d in DOCS]  # ~18 kB: more than the room left
+        refused = post(base, "/v1/rerank", {"query": QUERY, "documents": docs}, headers={})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        holder.close()
+        wait_for(lambda: app.state.service.budget.used == 0)
+        ok = post(base, "/v1/rerank", {"query": QUERY, "documents": docs}, headers={})
+        assert ok.status_code == 200 and ranked_like_rank(ok, docs)
+
+
+def ranked_like_rank(r: httpx.Response, docs: list[str]) -> bool:
+    return [(x["index"], x["relevance_score"]) for x in r.json()["results"]] == reference(QUERY, docs)
+
+
 def slow_but_in_time(base: str) -> httpx.Response:
     """A valid body sent in four pieces over ~1.2 s, within a 2 s read timeout."""
     payload = json.dumps({"query": QUERY, "documents": DOCS}).encode()
