@@ -56,6 +56,7 @@ FAITHFUL = 0.8  # P@K against fp32 a peer needs to count as the fastest peer
 CONFIGS = PEERS + ("onnx-int4-full", "edgerank", "edgerank-int4", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
 MARK = "@@bench "  # worker replies are the stdout lines with this prefix
+CONSISTENCY_QUERIES = 5  # queries whose candidates are also ranked in random subsets (score_drift)
 
 
 # ---- what each configuration loads -------------------------------------------------------
@@ -181,6 +182,7 @@ def worker(spec: dict) -> None:
         latency = time.perf_counter() - t
         extra = {k: v for k, v in ranking.stats.extra.items() if k != "layer_scores"}
         reply({"order": [r.index for r in ranking], "scores": [r.score for r in ranking],
+               "provisional": [r.provisional for r in ranking],
                "latency_s": latency, "extra": extra, "max_rss_mb": process_peak_mb()})
     reranker.close()
     reply({"done": True, "max_rss_mb": process_peak_mb()})
@@ -298,16 +300,40 @@ def run_bench(model: str, configs: list[str], queries: list[dict], top_k: int, s
         r = workers[c].rank(q["query"], [t for _, t in q["docs"]], top_k)
         r["qi"] = qi
         results[c].append(r)
+    consistency = {c: score_drift(w, queries[:CONSISTENCY_QUERIES], top_k) for c, w in workers.items()}
     finals = {c: w.stop() for c, w in workers.items()}
     hellos = {c: w.hello for c, w in workers.items()}
     rows = summarize(configs, results, finals, hellos, specs, queries, top_k, errors)
     for row in rows:
+        if row["name"] in consistency:
+            row["score_drift_max"] = consistency[row["name"]]
         if "layer_gflops" in row:
             row["layer_gflops_vs_peak"] = {k: row["layer_gflops"] / v for k, v in peaks.items()}
     return {"configs": rows, "errors": errors, "machine": {**machine(), "gemm_gflops": peaks},
             "settings": {"model": str(model), "top_k": top_k, "queries": len(queries),
                          "depth": max(len(q["docs"]) for q in queries), "subset": subset,
                          "interleaved": True, "warmup_queries": 1, "lowmem_mb": lowmem_mb}}
+
+
+def score_drift(worker: "Worker", queries: list[dict], top_k: int, subsets: int = 3, seed: int = 0) -> float:
+    """Consistency: the largest |Δscore| of a document between a call of all its query's
+    candidates (every one scored, nothing pruned) and calls of random subsets of them, in
+    random orders and with random K (pruning on, as a user calls it); provisional scores
+    (dropped before the last layer) are not compared. 0 for an engine whose scores depend
+    on the pair alone, up to float rounding."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for q in queries:
+        texts = [t for _, t in q["docs"]]
+        full = worker.rank(q["query"], texts, None)
+        by_doc = dict(zip(full["order"], full["scores"]))
+        for _ in range(subsets):
+            pick = rng.permutation(len(texts))[: int(rng.integers(1, len(texts) + 1))]
+            got = worker.rank(q["query"], [texts[i] for i in pick], int(rng.integers(1, top_k + 1)))
+            for j, (row, score) in enumerate(zip(got["order"], got["scores"])):
+                if not (got.get("provisional") or [False] * len(got["order"]))[j]:
+                    worst = max(worst, abs(score - by_doc[int(pick[row])]))
+    return worst
 
 
 def summarize(configs: list[str], results: dict[str, list[dict]], finals: dict, hellos: dict, specs: dict,
@@ -475,8 +501,8 @@ def print_table(report: dict) -> None:
     s = report["settings"]
     t = Table(title=f"{s['model']}: {s['queries']} queries, depth {s['depth']}, K={s['top_k']}")
     cols = ("config", "queries", "median ms", "p90 ms", "pairs/s", "peak MB", "model MB", "size MB", "nDCG@10",
-            "nDCG@10 fp32 qs", f"P@{s['top_k']} vs fp32", "work skipped", "layer GFLOP/s", "x fp32 lat",
-            "x fastest peer")
+            "nDCG@10 fp32 qs", f"P@{s['top_k']} vs fp32", "work skipped", "layer GFLOP/s", "score drift",
+            "x fp32 lat", "x fastest peer")
     for col in cols:
         t.add_column(col, justify="right")
 
@@ -490,7 +516,7 @@ def print_table(report: dict) -> None:
                   f(r["pairs_per_s"], ".1f"), f(r["peak_rss_mb"], ".0f"), f(r["model_rss_mb"], ".0f"),
                   f(r["size_bytes"] / 2**20, ".0f"), f(r["ndcg@10"], ".4f"), f(r.get("ndcg@10_on_fp32_queries"), ".4f"),
                   f(r.get("precision_at_k_vs_fp32"), ".3f"),
-                  f(r.get("work_skipped"), ".1%"), f(r.get("layer_gflops"), ".0f"),
+                  f(r.get("work_skipped"), ".1%"), f(r.get("layer_gflops"), ".0f"), f(r.get("score_drift_max"), ".1e"),
                   f(r.get("latency_vs_fp32-reference"), ".2f"), f(r.get("latency_vs_fastest_peer"), ".2f"))
     m = report["machine"]
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.get("gemm_gflops", {}).items())
