@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     import edgerank
-    from edgerank.runtime.sources import gguf_metadata
+    from edgerank.runtime.gguf_header import gguf_metadata
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, nargs="?", help="a GGUF written by python -m edgerank.converters")

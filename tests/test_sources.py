@@ -7,6 +7,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import edgerank
@@ -167,3 +168,45 @@ def test_cached_conversions_are_keyed_by_the_model_files_not_just_their_name(tin
     assert cache_name(resolve(str(a), family="qwen3-reranker")) != before
     with pytest.raises(ModelNotFoundError):
         cache_name(resolve(str(tmp_path / "nowhere")))
+
+
+def test_gguf_metadata_reads_what_gguf_py_reads_and_steps_over_the_vocabulary(tmp_path):
+    """The header reader (issue 42: gguf-py's reader parsed SmolLM2's whole vocabulary into
+    numpy arrays, ~160 MB, at every load by name) keeps exactly the scalars and strings
+    gguf-py finds, and allocates next to nothing for a 200,000-token vocabulary."""
+    import tracemalloc
+
+    import gguf
+
+    from edgerank.runtime.gguf_header import gguf_metadata
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_float32("llama.rope.freq_base", 10000.5)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_int64("edgerank.big", -(2**40))
+    w.add_string("tokenizer.chat_template", "<|im_start|>{{ messages }} ü")
+    w.add_array("tokenizer.ggml.tokens", [f"token-{i}" for i in range(200_000)])
+    w.add_array("tokenizer.ggml.scores", [float(i) for i in range(1000)])
+    w.add_uint32("general.file_type", 3)
+    w.add_tensor("t", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    expected = {}
+    for key, f in reader.fields.items():
+        if f.types and f.types[0] != gguf.GGUFValueType.ARRAY:
+            v = f.parts[f.data[0]]
+            expected[key] = bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
+    tracemalloc.start()
+    got = gguf_metadata(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == expected and got["llama.rope.freq_base"] == pytest.approx(10000.5)
+    assert "tokenizer.ggml.tokens" not in got and peak < 1 << 20
+    with pytest.raises(ModelFormatError, match="not a readable GGUF"):
+        (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:4000])
+        gguf_metadata(tmp_path / "cut.gguf")

@@ -119,7 +119,8 @@ def default_gguf_quant(source) -> str:
 
     from edgerank.errors import EdgerankError
     from edgerank.models.supply import resolve
-    from edgerank.runtime.sources import FAMILY_FILE, gguf_metadata
+    from edgerank.runtime.gguf_header import gguf_metadata
+    from edgerank.runtime.sources import FAMILY_FILE
 
     if source.spec.kind == "bi-encoder":
         return "q4_0"

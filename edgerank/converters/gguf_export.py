@@ -308,7 +308,7 @@ def _source_config(src: Path) -> tuple[ArchConfig | None, dict]:
     """An HF folder's architecture config (refused where llama.cpp has no mapping for it), or
     a GGUF file's metadata."""
     if not src.is_dir():
-        from edgerank.runtime.sources import gguf_metadata
+        from edgerank.runtime.gguf_header import gguf_metadata
 
         return None, gguf_metadata(src)
     cfg = hf_config(src)

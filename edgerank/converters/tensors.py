@@ -191,7 +191,7 @@ def _hf_name(gguf_name: str) -> str:
 
 def gguf_config(path: Path, reader) -> ArchConfig:
     """Dimensions of a GGUF decoder from its metadata (``edgerank.runtime.sources.gguf_metadata``)."""
-    from edgerank.runtime.sources import gguf_metadata
+    from edgerank.runtime.gguf_header import gguf_metadata
 
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")

@@ -15,6 +15,7 @@ from edgerank.errors import (
 )
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import check_manifest
+from edgerank.runtime.gguf_header import gguf_metadata
 from edgerank.runtime.specs import SPECS, ModelSpec, get_spec
 
 DECODER_ARCHS = {"llama", "qwen2", "qwen3"}
@@ -157,26 +158,6 @@ def _gguf_source(path: Path, name: str, family: str | None) -> ModelSource:
                 "(qwen3-reranker, rank1, interank, zeroshot-chatml)"
             )
     return ModelSource("gguf", path, get_spec(family), name, arch, adapter)
-
-
-def gguf_metadata(path: Path) -> dict:
-    """Scalar and string metadata of a GGUF file (arrays such as the vocabulary skipped)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # truncated or corrupt: gguf raises assorted errors
-        raise ModelFormatError(f"{str(path)!r} is not a readable GGUF file: {e}") from e
-    out = {}
-    for key, fld in reader.fields.items():
-        if not fld.types or fld.types[0] == GGUFValueType.ARRAY:
-            continue
-        value = fld.parts[fld.data[0]]
-        if fld.types[0] == GGUFValueType.STRING:
-            out[key] = bytes(value).decode("utf-8", errors="replace")
-        else:
-            out[key] = value.tolist()[0]
-    return out
 
 
 def _hf_source(path: Path, name: str, family: str | None) -> ModelSource:
