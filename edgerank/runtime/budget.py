@@ -1,9 +1,16 @@
-"""Memory budget: from ``max_memory_mb`` to streaming mode, chunk size and embedding cache.
+"""Memory budget: from ``max_memory_mb`` to form, streaming mode, chunk size and embedding cache.
 
 The budget counts memory the model adds to the process (weights, embedding cache, hidden
 states, activations), not the Python interpreter and libraries already loaded. The plan
 is checked before any work starts: a budget that cannot be met is a
-:class:`MemoryBudgetError` with the smallest budget that would work.
+:class:`MemoryBudgetError` naming the smallest budget that works (:func:`needed_mb`).
+
+A model can run in several *modes*, from the most memory to the least: its fastest form
+resident, its smallest form resident, its smallest form streamed two layers at a time. A
+budget takes the first mode that holds the model; a call too large for that mode moves the
+model to the first later mode that holds the call (:func:`first_fit`). So whatever runs
+under a budget also runs under every larger one (issue 42: a larger budget chose resident
+weights and then refused a call that streaming ran under a smaller one).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ MB = 2**20
 
 @dataclass(frozen=True)
 class EngineMemory:
-    """What an engine holds for a layer file of B bytes (``per_file_byte`` x B), and for
-    itself once per process, whatever is loaded (``runtime_mb``)."""
+    """What an engine holds for a layer file of B bytes (``per_file_byte`` x B) plus each
+    layer's own bookkeeping (``per_layer_mb``), and for itself once per process, whatever is
+    loaded (``runtime_mb``)."""
 
     per_file_byte: float
     runtime_mb: float
+    per_layer_mb: float
 
 
 ENGINE_MEMORY = {
@@ -29,10 +38,12 @@ ENGINE_MEMORY = {
     # size (smollm2-135m) to 1.32x (minilm-l6); 9859d57 assumed 1.3. Its first session sets up
     # the environment, kernel registry and thread pool: 10.3 MB on minilm-l6, not returned when
     # the sessions go (bench/history/applications.md §12).
-    "onnxruntime": EngineMemory(1.4, 11.0),
+    # Each session also keeps its graph, kernels and scratch: ~0.5 MB beyond its weights (a
+    # streamed minilm-l6 ran 1.4 MB over a budget that counted none, three sessions in flight).
+    "onnxruntime": EngineMemory(1.4, 11.0, 0.5),
     # OpenVINO's CPU plugin keeps a compiled layer's weights repacked for its kernels: 2.8x
     # the int4 file on minilm-l6; the plugin itself ~60 MB (bench/history/speed.md §19)
-    "openvino": EngineMemory(3.0, 64.0),
+    "openvino": EngineMemory(3.0, 64.0, 2.0),
 }
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.runtime.embedding): the table's pages held at once are bounded by this.
@@ -41,6 +52,9 @@ EMBED_READ_ROWS = 256
 # (minilm-l6: 0.47 MB file, 30,522 tokens -> 9.2 MB; smollm2-135m: 3.4 MB, 49,152 -> 29.4 MB).
 TOKENIZER_PER_FILE_BYTE = 22
 TOKENIZER_PER_TOKEN = 650
+# A call's own numpy and Python temporaries and the allocator's slack beyond the tensors
+# counted: a small random decoder ran 0.7 MB over a budget that counted everything else.
+CALL_SLACK_MB = 1.5
 
 
 def tokenizer_mb(file_bytes: int, vocab_size: int) -> float:
@@ -81,12 +95,18 @@ class Shape:
     layer_bytes: list[int]
     head_bytes: int
     engine: str = "onnxruntime"  # what runs the layers (runtime.engines): how much it holds per file byte
+    # FFN-wide tensors live at once per token: the fp32 graphs hold the up-projection's output,
+    # its activation and the product (3); the int8 form also its int32 accumulator and the
+    # float it is rescaled into (5: measured 63 KB a token on minilm-l6, 46 counted with 3)
+    ffn_copies: int = 3
 
     def activation_bytes_per_token(self, context: int) -> int:
         """Peak live activations of one token inside a layer (fp32), attending to ``context`` keys.
         A quarter above the tensors counted: ONNX Runtime's measured peak was ~7% above them
         on minilm-l6 (bench/RESULTS.md §12)."""
-        return int(1.25 * 4 * (3 * self.ffn + 8 * self.hidden + 2 * self.n_heads * context))
+        # + a decoder's additive mask row and rotary tables, fed with every token
+        return int(1.25 * 4 * (self.ffn_copies * self.ffn + 8 * self.hidden + 2 * self.n_heads * context
+                               + context + 2 * self.head_dim))
 
     def hidden_bytes(self, tokens: int) -> int:
         """Hidden states kept between layers (two copies: in and out)."""
@@ -100,13 +120,14 @@ def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, to
     """Streaming mode and cache size for a budget (``None``: unbounded, all resident);
     ``tokenizer_mb`` is the loaded tokenizer's share (:func:`tokenizer_mb`)."""
     engine = ENGINE_MEMORY[shape.engine]
-    resident = engine.per_file_byte * sum(shape.layer_bytes) / MB
-    window = engine.per_file_byte * 2 * max(shape.layer_bytes) / MB
+    resident = engine.per_file_byte * sum(shape.layer_bytes) / MB + engine.per_layer_mb * shape.n_layers
+    # a streamed window: two layers held, a third being built beside them
+    window = engine.per_file_byte * 2 * max(shape.layer_bytes) / MB + engine.per_layer_mb * 3
     row_mb = 4 * shape.hidden / MB
     # the head is read from an npz (a copy while it is converted), the table's pages while
     # rows are read (a row may straddle two pages)
     # and one weight matrix dequantized to fp32 by a MatMulNBits kernel
-    fixed = (2 * shape.head_bytes / MB + engine.runtime_mb + tokenizer_mb
+    fixed = (2 * shape.head_bytes / MB + engine.runtime_mb + tokenizer_mb + CALL_SLACK_MB
              + EMBED_READ_ROWS * 2 * 4096 / MB + 4 * shape.hidden * shape.ffn / MB)
     if max_memory_mb is None:
         s = bool(stream)
@@ -146,6 +167,54 @@ def plan_call(shape: Shape, plan: Plan, max_memory_mb: float | None, tokens: int
             f"max_memory_mb={max_memory_mb:g} is too small for this call ({tokens} tokens, longest sequence "
             f"{longest}); it needs ~{need:.0f} MB. Rank fewer or shorter documents, or raise the budget")
     return min(chunk, max(plan.chunk_tokens, longest))
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a call needs planned: its tokens, the shared prefix's, and the longest row's."""
+
+    tokens: int
+    prefix: int
+    longest: int
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A mode that holds the model (and the call asked about): its index, plan and chunk."""
+
+    mode: int
+    plan: Plan
+    chunk: int | None
+
+
+def first_fit(modes: list[tuple[Shape, bool]], max_memory_mb: float, tokenizer_mb: float,
+              call: Call | None = None, start: int = 0) -> Fit | None:
+    """The first mode from ``start`` on (a (shape, streamed) pair) whose plan holds the model
+    under ``max_memory_mb`` and, given ``call``, that call; None where none does."""
+    for i in range(start, len(modes)):
+        shape, stream = modes[i]
+        try:
+            plan = plan_load(shape, max_memory_mb, stream, tokenizer_mb)
+            chunk = plan_call(shape, plan, max_memory_mb, call.tokens, call.prefix, call.longest) if call else None
+        except MemoryBudgetError:
+            continue
+        return Fit(i, plan, chunk)
+    return None
+
+
+def needed_mb(modes: list[tuple[Shape, bool]], tokenizer_mb: float, call: Call | None = None) -> int:
+    """The smallest whole number of MB under which some mode holds the model and ``call``
+    (each mode's need only grows with what it holds, so a bisection finds it)."""
+    high = 64
+    while first_fit(modes, high, tokenizer_mb, call) is None:
+        high *= 2
+        if high > 1 << 24:  # 16 TB: no budget would do
+            raise MemoryBudgetError("no memory budget holds this model and call")
+    low = 0  # never fits
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if first_fit(modes, mid, tokenizer_mb, call) else (mid, high)
+    return high
 
 
 def decode_rows(shape: Shape, plan: Plan, max_memory_mb: float | None, own: int, context: int, most: int) -> int:

@@ -31,8 +31,8 @@ from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.backends.contract import Scores
 from edgerank.runtime.backends.heads import _BLAS, head_for
-from edgerank.runtime.budget import (INT8_CHUNK_TOKENS, MB, MemoryBudgetError, Plan, Shape, plan_call, plan_load,
-                             tokenizer_mb)
+from edgerank.runtime.budget import (INT8_CHUNK_TOKENS, MB, Call, Fit, MemoryBudgetError, Plan, Shape, first_fit,
+                                     needed_mb, plan_call, plan_load, tokenizer_mb)
 from edgerank.runtime.chunking import length_chunks
 from edgerank.runtime.compute import Choice, choose
 from edgerank.runtime.cpu import default_threads
@@ -156,31 +156,48 @@ class LayerwiseBackend:
 
     def _form_and_plan(self, asked: str | None, stream_weights: bool | None,
                        chunk_tokens: int | None) -> tuple[Choice, Shape, Plan]:
-        """The form the layers run in (``runtime.compute``: measured, or the caller's), unless
-        the memory budget needs the artifact's smallest one, and the memory plan for it."""
+        """The form the layers run in (``runtime.compute``: chosen, or the caller's) and the
+        memory plan: the first of the modes (``runtime.budget``) the budget holds the model in."""
         choice = choose(self.artifact, self.threads, asked)
-        tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
+        self._tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
+        self._chunk_tokens = chunk_tokens
+        self._modes = self._candidate_modes(choice, asked, stream_weights)
+        budget_modes = [(self._shape(c), s) for c, s in self._modes]
+        if self.max_memory_mb is None:
+            fit = Fit(0, plan_load(budget_modes[0][0], None, self._modes[0][1], self._tok_mb), None)
+        else:
+            fit = first_fit(budget_modes, self.max_memory_mb, self._tok_mb)
+        if fit is None:
+            need = needed_mb(budget_modes, self._tok_mb)
+            raise MemoryBudgetError(f"max_memory_mb={self.max_memory_mb:g} cannot hold this model: it needs at "
+                                    f"least ~{need} MB (its layers, tokenizer, head and runtime, one chunk of work "
+                                    "and the embedding cache)")
+        self._mode = fit.mode
+        return self._modes[fit.mode][0], budget_modes[fit.mode][0], self._finish(fit.plan, self._modes[fit.mode][0])
+
+    def _candidate_modes(self, choice: Choice, asked: str | None, stream_weights: bool | None) -> list:
+        """(form, streamed) from the most memory to the least: the chosen form resident, then
+        the artifact's smallest form resident and streamed; a form asked for stays, and
+        ``stream_weights`` True or False keeps only the modes it allows."""
+        streams = [False, True] if stream_weights is None else [bool(stream_weights)]
         smallest = self.artifact.weights
-        try:
-            plan = plan_load(self._shape(choice), self.max_memory_mb, stream_weights, tok_mb)
-            forced = plan.stream and asked is None and choice.form != smallest
-        except MemoryBudgetError:
-            if asked is not None or choice.form == smallest:
-                raise
-            forced = True
-        if forced:  # memory binds: the smaller form, streamed if it must be
-            choice = Choice(smallest, "memory budget", choice.ms, choice.cpu, smallest)
-            plan = plan_load(self._shape(choice), self.max_memory_mb, stream_weights, tok_mb)
-        if chunk_tokens is not None:
-            plan.chunk_tokens = int(chunk_tokens)
+        if asked is not None or choice.form == smallest:
+            return [(choice, s) for s in streams]
+        small = Choice(smallest, "memory budget", choice.ms, choice.cpu, smallest)
+        return ([(choice, False)] if False in streams else []) + [(small, s) for s in streams]
+
+    def _finish(self, plan: Plan, choice: Choice) -> Plan:
+        if self._chunk_tokens is not None:
+            plan.chunk_tokens = int(self._chunk_tokens)
         elif choice.form == "int8":
             plan.chunk_tokens = min(plan.chunk_tokens, INT8_CHUNK_TOKENS)
-        return choice, self._shape(choice), plan
+        return plan
 
     def _shape(self, choice: Choice) -> Shape:
         dims, n = self.artifact.dims, self.artifact.n_layers
         return Shape(hidden=dims["hidden"], ffn=dims["ffn"], n_heads=dims["n_heads"], n_kv_heads=dims["n_kv_heads"],
                      head_dim=dims["head_dim"], n_layers=n, engine=choice.engine,
+                     ffn_copies=5 if choice.form == "int8" else 3,
                      layer_bytes=[self.artifact.layer_bytes(i, choice.files) for i in range(n)],
                      head_bytes=sum(v.nbytes for v in self.head.weights.values()))
 
@@ -272,14 +289,37 @@ class LayerwiseBackend:
         return prefix_state
 
     def plan_chunk(self, batch: EncodedBatch) -> int:
-        """Tokens per chunk for ``batch`` under the budget; a :class:`MemoryBudgetError`
-        before any work if the call cannot fit."""
+        """Tokens per chunk for ``batch`` under the budget. A call the current mode cannot
+        hold moves the model to the first later mode that holds it (streamed weights, or the
+        smallest form: the stats say so); a :class:`MemoryBudgetError` naming the smallest
+        budget that runs it, before any work, where none does."""
         prefix_len = batch.prefix_len if self.shared_prefix else 0
         lengths = [len(s) - prefix_len for s in batch.sequences]
         if self.spec.kind == "bi-encoder":
             lengths.append(len(batch.query))
-        return plan_call(self.shape, self.plan, self.max_memory_mb, sum(lengths) + prefix_len, prefix_len,
-                         max(lengths))
+        call = Call(sum(lengths) + prefix_len, prefix_len, max(lengths))
+        if self.max_memory_mb is None:
+            return plan_call(self.shape, self.plan, None, call.tokens, call.prefix, call.longest)
+        modes = [(self._shape(c), s) for c, s in self._modes]
+        fit = first_fit(modes, self.max_memory_mb, self._tok_mb, call, start=self._mode)
+        if fit is None:
+            raise MemoryBudgetError(
+                f"max_memory_mb={self.max_memory_mb:g} is too small for this call ({call.tokens} tokens, longest "
+                f"sequence {call.longest}); it needs ~{needed_mb(modes, self._tok_mb, call)} MB. Rank fewer or "
+                "shorter documents, or raise the budget")
+        if fit.mode != self._mode:
+            self._switch(fit)
+        return fit.chunk
+
+    def _switch(self, fit: Fit) -> None:
+        """Run in mode ``fit.mode`` from now on (a call needed the memory it frees)."""
+        self.layers.close()
+        self._mode = fit.mode
+        self.compute = self._modes[fit.mode][0]
+        self.shape, self.plan = self._shape(self.compute), self._finish(fit.plan, self.compute)
+        self.embed.max_rows = self.plan.cache_rows
+        self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
+                                    self.compute.engine)
 
     def explain(self, batch: EncodedBatch, rows: list[int], max_tokens: int):
         """Greedy rationales of candidates ``rows`` of the batch just scored (the top K),
