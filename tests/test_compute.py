@@ -142,7 +142,8 @@ def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
     with pytest.raises(MemoryBudgetError):
         edgerank.Reranker(fast8, family=family, compute="int8", max_memory_mb=1)
     # a form that ranks unlike the own one is never run unasked, however fast
-    manifest["compute"]["fit"]["int8"]["fit"] = False
+    for fit in manifest["compute"]["fit"].values():
+        fit["fit"] = False
     (fast8 / "manifest.json").write_text(json.dumps(manifest))
     with edgerank.Reranker(fast8, family=family) as r:
         r.score(QUERY, DOCS[:2])
@@ -237,13 +238,13 @@ def test_an_artifact_from_before_the_int8_form_runs_its_only_form(model, tmp_pat
 
 @pytest.mark.slow
 def test_smollm2s_int8_form_ranks_unlike_its_int4_form_and_is_not_run(smollm2_path, tmp_path):
-    """SmolLM2's activations have outlier channels: one uint8 scale per chunk wrecks them
+    """SmolLM2's activations have outlier channels: one uint8 scale per chunk wrecked them
     (Spearman 0.29 against the int4 form on the sample; P@10 against fp32 on DL19 0.18,
-    RESULTS §18.4; 0.73 with the int8 form smoothed, §18.7). The converter finds it, and
-    the runtime runs int4."""
+    RESULTS §18.4); one scale per token holds more (0.91 on the sample) but not the fit bar
+    (0.95). The converter finds it, and the runtime never runs it unasked."""
     convert(smollm2_path, "onnx", "int4", tmp_path / "smol", verify=False, progress=False)
     fit = json.loads((tmp_path / "smol" / "manifest.json").read_text())["compute"]["fit"]["int8"]
-    assert not fit["fit"] and fit["spearman"] < 0.9
+    assert not fit["fit"] and fit["spearman"] < 0.95
     with edgerank.Reranker(tmp_path / "smol") as r:
         r.score(SAMPLE[0][0], SAMPLE[0][1][:2])
-        assert r.last_stats.extra["compute"]["form"] == "int4"
+        assert r.last_stats.extra["compute"]["form"] != "int8"

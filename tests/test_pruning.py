@@ -224,23 +224,27 @@ def test_calibrate_cli_end_to_end_writes_the_chosen_knobs_to_a_config(artifact, 
     data = write_beir(tmp_path / "coll", docs, {"q1": "vaccine immune cell", "q2": "market price river"}, run=run)
     config, save = tmp_path / "pruning.json", tmp_path / "grid.json"
     assert main([str(artifact), "--data", str(data), "--top-k", "3", "--also-k", "1", "--target", "1.0",
-                 "--config", str(config), "--save", str(save), "--rules", "cluster"]) == 0
+                 "--config", str(config), "--save", str(save), "--rules", "cluster", "--min-saving", "0"]) == 0
     chosen = json.loads(config.read_text())["pruning"]
     grid = json.loads(save.read_text())
     assert len(grid["grid"]) == len(THRESHOLDS) * len(MIN_DEPTHS) * 3
     best = grid["best"]
-    assert (chosen["threshold"], chosen["min_depth"], chosen["clusters"]) == \
-        (best["threshold"], best["min_depth"], best["clusters"])
     assert chosen["queries"] == 2 and chosen["k"] == 3 and best["precision"] == 1.0
-    other = grid["best_other_k"]["1"]  # --also-k 1: its own setting, for calls with K = 1
-    assert set(chosen["by_k"]) == {"1", "3"}
-    if other is None:
-        assert chosen["by_k"]["1"] == {"off": True}
+    # what is written is the cross-validated verdict: a setting fitted on every query at the
+    # margin that held out of sample, or pruning off, with the reason
+    verdict = grid["verdicts"]["3"]
+    assert chosen["why"] == verdict["why"] and chosen["held_out_precision"] == verdict["held_out_precision"]
+    if verdict["setting"] is None:
+        assert chosen["off"] is True
     else:
-        assert [chosen["by_k"]["1"][x] for x in ("threshold", "min_depth", "clusters", "precision")] == \
-            [other[x] for x in ("threshold", "min_depth", "clusters", "precision")]
+        assert [chosen[x] for x in ("threshold", "min_depth", "clusters")] == \
+            [verdict["setting"][x] for x in ("threshold", "min_depth", "clusters")]
+        assert verdict["held_out_precision"] >= 1.0
+    assert set(chosen["by_k"]) == {"1", "3"}
+    one = grid["verdicts"]["1"]["setting"]  # --also-k 1: its own verdict, for calls with K = 1
+    assert chosen["by_k"]["1"] == {"off": True} if one is None else chosen["by_k"]["1"]["threshold"] == one["threshold"]
     out = capsys.readouterr().out
-    assert f"clusters={best['clusters']}" in out and f"{len(grid['grid'])} settings tried" in out
+    assert f"{len(grid['grid'])} settings tried" in out and "K=3, written: " in out
     assert (tmp_path / "grid.npz").is_file()
 
 

@@ -4,8 +4,10 @@
 
 Each sample query runs once with pruning off, recording every candidate's head score
 before every layer; replaying those scores through the pruning policy gives exactly what
-a pruned run would return (``replay``). The chosen setting is written into the artifact's
-``manifest.json`` (or a JSON config file).
+a pruned run would return (``replay``). Each K's setting is fitted so that the target holds
+on queries held out of the fit (``crossval``), and written into the artifact's
+``manifest.json`` (or a JSON config file); where it would skip less than ``--min-saving``
+of the work held out, pruning is written off for that K.
 
 ``--fit-readouts`` first fits per-layer readouts on training data (``readouts``) and
 stores them in the artifact; the recording then scores checks with them. Beside the
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgerank import Reranker
+from edgerank.calibrate import crossval
 from edgerank.calibrate.replay import (
     CLUSTERS,
     Recording,
@@ -86,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-passages", type=positive_int, default=20,
                    help="passages per question: BM25 neighbours, its own, a quarter random (default 20)")
     p.add_argument("--rules", default="cluster,rank,margin", help="pruning rules to calibrate (default %(default)s)")
+    p.add_argument("--min-saving", type=float, default=crossval.MIN_SAVING,
+                   help="work skipped on queries held out below which pruning is written off "
+                        "(default %(default)s)")
     return p
 
 
@@ -216,26 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     best = better(bests["cluster"], bests["rank"], bests["margin"])
     limit = bound(recs, args.top_k, args.target)
     agreement = _report(args, recs, bests, limit, console)
-    others = {}
-    for k in args.also_k:
-        others[k] = better(*_fit_rules(args, recs, k)[1].values())
-        console.print(f"K={k}: " + (f"{knobs(others[k])} P@K={others[k]['precision']:.3f} work skipped "
-                                    f"{others[k]['work_skipped']:.1%}" if others[k] else f"no setting reaches {args.target}"))
+    verdicts = {k: crossval.calibrate(recs, k, args.target, args.rules, args.clusters, args.min_saving)
+                for k in dict.fromkeys([args.top_k, *args.also_k])}
+    for k, v in verdicts.items():
+        console.print(f"K={k}, written: " + (knobs(v.setting) if v.setting else "pruning off") + f" ({v.why})")
     if args.save:
         _save(args.save, recs, {"grid": rows, "best": best, "cluster_best": bests["cluster"], "rank_best": bests["rank"],
                                 "margin_best": bests["margin"], "bound": limit, "agreement": agreement,
-                                "best_other_k": others})
+                                "verdicts": {str(k): vars(v) for k, v in verdicts.items()}})
     console.print(_grid_table(args, rows, len(recs), bests["cluster"], best is bests["cluster"]))
-    if best is None:
-        console.print(f"[red]no setting reaches mean P@{args.top_k} >= {args.target}[/]; nothing written")
-        return 1
+    main_verdict = verdicts[args.top_k]
     meta = {"target_precision": args.target, "k": args.top_k, "queries": len(recs), "data": args.data.name,
-            "depth": args.depth, "precision": best["precision"], "work_skipped": best["work_skipped"],
-            "bound_work_skipped": limit["work_skipped"]}
+            "depth": args.depth, "held_out_precision": main_verdict.held_out_precision,
+            "held_out_work_skipped": main_verdict.held_out_skipped, "margin": main_verdict.margin,
+            "why": main_verdict.why, "bound_work_skipped": limit["work_skipped"]}
     if not args.dry_run:
-        where = write_setting(artifact, best, meta, args.config, {**others, args.top_k: best})
-        console.print(f"wrote {knobs(best)} to {where}" + "".join(
-            f"; for K={k}: " + (knobs(row) if row else "off") for k, row in sorted(others.items())))
+        where = write_setting(artifact, main_verdict.setting, meta, args.config,
+                              {k: v.setting for k, v in verdicts.items()})
+        console.print(f"wrote {knobs(main_verdict.setting) if main_verdict.setting else 'pruning off'} to {where}")
     return 0
 
 

@@ -50,14 +50,15 @@ def better(*settings: dict | None) -> dict | None:
     return best
 
 
-def write_setting(artifact: Path, setting: dict, meta: dict, config: Path | None = None,
-                  by_k: dict[int, dict] | None = None) -> Path:
-    """Store the chosen knobs in the artifact's manifest (atomically) or a config file.
-    ``by_k`` holds the settings chosen for other K values (None: none kept the target);
-    the runtime uses one for a call with that K, and the main setting for any other K."""
+def write_setting(artifact: Path, setting: dict | None, meta: dict, config: Path | None = None,
+                  by_k: dict[int, dict | None] | None = None) -> Path:
+    """Store the chosen knobs in the artifact's manifest (atomically) or a config file;
+    ``setting`` None writes pruning off (``{"off": true}``). ``by_k`` holds the settings
+    chosen for each K (None: off); the runtime uses one for a call with that K, and the main
+    setting for any other K."""
     target = config or artifact / layout.MANIFEST
     doc = settings_file(target)
-    doc["pruning"] = {**_setting(setting), "calibrated": True, **meta}
+    doc["pruning"] = {**(_setting(setting) if setting else {"off": True}), "calibrated": True, **meta}
     if by_k:  # a K that no setting kept at the target prunes nothing: {"off": true}
         doc["pruning"]["by_k"] = {str(k): {**_setting(row), "precision": row["precision"],
                                            "work_skipped": row["work_skipped"]} if row else {"off": True}

@@ -124,12 +124,16 @@ def fastest(ms: dict[str, float], artifact: Artifact) -> str:
 
 def by_rule(forms: list[str]) -> str:
     """The form a CPU that no measurement was recorded on runs, from ``forms`` (the usable
-    ones): bf16 where it is usable (the CPU has bf16 hardware and OpenVINO is installed), else
-    int8 where the CPU has int8 dot products, else the artifact's own (``forms[0]``)."""
+    ones), as measured (bench/history/speed.md §19): bf16 on AMX's matrix tiles; else int8
+    where the CPU has int8 dot products (on Zen 4's AVX512-BF16 the int8 form beat bf16 on
+    minilm-l6); else bf16 (it beat int4 on every CPU with bf16); else the artifact's own."""
+    has = features()
+    if BF16 in forms and "amx_bf16" in has:
+        return BF16
+    if "int8" in forms and any(f in has for f in INT8_DOT):
+        return "int8"
     if BF16 in forms:
         return BF16
-    if "int8" in forms and any(f in features() for f in INT8_DOT):
-        return "int8"
     return forms[0]
 
 
@@ -149,10 +153,8 @@ def choose(artifact: Artifact, threads: int, asked: str | None = None) -> Choice
                              "choose one of them, or None to let edgerank choose")
         return choice(asked, "asked")
     ok = usable(artifact)
-    if len(forms) == 1:
-        return choice(artifact.weights, "only form")
-    if len(ok) == 1:  # the others do not rank like it (compute.fit)
-        return choice(artifact.weights, "the other forms rank unlike it")
+    if len(ok) == 1:  # one stored form (any other unchecked), or the others rank unlike it (compute.fit)
+        return choice(artifact.weights, "only form" if len(artifact.forms) == 1 else "the other forms rank unlike it")
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
     if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ok) <= set(ms):

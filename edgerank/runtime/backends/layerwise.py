@@ -143,7 +143,9 @@ class LayerwiseBackend:
         given = {"threshold": threshold, "min_depth": min_depth, "clusters": clusters, "rule": rule, "keep": keep,
                  "margin": margin}
         where = f"{self.artifact.path / layout.MANIFEST}: pruning: "
-        self.policy = _policy(given, calibrated, bool(pruning), exact_order, where)
+        # a calibration that found pruning not worth it wrote it off, unless the caller chose knobs
+        off = bool(calibrated.get("off")) and not any(v is not None for v in given.values())
+        self.policy = _policy(given, calibrated, bool(pruning) and not off, exact_order, where)
         self._policy_by_k = _per_k_policies(calibrated.get("by_k") or {}, given, calibrated, bool(pruning),
                                             exact_order, where)
         self.shared_prefix = bool(shared_prefix) and not self.encoder
