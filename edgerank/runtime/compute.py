@@ -28,7 +28,7 @@ from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.cpu import cpu_id, features, has_bf16
 from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_available
 
-BF16 = "bf16"  # the own int4 (or fp32) layer files, run by OpenVINO with bf16 activations
+BF16 = "bf16"  # the int4 layer files, run by OpenVINO with bf16 activations
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
 PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
@@ -60,7 +60,8 @@ class Choice:
 def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
     """Every form the artifact can run in here: form -> (stored layer files, engine)."""
     out = {form: (form, ORT) for form in artifact.forms}
-    if artifact.weights in ("int4", "fp32") and openvino_available() and has_bf16():
+    # an fp32 artifact is asked for as full precision (the converter's reference, say): it stays fp32
+    if artifact.weights == "int4" and openvino_available() and has_bf16():
         out[BF16] = (artifact.weights, OPENVINO)
     return out
 
