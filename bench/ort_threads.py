@@ -4,7 +4,7 @@
     python bench/ort_threads.py ARTIFACT --variant spin=session.intra_op.allow_spinning:1 \\
         --variant nospin=session.intra_op.allow_spinning:0 --variant one-thread=;1
 
-Each variant is a Reranker over the same artifact (every layer resident, pruning off),
+Each variant is a Reranker over the same artifact (its int4 form, every layer resident, pruning off),
 its layer sessions built with extra session config entries (``KEY:VALUE,...``) and
 optionally a thread count after ``;``. All variants are loaded first; then each DL19
 query runs on every variant, the order rotating per query, so slow spells of a shared
@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-import edgerank.runtime.streaming as streaming
+import edgerank.runtime.engines as engines
 from edgerank import Reranker
 from edgerank.bench.runner import load_queries
 
@@ -34,7 +34,7 @@ def parse_variant(text: str) -> tuple[str, list[tuple[str, str]], int | None]:
 
 
 def load(artifact: str, entries: list[tuple[str, str]], threads: int | None) -> Reranker:
-    base = streaming.session_options
+    base = engines.session_options
 
     def options(n: int):
         opts = base(n)
@@ -42,11 +42,12 @@ def load(artifact: str, entries: list[tuple[str, str]], threads: int | None) -> 
             opts.add_session_config_entry(key, value)
         return opts
 
-    streaming.session_options = options
+    engines.session_options = options
     try:
-        return Reranker(artifact, pruning=False, stream_weights=False, threads=threads)
+        # the int4 form: ONNX Runtime sessions, whatever this CPU would choose
+        return Reranker(artifact, pruning=False, stream_weights=False, threads=threads, compute="int4")
     finally:
-        streaming.session_options = base
+        engines.session_options = base
 
 
 def main(argv: list[str] | None = None) -> int:

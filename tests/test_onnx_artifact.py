@@ -121,7 +121,7 @@ def test_layer_sessions_use_the_thread_count_and_block_instead_of_spinning(decod
     import importlib.util
 
     _, art = decoder_artifact
-    with edgerank.Reranker(art, pruning=False, threads=2) as r:
+    with edgerank.Reranker(art, pruning=False, threads=2, compute="int4") as r:  # ONNX Runtime's sessions
         opts = r._backend.layers.get(0).get_session_options()
         assert opts.intra_op_num_threads == 2
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -273,8 +273,8 @@ def test_the_converter_report_compares_int4_with_full_precision(tmp_path, bpe_to
 def test_real_smollm2_gguf_to_int4_keeps_the_ranking(smollm2_path, tmp_path):
     report = convert(smollm2_path, "onnx", "int4", tmp_path / "smol", progress=False)
     assert report["spearman"] >= 0.97 and report["topk_agreement"] >= 0.9
-    with edgerank.Reranker(tmp_path / "smol", pruning=False) as r, \
-            edgerank.Reranker(tmp_path / "smol", pruning=False, shared_prefix=False) as u:
+    with edgerank.Reranker(tmp_path / "smol", pruning=False, compute="int4") as r, \
+            edgerank.Reranker(tmp_path / "smol", pruning=False, shared_prefix=False, compute="int4") as u:
         docs = DOCS[:4]
         assert np.abs(r.score(QUERY, docs) - u.score(QUERY, docs)).max() < 1e-4
 

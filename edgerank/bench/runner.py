@@ -441,16 +441,16 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int = 1536) -> dict[str, float]:
-    """This machine's matmul GFLOP/s on ONNX Runtime, fp32 ``MatMul`` and int8
-    ``DynamicQuantizeMatMul`` (the int8 form's kernel), at one large compute-bound shape:
-    what a row's achieved layer GFLOP/s is read against."""
+    """This machine's matmul GFLOP/s at one large compute-bound shape: ONNX Runtime's fp32
+    ``MatMul`` and int8 ``DynamicQuantizeMatMul`` (the int8 form's kernels), and, where the
+    bf16 form runs, OpenVINO's bf16 matmul: what a row's achieved layer GFLOP/s is read against."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgerank.runtime.compute import median_ms
-    from edgerank.runtime.cpu import default_threads
     from edgerank.converters.quantize import quantize_channels
-    from edgerank.runtime.engines import session_options
+    from edgerank.runtime.compute import median_ms
+    from edgerank.runtime.cpu import default_threads, has_bf16
+    from edgerank.runtime.engines import OpenVinoLayer, openvino_available, session_options
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
@@ -462,15 +462,23 @@ def gemm_peaks(threads: int | None = None, m: int = 1024, k: int = 1536, n: int 
                   numpy_helper.from_array(np.zeros(n, np.int8), "z")]),
     }
     x = rng.standard_normal((m, k)).astype(np.float32)
+    threads = threads or default_threads()
     out = {}
     for name, (nodes, inits) in graphs.items():
         g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 8
-        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads or default_threads()),
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                     providers=["CPUExecutionProvider"])
         out[name] = 2 * m * k * n / (median_ms(sess, {"x": x}, 10) / 1000) / 1e9
+        if name == "fp32" and openvino_available() and has_bf16():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "matmul.onnx"
+                path.write_bytes(model.SerializeToString())
+                out["bf16"] = 2 * m * k * n / (median_ms(OpenVinoLayer(path, threads), {"x": x}, 10) / 1000) / 1e9
     return out
 
 
