@@ -7,7 +7,9 @@ prefill of thousands of tokens). Which is faster depends on the CPU (VNNI, AMX, 
 so it is measured: layer 0 of each form on one synthetic chunk, a few runs each. The
 converter measures at conversion and writes the result in the manifest (``compute.measured``);
 the runtime reuses it on the same CPU and measures again (once per process) on another.
-The memory budget can still force int4 (``backends.layerwise``).
+The memory budget can still force int4 (``backends.layerwise``). Where a timing would
+mislead (aarch64 under emulation: ``cpu.emulated``), the form is chosen by a rule instead
+(``cpu.rule_form``, ``how="rule (arm)"``; docs/platforms.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnxruntime as ort
 
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.cpu import cpu_id
+from edgerank.runtime.cpu import RULE_HOW, cpu_id, rule_form
 from edgerank.runtime.streaming import session_options
 
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
@@ -35,7 +37,8 @@ _measured: dict[tuple[str, str], "Choice"] = {}  # (artifact's layer-0 sha256, C
 class Choice:
     """The form a model runs in, and why: ``how`` is ``only form``, ``the other forms rank
     unlike it``, ``manifest`` (measured at conversion on this CPU), ``measured at load``,
-    ``asked`` (the caller's ``compute=``) or ``memory budget`` (int4 forced)."""
+    ``rule (arm)`` (not measured: an emulated CPU, ``cpu.rule_form``), ``asked`` (the
+    caller's ``compute=``) or ``memory budget`` (int4 forced)."""
 
     form: str
     how: str
@@ -80,7 +83,11 @@ def probe_feeds(artifact: Artifact) -> dict[str, np.ndarray]:
 
 
 def measure_forms(artifact: Artifact, threads: int) -> dict:
-    """Every stored form, measured here: what the converter writes as ``compute.measured``."""
+    """Every stored form, measured here: what the converter writes as ``compute.measured``
+    (no timings, and the rule's form, where the CPU is chosen for by rule)."""
+    ruled = rule_form(artifact.usable_forms, artifact.weights)
+    if ruled is not None:
+        return {"cpu": cpu_id(), "threads": threads, "probe_tokens": 0, "ms": {}, "fastest": ruled, "how": RULE_HOW}
     ms = {form: round(measure(artifact, form, threads), 3) for form in artifact.forms}
     return {"cpu": cpu_id(), "threads": threads, "probe_tokens": PROBE_ROWS * PROBE_TOKENS, "ms": ms,
             "fastest": fastest(ms, artifact)}
@@ -108,6 +115,9 @@ def choose(artifact: Artifact, threads: int, asked: str | None = None) -> Choice
         return Choice(artifact.weights, "only form", cpu=cpu)
     if len(artifact.usable_forms) == 1:  # the others do not rank like it (compute.fit)
         return Choice(artifact.weights, "the other forms rank unlike it", cpu=cpu)
+    ruled = rule_form(artifact.usable_forms, artifact.weights)
+    if ruled is not None:  # an emulated CPU: its timings say nothing of real speed
+        return Choice(ruled, RULE_HOW, cpu=cpu)
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
     if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ms) == set(forms):
