@@ -147,3 +147,17 @@ def test_an_emulated_cpu_chooses_by_rule_without_timing_anything(machine, monkey
     assert compute.choose(_artifact(["int4"]), 2).how == "the other forms rank unlike it"
     assert compute.measure_forms(_artifact(["int4", "int8"]), 2) == {
         "cpu": cpu.cpu_id(), "threads": 2, "probe_tokens": 0, "ms": {}, "fastest": "int8", "how": "rule (arm)"}
+
+
+def test_the_budget_counts_the_embedding_tables_pages_at_the_kernels_page_size(monkeypatch):
+    """16 KiB pages (Apple Silicon under Linux) or 64 KiB (some ARM server kernels) hold more of
+    the memory-mapped table per row read than x86's 4 KiB."""
+    from edgerank.runtime import budget
+
+    shape = budget.Shape(hidden=384, ffn=1536, n_heads=12, n_kv_heads=12, head_dim=32, n_layers=6,
+                         layer_bytes=[1 << 20] * 6, head_bytes=1 << 16)
+    monkeypatch.setattr(budget, "PAGE_BYTES", 4096)
+    small = budget.plan_load(shape, None, None).fixed_mb
+    monkeypatch.setattr(budget, "PAGE_BYTES", 65536)
+    assert budget.plan_load(shape, None, None).fixed_mb - small == pytest.approx(
+        budget.EMBED_READ_ROWS * 2 * (65536 - 4096) / budget.MB)

@@ -8,6 +8,7 @@ is checked before any work starts: a budget that cannot be met is a
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 from edgerank.errors import EdgerankError
@@ -23,6 +24,9 @@ RUNTIME_MB = 11.0
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.runtime.embedding): the table's pages held at once are bounded by this.
 EMBED_READ_ROWS = 256
+# The kernel's page: 4 KiB on x86 and most ARM Linux, 16 KiB on Apple Silicon (Asahi), 64 KiB
+# on some ARM server kernels; the table's pages held scale with it
+PAGE_BYTES = mmap.PAGESIZE
 # A loaded tokenizer's RSS, bounded two ways, each covering both tokenizers measured
 # (minilm-l6: 0.47 MB file, 30,522 tokens -> 9.2 MB; smollm2-135m: 3.4 MB, 49,152 -> 29.4 MB).
 TOKENIZER_PER_FILE_BYTE = 22
@@ -91,7 +95,7 @@ def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, to
     # rows are read (a row may straddle two pages)
     # and one weight matrix dequantized to fp32 by a MatMulNBits kernel
     fixed = (2 * shape.head_bytes / MB + RUNTIME_MB + tokenizer_mb
-             + EMBED_READ_ROWS * 2 * 4096 / MB + 4 * shape.hidden * shape.ffn / MB)
+             + EMBED_READ_ROWS * 2 * PAGE_BYTES / MB + 4 * shape.hidden * shape.ffn / MB)
     if max_memory_mb is None:
         s = bool(stream)
         return Plan(s, DEFAULT_CACHE_ROWS, DEFAULT_CHUNK_TOKENS, window if s else resident, fixed)
