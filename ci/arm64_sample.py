@@ -49,6 +49,10 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(x86: str, arm: str) -> int:
+    """Per form: Spearman and max |delta| over the 64 pairs, and per query (8 passages each, so
+    a top 10 is the whole list) whether the order is the same; where it is not, the
+    passages that swapped and how far apart x86 scored them. Exit 1 on a real divergence:
+    Spearman under 0.999 or a query whose top 3 differs."""
     a, b = json.loads(Path(x86).read_text()), json.loads(Path(arm).read_text())
     print(f"x86: {a['cpu_id']} (onnxruntime {a['onnxruntime']}); aarch64: {b['cpu_id']} "
           f"(onnxruntime {b['onnxruntime']}, emulated={b['emulated']})")
@@ -58,15 +62,25 @@ def compare(x86: str, arm: str) -> int:
     for form in a["forms"]:
         qa, qb = a["forms"][form]["scores"], b["forms"][form]["scores"]
         sa, sb = np.concatenate(qa), np.concatenate(qb)
-        same_top = [list(np.argsort(-np.array(x), kind="stable")[:10]) == list(np.argsort(-np.array(y), kind="stable")[:10])
-                    for x, y in zip(qa, qb)]
-        top10 = [len(set(np.argsort(-np.array(x))[:10]) & set(np.argsort(-np.array(y))[:10])) / min(10, len(x))
-                 for x, y in zip(qa, qb)]
         rho, delta = _spearman(sa, sb), float(np.max(np.abs(sa - sb)))
-        print(f"{form}: {len(sa)} pairs, {len(qa)} queries: Spearman {rho:.6f}, max |delta| {delta:.2e}, "
-              f"top-10 set agreement {np.mean(top10):.3f} (min {min(top10):.3f}), "
-              f"same top-10 order in {sum(same_top)}/{len(qa)} queries")
-        ok &= rho >= 0.999 and all(t == 1.0 for t in top10)
+        same, notes = 0, []
+        for i, (x, y) in enumerate(zip(qa, qb)):
+            x, y = np.asarray(x), np.asarray(y)
+            ox, oy = np.argsort(-x, kind="stable"), np.argsort(-y, kind="stable")
+            if list(ox) == list(oy):
+                same += 1
+                continue
+            moved = [int(d) for d, e in zip(ox, oy) if d != e]
+            gap = float(np.ptp(x[moved]))
+            notes.append(f"query {i}: passages {moved} reordered (x86 scores {gap:.4f} apart, "
+                         f"max |delta| {np.max(np.abs(x - y)):.4f})")
+            ok &= set(ox[:3]) == set(oy[:3])
+        ok &= rho >= 0.999
+        top10 = np.mean([len(set(np.argsort(-np.asarray(x))[:10]) & set(np.argsort(-np.asarray(y))[:10]))
+                         / min(10, len(x)) for x, y in zip(qa, qb)])
+        print(f"{form}: {len(sa)} pairs: Spearman {rho:.6f}, max |delta| {delta:.2e}, "
+              f"top-10 agreement {top10:.3f}, same order in {same}/{len(qa)} queries"
+              + "".join(f"\n    {n}" for n in notes))
     return 0 if ok else 1
 
 
