@@ -1,7 +1,7 @@
 """Score the built-in sample (edgerank.converters.sample.SAMPLE: 64 pairs) with one artifact,
 per stored compute form, and compare two such runs (aarch64 against x86). Part of ci/arm64.sh.
 
-    python ci/arm64_sample.py score ARTIFACT OUT.json     # on each platform, same ARTIFACT folder
+    python ci/arm64_sample.py score ARTIFACT OUT.json [FORMS]  # on each platform, same ARTIFACT folder
     python ci/arm64_sample.py compare X86.json ARM.json   # Spearman, max |delta|, top-10 per query
     python ci/arm64_sample.py files ARTIFACT_A ARTIFACT_B  # which files of two conversions differ
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 
-def score(artifact: str, out: str) -> None:
+def score(artifact: str, out: str, only: str = "") -> None:
     import onnxruntime
 
     import edgerank
@@ -27,6 +27,7 @@ def score(artifact: str, out: str) -> None:
     manifest = json.loads((Path(artifact) / "manifest.json").read_text())
     own = (manifest.get("quant") or {}).get("weights", "int4")
     forms = [own, *sorted(f for f in (manifest.get("compute") or {}).get("forms") or {} if f != own)]
+    forms = [f for f in forms if f in only.split(",")] if only else forms
     result = {"machine": platform.machine(), "cpu_id": cpu.cpu_id(), "emulated": cpu.emulated(),
               "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "forms": {}}
     with edgerank.Reranker(artifact, pruning=False) as r:  # the form this CPU runs unasked, and why
@@ -59,7 +60,7 @@ def compare(x86: str, arm: str) -> int:
     print(f"form chosen unasked: x86 {a['unasked'].get('form')} ({a['unasked'].get('how')}); "
           f"aarch64 {b['unasked'].get('form')} ({b['unasked'].get('how')})")
     ok = True
-    for form in a["forms"]:
+    for form in (f for f in a["forms"] if f in b["forms"]):
         qa, qb = a["forms"][form]["scores"], b["forms"][form]["scores"]
         sa, sb = np.concatenate(qa), np.concatenate(qb)
         rho, delta = _spearman(sa, sb), float(np.max(np.abs(sa - sb)))
