@@ -112,13 +112,15 @@ echo "root's caches: pip $(du -sh "$ROOT/root/.cache/pip" 2>/dev/null | cut -f1 
      "models $(du -sh "$ROOT/root/.cache/edgerank" 2>/dev/null | cut -f1 || echo empty)"
 
 say "the checkout ($SRC, tracked and untracked files git does not ignore) -> $INSIDE"
-rm -rf "${ROOT:?}$INSIDE" && mkdir -p "$ROOT$INSIDE"
+# the copy's .venv stays for --steps without readme; the readme step makes a new one
+mkdir -p "$ROOT$INSIDE" && find "$ROOT$INSIDE" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
 (cd "$SRC" && git ls-files -z -co --exclude-standard | tar --null -T - -cf - 2>/dev/null) | tar -xf - -C "$ROOT$INSIDE"
 echo "$(cd "$SRC" && git rev-parse --short HEAD)$(cd "$SRC" && [ -z "$(git status --porcelain)" ] || echo ' + uncommitted changes')"
 
 rc=0
 if want readme; then
   say "README command 1 on aarch64 (emulated): python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m edgerank"
+  rm -rf "$ROOT$INSIDE/.venv"
   timed "README 1: python3 -m venv .venv && pip install -e ." in_root "python3 -m venv .venv && .venv/bin/pip install -e . | tail -1" || rc=1
   in_root ".venv/bin/pip list 2>/dev/null | grep -iE '^(numpy|onnxruntime|tokenizers|onnx|gguf|psutil) '" || true
   timed "README 1: python -m edgerank (pull + convert + rank)" in_root ".venv/bin/python -m edgerank" || rc=1
