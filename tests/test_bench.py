@@ -152,12 +152,14 @@ def test_the_llamacpp_row_matches_a_q4_1_base_and_k_quants_otherwise(tmp_path, b
     assert bench.default_gguf_quant(resolve(make_bert(tmp_path / "bi", wordpiece_tokenizer, "none"))) == "q4_0"
 
 
+@pytest.mark.core
 def test_bench_cli_names_a_missing_model_in_one_line(tmp_path, capsys):
     assert bench_main(["--model", str(tmp_path / "no-model"), "--queries", "1", "--configs", "edgerank"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model at") and "\n" not in err
 
 
+@pytest.mark.core
 def test_bench_refuses_a_collection_without_a_run_or_with_a_foreign_one(tmp_path, capsys):
 
 

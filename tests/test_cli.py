@@ -12,6 +12,7 @@ def _one_error_line(capsys) -> str:
     return err
 
 
+@pytest.mark.core
 def test_converting_a_missing_model_is_one_line(tmp_path, capsys):
     from edgerank.converters.__main__ import main
 
@@ -37,6 +38,7 @@ def test_training_without_a_recipe_or_its_fields_says_what_is_missing(capsys):
     assert "--family" in _one_error_line(capsys)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("argv", [["label", "{tmp}/missing.jsonl", "--teacher", "minilm-l6", "--out", "{tmp}/o.jsonl"],
                                   ["build-train", "--source", "squad", "{tmp}/nowhere", "--out", "{tmp}/o.jsonl"]])
 def test_data_commands_on_missing_input_are_one_line(tmp_path, capsys, argv):
@@ -47,6 +49,7 @@ def test_data_commands_on_missing_input_are_one_line(tmp_path, capsys, argv):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.core
 def test_exits_on_lets_other_errors_through():
     """Only bad input is reported as a line; a bug keeps its traceback."""
     from edgerank.cli import exits_on
@@ -61,6 +64,7 @@ def test_exits_on_lets_other_errors_through():
         main(ZeroDivisionError)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("text,message", [("not json\n", ":1: not JSON"), ("[1, 2]\n", ":1: a line must be a JSON object"),
                                           ("", "holds no groups"),
                                           ('{"query": "q", "positive": 3, "negatives": []}\n', ":1: 'positive'")])
@@ -73,6 +77,7 @@ def test_labelling_a_malformed_groups_file_is_one_line(tmp_path, capsys, text, m
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.core
 def test_data_commands_refuse_to_replace_an_existing_output(tmp_path, capsys):
     """``--out`` naming an existing file (the input itself, say) is refused unless ``--force``."""
     from edgerank.data.__main__ import main
@@ -130,6 +135,7 @@ def test_force_never_trains_over_the_base_or_the_data(tiny_cross_encoder, tmp_pa
     assert (old / "config.json").is_file() and _tree(tmp_path / "base") == _tree(tiny_cross_encoder)
 
 
+@pytest.mark.core
 def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
     from edgerank.cli import refuse_output_over_inputs
     from edgerank.errors import OutputOverlapError
@@ -145,6 +151,23 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
         refuse_output_over_inputs(tmp_path / "a" / ".." / "a" / "b", tmp_path / "a" / "b")
 
 
+# the commands that need an extra (the others run on the core install)
+COMMAND_EXTRAS = {"edgerank.eval": "eval", "edgerank.calibrate": "eval", "edgerank.train": "train"}
+
+
+def _module_or_skip(name: str):
+    """The command's module, or a skip naming the extra it needs where that is not installed."""
+    import importlib
+
+    from edgerank.runtime.extras import missing
+
+    extra = COMMAND_EXTRAS.get(name.removesuffix(".__main__"))
+    if extra and missing(extra):
+        pytest.skip(f"{name} needs the {extra} extra ({', '.join(missing(extra))} not installed)")
+    return importlib.import_module(name)
+
+
+@pytest.mark.core
 @pytest.mark.parametrize("module,argv,message", [
     ("edgerank.bench.__main__", ["--queries", "0"], "--queries: expected a positive integer"),
     ("edgerank.bench.__main__", ["--depth", "-1"], "--depth: expected a positive integer"),
@@ -161,9 +184,7 @@ def test_refuse_output_over_inputs_is_about_paths_not_names(tmp_path):
 def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, argv, message, capsys):
     """0 or a negative count is refused, not read as "all" or sliced from the end; a name
     outside the choices is refused before any model loads."""
-    import importlib
-
-    main = importlib.import_module(module + (".__main__" if module == "edgerank" else "")).main
+    main = _module_or_skip(module + (".__main__" if module == "edgerank" else "")).main
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
@@ -171,6 +192,7 @@ def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, ar
 
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("module, argv", [
     ("edgerank.__main__", ["--help"]), ("edgerank.eval.__main__", ["--help"]), ("edgerank.calibrate.__main__", ["--help"]),
     ("edgerank.bench.__main__", ["--help"]), ("edgerank.train.__main__", ["--help"]), ("edgerank.data.__main__", ["--help"]),
@@ -179,7 +201,6 @@ def test_counts_and_choices_are_checked_when_the_command_line_is_read(module, ar
 def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
     """``--help`` is the documentation a command-line user reads: no option goes without a line."""
     import argparse
-    import importlib
 
     bare: list[str] = []
     add = argparse._ActionsContainer.add_argument
@@ -192,11 +213,12 @@ def test_every_command_line_option_says_what_it_does(module, argv, monkeypatch):
 
     monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recording)
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).main(argv)
+        _module_or_skip(module).main(argv)
     assert e.value.code == 0
     assert not bare, f"{module}: options without help: {bare}"
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("rho, rc", [(0.176, 1), (0.79, 1), (0.8, 0), (0.99, 0)])
 def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkeypatch, tmp_path, capsys, rho, rc):
     """The artifact stays written (the user may still want it), but the exit status and a
@@ -214,6 +236,7 @@ def test_a_conversion_that_ranks_unlike_its_source_exits_1_with_a_warning(monkey
         assert err == ""
 
 
+@pytest.mark.core
 def test_an_unverified_conversion_gives_no_fidelity_warning(monkeypatch, tmp_path, capsys):
     import edgerank.converters.__main__ as cli
 

@@ -42,6 +42,7 @@ def model(request, tmp_path_factory, bpe_tokenizer, wordpiece_tokenizer):
     return src, root / "int4", root / "fp32", family
 
 
+@pytest.mark.core
 def test_quantize_channels_round_trips_within_half_a_step():
     w = np.random.default_rng(0).standard_normal((48, 80)).astype(np.float32)
     w[3] = 0  # an all-zero channel keeps a usable scale
@@ -172,6 +173,7 @@ def test_int4_form_equals_a_plain_one_pair_at_a_time_forward(model):
     assert np.abs(got - one_by_one).max() < 1e-4
 
 
+@pytest.mark.core
 def test_int8_form_on_minilm_scores_a_pair_as_alone_and_stays_within_its_tolerance_of_fp32(minilm_path):
     """The int8 form quantizes each token's activations with a scale of its own, so a
     candidate's score does not move with its chunk-mates (issue 45: one scale per chunk

@@ -13,6 +13,7 @@ from edgerank.converters import gguf_export
 from edgerank.models.supply import resolve
 from edgerank.errors import ModelFormatError
 from tests.conftest import PAIRS, make_bert, make_decoder
+pytest.importorskip("torch")  # its reference scores need the reference extra: a core install skips this module
 from tests.test_parity_transformers import reference_decoder_scores, qwen3_prompt
 
 

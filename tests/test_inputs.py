@@ -105,11 +105,13 @@ def test_a_closed_reranker_refuses_to_rank(tiny_qwen3):
         r.rank("q", DOCS)
 
 
+@pytest.mark.core
 def test_a_missing_path_says_so(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file or folder"):
         edgerank.Reranker(tmp_path / "nope.gguf")
 
 
+@pytest.mark.core
 def test_a_file_that_is_not_a_model_is_refused(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("not a model")
@@ -131,6 +133,7 @@ def _tiny_gguf(path, arch: str) -> None:
     w.close()
 
 
+@pytest.mark.core
 def test_a_gguf_of_an_unsupported_architecture_is_refused(tmp_path):
     path = tmp_path / "mamba.gguf"
     _tiny_gguf(path, "mamba")
@@ -138,6 +141,7 @@ def test_a_gguf_of_an_unsupported_architecture_is_refused(tmp_path):
         edgerank.Reranker(path)
 
 
+@pytest.mark.core
 def test_a_truncated_gguf_is_refused_clearly(tmp_path):
     good = tmp_path / "llama.gguf"
     _tiny_gguf(good, "llama")

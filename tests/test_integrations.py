@@ -129,6 +129,7 @@ def test_the_model_is_loaded_once_and_options_reach_the_reranker():
             lc.EdgeRankRerank(reranker=mine, max_length=32)
 
 
+@pytest.mark.core
 def test_a_missing_framework_is_one_error_naming_the_extra(monkeypatch):
     from edgerank.runtime import extras
 
@@ -223,6 +224,7 @@ def _read_trec(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()]
 
 
+@pytest.mark.core
 def test_batch_refuses_an_out_that_is_an_input_and_input_it_cannot_read(tmp_path):
     from edgerank.batch import main, run_batch
 
@@ -245,6 +247,7 @@ def test_batch_refuses_an_out_that_is_an_input_and_input_it_cannot_read(tmp_path
     assert not (tmp_path / "out.trec").exists()
 
 
+@pytest.mark.core
 @slow
 def test_batch_jsonl_in_two_local_processes_writes_edgeranks_ranking(tmp_path):
     from edgerank.batch import run_batch
@@ -266,6 +269,7 @@ def test_batch_jsonl_in_two_local_processes_writes_edgeranks_ranking(tmp_path):
     assert not (tmp_path / "out.trec.parts").exists() and len(rows) == 2 * len(DOCS)
 
 
+@pytest.mark.core
 @slow
 def test_batch_never_mixes_in_the_parts_of_another_job(tmp_path):
     from edgerank.batch import run_batch
@@ -411,6 +415,7 @@ def test_a_ray_job_killed_midway_resumes_without_recomputing_and_ends_the_same(d
     assert not parts.exists()
 
 
+@pytest.mark.core
 def test_the_integrations_reach_edgerank_only_through_its_public_api():
     """Tools on top: ``edgerank`` itself (Reranker, RankResult, errors), the extras check,
     and their own shared module; never the runtime's internals."""

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import edgerank
 from edgerank.converters import convert
@@ -27,16 +28,19 @@ TOOLS = ("edgerank.converters", "edgerank.models.cache", "edgerank.data", "edger
          "edgerank.calibrate", "edgerank.bench", "edgerank.batch", "edgerank.serve", "edgerank.integrations")
 
 
+@pytest.mark.core
 def test_every_import_runs_down_a_floor_or_stays_in_its_folder():
     graph = module_graph.graph(ROOT)
     assert len(graph) > 50 and sum(len(d) for d in graph.values()) > 200  # the walk found the package
     assert module_graph.upward(graph) == []
 
 
+@pytest.mark.core
 def test_no_modules_import_each_other_in_a_circle():
     assert module_graph.circles(module_graph.graph(ROOT)) == []
 
 
+@pytest.mark.core
 def test_the_layering_check_sees_imports_inside_functions(tmp_path):
     """The checker is not blind: a lazy upward import and a lazy circle, written into a
     copy of two modules, are both found."""
@@ -52,6 +56,7 @@ def test_the_layering_check_sees_imports_inside_functions(tmp_path):
     assert module_graph.circles(graph) == [["edgerank.models.cache", "edgerank.runtime.specs"]]
 
 
+@pytest.mark.core
 def test_the_package_shows_its_floors_as_folders():
     """At most 16 entries at the top, most of them folders, each one a unit of the floors."""
     top = [p for p in (ROOT / "edgerank").iterdir() if p.name != "__pycache__"]

@@ -44,6 +44,7 @@ def _child(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.core
 def test_a_call_measures_its_own_peak_without_resetting_the_process_counters():
     r = _child(CHILD)
     assert r["with_big"] - r["start"] > 280
@@ -58,6 +59,7 @@ def test_a_call_measures_its_own_peak_without_resetting_the_process_counters():
     assert 380 < r["new_high_delta"] < 440
 
 
+@pytest.mark.core
 def test_a_worker_does_not_inherit_its_parents_peak():
     """ru_maxrss survives fork + exec; the bench's workers must not report the parent's memory."""
     big = np.ones(400 * 2**20 // 8)  # this (parent) process now peaks above 400 MiB

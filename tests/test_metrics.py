@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+pytest.importorskip("bm25s")  # the eval extra: a core install skips this module
+pytest.importorskip("rich")
 from edgerank.data.judged import load_beir, load_run
 from edgerank.eval.report import run_eval
 from edgerank.metrics import (evaluate, kendall_tau, mrr_at_k, ndcg_at_k, precision_at_k_vs,

@@ -19,12 +19,14 @@ DOCS = [f"{w} vaccine immune system cell" if i % 3 == 0 else f"{w} market price 
         for i, w in enumerate("the a of to and in is was for on that with as by at from his her it are".split())]
 
 
+@pytest.mark.core
 def test_kmeans_1d_finds_contiguous_groups_highest_first():
     x = np.array([0.12, 0.9, 0.5, 0.88, 0.1, 0.52])
     assert kmeans_1d(x, 3).tolist() == [2, 0, 1, 0, 2, 1]
     assert kmeans_1d(np.ones(5), 3).tolist() == [0] * 5
 
 
+@pytest.mark.core
 def test_decide_selects_above_defers_the_boundary_and_drops_below():
     policy = PruningPolicy(threshold=0.1)
     x = np.array([0.12, 0.9, 0.5, 0.88, 0.1, 0.52])
@@ -154,6 +156,7 @@ def test_a_manifest_whose_calibrated_settings_are_malformed_is_refused(artifact,
         assert r._backend.policy.clusters == 2
 
 
+@pytest.mark.core
 def test_the_cluster_count_changes_what_is_sure():
     """With 2 clusters the top group of a 3-level spread is split off wider than with 3."""
     x = np.array([0.95, 0.9, 0.6, 0.55, 0.2, 0.15])
@@ -195,6 +198,7 @@ def test_recording_needs_pruning_off(artifact):
         edgerank.Reranker(artifact, record_layers=True)
 
 
+@pytest.mark.core
 def test_a_recording_with_one_candidate_or_flat_scores_prunes_nothing():
     rec = Recording(np.full((4, 5), 0.3), np.full(5, 10), 7)
     got, skipped = simulate(PruningPolicy(threshold=0.01, min_depth=1), rec, 2)
@@ -262,6 +266,7 @@ def test_calibrate_refuses_a_config_file_it_cannot_read_before_running(tmp_path,
         assert notes.read_text() == text
 
 
+@pytest.mark.core
 def test_write_setting_keeps_what_a_config_file_already_holds(tmp_path):
     config = tmp_path / "edgerank.json"
     config.write_text('{"model": "mine"}')

@@ -34,6 +34,7 @@ def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
 
 
+@pytest.mark.core
 def test_fitting_recovers_a_known_linear_readout_per_layer():
     rng = np.random.default_rng(0)
     L, H, groups, n = 4, 12, 30, 20
@@ -62,6 +63,7 @@ def test_fitting_recovers_a_known_linear_readout_per_layer():
     assert np.allclose(features("state", 7.0 * pooled[0, 0]), features("state", pooled[0, 0]), atol=1e-5)
 
 
+@pytest.mark.core
 def test_biencoder_readout_recovers_a_weighted_cosine():
     """Final score = a per-dimension weighted cosine of the layer's unit-normalised states:
     the d*q block carries the weights, the d and q blocks nothing."""
@@ -82,6 +84,7 @@ def test_biencoder_readout_recovers_a_weighted_cosine():
 
 # ---- the rank rule and the bound, by hand -----------------------------------------------
 
+@pytest.mark.core
 def test_rank_rule_keeps_the_top_fraction_before_each_layer_of_its_schedule():
     policy = PruningPolicy(rule="rank", keep={1: 0.5, 2: 0.3})
     run = PruningRun(policy, n=10, k=2, n_layers=4)
@@ -95,6 +98,7 @@ def test_rank_rule_keeps_the_top_fraction_before_each_layer_of_its_schedule():
     assert (run.dropped_at >= 0).sum() == 7 and run.dropped_at[9] == 1 and run.dropped_at[8] == 2
 
 
+@pytest.mark.core
 def test_margin_rule_drops_what_falls_further_than_its_margin_below_the_kth_score():
     policy = PruningPolicy(rule="margin", margin={1: 0.35, 3: 0.1})
     run = PruningRun(policy, n=10, k=2, n_layers=4)
@@ -111,6 +115,7 @@ def test_margin_rule_drops_what_falls_further_than_its_margin_below_the_kth_scor
     assert len(tied.live) == 6
 
 
+@pytest.mark.core
 def test_score_error_and_the_margin_rules_calibration_by_hand():
     # 4 candidates of 1 token, 3 layers (rows: before layers 1, 2; final), final top-2 {0, 1}
     scores = np.array([[0.9, 0.2, 0.5, 0.1], [0.9, 0.8, 0.1, 0.0], [0.9, 0.8, 0.3, 0.2]])
@@ -129,6 +134,7 @@ def test_score_error_and_the_margin_rules_calibration_by_hand():
     assert set(fit["margin"]) == set(range(fit["first"], 3))
 
 
+@pytest.mark.core
 def test_bound_is_the_oracle_cut_that_keeps_the_final_top_k():
     # 4 candidates of 1 token, 3 layers; final top-2 = {0, 1}. Before layer 1 candidate 2
     # scores above candidate 1 (cannot go), candidate 3 below both (goes); before layer 2

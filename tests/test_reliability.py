@@ -319,6 +319,7 @@ def test_a_query_the_tokenizer_drops_entirely_is_refused(small_artifact):
             r.rank("\u0301\u0301", DOCS)
 
 
+@pytest.mark.core
 def test_control_tokens_in_documents_and_queries_are_plain_text(bpe_tokenizer):
     from edgerank.runtime.tokenization import HFTokenizer, encode_pairs
     from edgerank.runtime.specs import SPECS
@@ -358,6 +359,7 @@ def test_control_tokens_in_documents_are_plain_text_on_llama_cpp(smollm2_path):
 
 # ---- (5) malformed data files ------------------------------------------------------------
 
+@pytest.mark.core
 def test_blank_lines_in_data_files_are_skipped(tmp_path):
     from edgerank.data.judged import load_beir, load_run
 
@@ -387,6 +389,7 @@ def test_a_malformed_data_line_is_one_error_naming_file_and_line(tmp_path, capsy
 
 # ---- (6) command lines, (11) environment and backend="" -----------------------------------
 
+@pytest.mark.core
 @pytest.mark.parametrize("argv, message", [(["", "doc"], "query is empty"),
                                            (["word " * 100_000, "doc"], "leaves no room")])
 def test_bad_queries_on_the_command_line_are_one_line(minilm_path, capsys, argv, message):
@@ -404,6 +407,7 @@ def test_a_bad_eval_option_is_one_line(small_artifact, tmp_path, capsys):
     assert "threads" in _one_error_line(capsys)
 
 
+@pytest.mark.core
 def test_an_edgerank_home_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
     from edgerank.__main__ import main
 
@@ -423,6 +427,7 @@ def test_a_read_only_edgerank_home_is_one_line(tmp_path, capsys, monkeypatch):
     _one_error_line(capsys)
 
 
+@pytest.mark.core
 def test_an_empty_home_does_not_put_the_cache_at_the_root(monkeypatch):
     from edgerank.errors import OutputLocationError
     from edgerank.models.pull import edgerank_home

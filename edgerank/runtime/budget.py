@@ -15,6 +15,7 @@ weights and then refused a call that streaming ran under a smaller one).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 from edgerank.errors import EdgerankError
@@ -48,6 +49,9 @@ ENGINE_MEMORY = {
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.runtime.embedding): the table's pages held at once are bounded by this.
 EMBED_READ_ROWS = 256
+# The kernel's page: 4 KiB on x86 and most ARM Linux, 16 KiB on Apple Silicon (Asahi), 64 KiB
+# on some ARM server kernels; the table's pages held scale with it
+PAGE_BYTES = mmap.PAGESIZE
 # A loaded tokenizer's RSS, bounded two ways, each covering both tokenizers measured
 # (minilm-l6: 0.47 MB file, 30,522 tokens -> 9.2 MB; smollm2-135m: 3.4 MB, 49,152 -> 29.4 MB).
 TOKENIZER_PER_FILE_BYTE = 22
@@ -128,7 +132,7 @@ def plan_load(shape: Shape, max_memory_mb: float | None, stream: bool | None, to
     # rows are read (a row may straddle two pages)
     # and one weight matrix dequantized to fp32 by a MatMulNBits kernel
     fixed = (2 * shape.head_bytes / MB + engine.runtime_mb + tokenizer_mb + CALL_SLACK_MB
-             + EMBED_READ_ROWS * 2 * 4096 / MB + 4 * shape.hidden * shape.ffn / MB)
+             + EMBED_READ_ROWS * 2 * PAGE_BYTES / MB + 4 * shape.hidden * shape.ffn / MB)
     if max_memory_mb is None:
         s = bool(stream)
         return Plan(s, DEFAULT_CACHE_ROWS, DEFAULT_CHUNK_TOKENS, window if s else resident, fixed)

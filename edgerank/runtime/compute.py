@@ -25,7 +25,7 @@ import numpy as np
 
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.cpu import cpu_id, features, has_bf16
+from edgerank.runtime.cpu import cpu_id, emulated, features, has_bf16, is_arm
 from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_available
 
 BF16 = "bf16"  # the int4 layer files, run by OpenVINO with bf16 activations
@@ -61,7 +61,8 @@ def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
     """Every form the artifact can run in here: form -> (stored layer files, engine)."""
     out = {form: (form, ORT) for form in artifact.forms}
     # an fp32 artifact is asked for as full precision (the converter's reference, say): it stays fp32
-    if artifact.weights == "int4" and openvino_available() and has_bf16():
+    # OpenVINO's CPU plugin computes bf16 on x86 only (AVX512-BF16, AMX)
+    if artifact.weights == "int4" and not is_arm() and openvino_available() and has_bf16():
         out[BF16] = (artifact.weights, OPENVINO)
     return out
 
@@ -109,7 +110,12 @@ def probe_feeds(artifact: Artifact) -> dict[str, np.ndarray]:
 
 
 def measure_forms(artifact: Artifact, threads: int) -> dict:
-    """Every form runnable here, measured: what the converter writes as ``compute.measured``."""
+    """Every form runnable here, measured: what the converter writes as ``compute.measured``.
+    Under emulation (an aarch64 Python on x86: ``cpu.emulated``) a timing measures the
+    translator, not the CPU, so nothing is timed and :func:`by_rule` names the form."""
+    if emulated():
+        return {"cpu": cpu_id(), "threads": threads, "probe_tokens": 0, "ms": {},
+                "fastest": by_rule(usable(artifact)), "how": "rule"}
     ms = {form: round(measure(artifact, form, threads), 3) for form in runnable(artifact)}
     return {"cpu": cpu_id(), "threads": threads, "probe_tokens": PROBE_ROWS * PROBE_TOKENS, "ms": ms,
             "fastest": fastest(ms, artifact)}
@@ -124,10 +130,12 @@ def fastest(ms: dict[str, float], artifact: Artifact) -> str:
 
 
 def by_rule(forms: list[str]) -> str:
-    """The form a CPU that no measurement was recorded on runs, from ``forms`` (the usable
-    ones), as measured (bench/history/speed.md §19): bf16 on AMX's matrix tiles; else int8
-    where the CPU has int8 dot products (on Zen 4's AVX512-BF16 the int8 form beat bf16 on
-    minilm-l6); else bf16 (it beat int4 on every CPU with bf16); else the artifact's own."""
+    """The form a CPU that no measurement was recorded on runs (or an emulated one, which is
+    never timed), from ``forms`` (the usable ones), as measured (bench/history/speed.md §19):
+    bf16 on AMX's matrix tiles; else int8 where the CPU has int8 dot products (x86 AVX2 on;
+    ARM DotProd or I8MM, on which ONNX Runtime's int8 GEMM is built; on Zen 4's AVX512-BF16
+    the int8 form beat bf16 on minilm-l6); else bf16 (it beat int4 on every CPU with bf16);
+    else the artifact's own."""
     has = features()
     if BF16 in forms and "amx_bf16" in has:
         return BF16
