@@ -46,6 +46,8 @@ class TableFile:
             self._file.close()
             raise
 
+    ndim = 2  # checked at open; read as a table's (layerwise checks the shape against the manifest)
+
     def _stat(self) -> tuple[int, int]:
         st = os.fstat(self._file.fileno())
         return st.st_size, st.st_mtime_ns

@@ -421,8 +421,8 @@ def _embedding(artifact: Artifact, cache_rows: int) -> EmbeddingRows:
         embed = EmbeddingRows(artifact.path / layout.EMBED, scales if scales.is_file() else None, max_rows=cache_rows)
     except ValueError as e:  # numpy: not an .npy file
         raise ModelFormatError(f"{artifact.path}: {layout.EMBED} is not a readable table ({e})") from e
-    if embed.hidden != artifact.dims["hidden"]:  # 2-D is EmbeddingRows' own check
-        raise ModelFormatError(f"{artifact.path}: {layout.EMBED} has shape {embed.shape}; the "
+    if embed._table.ndim != 2 or embed.hidden != artifact.dims["hidden"]:
+        raise ModelFormatError(f"{artifact.path}: {layout.EMBED} has shape {embed._table.shape}; the "
                                f"manifest's dims.hidden is {artifact.dims['hidden']}")
     return embed
 
