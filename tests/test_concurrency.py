@@ -43,7 +43,7 @@ def _together(argv_env: list[tuple[list[str], dict]]) -> list[subprocess.Complet
 @pytest.mark.slow  # 20 processes, each converting or waiting: about a minute on two busy cores
 def test_four_processes_on_an_empty_cache_convert_once_and_score_alike(tmp_path, wordpiece_tokenizer):
     model = make_bert(tmp_path / "hf", wordpiece_tokenizer, "classifier", n_layers=3)
-    seen = set()
+    seen: dict[str, set] = {}
     for trial in range(TRIALS):
         home = tmp_path / f"home-{trial}"  # an empty cache each trial
         env = {**os.environ, "EDGERANK_HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -54,8 +54,10 @@ def test_four_processes_on_an_empty_cache_convert_once_and_score_alike(tmp_path,
         assert all(r == results[0] for r in results), f"trial {trial}: {results}"
         entries = sorted(p.name for p in (home / "artifacts").iterdir())
         assert [e for e in entries if not e.endswith(".conversion_report.json")] == [Path(results[0]["artifact"]).name]
-        seen.add(tuple(results[0]["scores"]))
-    assert len(seen) == 1  # one model, one score per pair, whichever trial converted it
+        seen.setdefault(results[0]["form"], set()).add(tuple(results[0]["scores"]))
+    # each conversion measures which stored form runs fastest here (runtime.compute), so two
+    # trials may run two forms; one form gives one score per pair, whichever trial made it
+    assert all(len(scores) == 1 for scores in seen.values()), seen
 
 
 # ---- pulls ------------------------------------------------------------------------------
