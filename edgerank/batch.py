@@ -38,8 +38,10 @@ from typing import Any
 from edgerank import Reranker
 from edgerank.runtime.backends import BACKENDS
 from edgerank.data.judged import load_run, load_texts
-from edgerank.cli import exits_on, option_pair, positive_int, refuse_output_over_inputs
-from edgerank.errors import DataError, EdgerankError
+from edgerank.cli import check_output, exits_on, option_pair, positive_int, refuse_output_over_inputs, write_atomic
+from edgerank.errors import DataError, EdgerankError, OptionError, OutputOverlapError
+from edgerank.models.supply import input_paths
+from edgerank.runtime.reranker import is_blank
 
 TAG = "edgerank"
 
@@ -60,18 +62,25 @@ def read_queries(path: str | Path, data: str | Path | None = None, depth: int | 
     """The queries of a TREC run (texts from the BEIR folder ``data``) or of a JSONL file
     of ``{query_id, query, doc_id, text}`` rows, in input order, each cut to ``depth``."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().lstrip()
-    if first.startswith("{"):
-        if data is not None:
-            raise DataError(f"{path} is JSON lines with its own texts: --data is for TREC runs")
-        queries = _read_jsonl(path)
-    else:
-        if data is None:
-            raise DataError(f"{path} is a TREC run: give --data, the BEIR folder holding its texts")
-        queries = _read_trec(path, data)
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().lstrip()
+        if first.startswith("{"):
+            if data is not None:
+                raise DataError(f"{path} is JSON lines with its own texts: --data is for TREC runs")
+            queries = _read_jsonl(path)
+        else:
+            if data is None:
+                raise DataError(f"{path} is a TREC run: give --data, the BEIR folder holding its texts")
+            queries = _read_trec(path, data)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not queries:
         raise DataError(f"{path} holds no candidates")
+    blank = next((q for q in queries if is_blank(q.text)), None)
+    if blank is not None:  # before any model loads: nothing could be ranked against it
+        raise DataError(f"{path}: query {blank.qid} is empty (only blank, control or format characters): "
+                        "there is nothing to rank against")
     if depth:
         for q in queries:
             q.doc_ids, q.texts = q.doc_ids[:depth], q.texts[:depth]
@@ -152,7 +161,7 @@ class Parts:
         elif self.dir.exists() and any(self.dir.iterdir()):
             raise EdgerankError(f"{self.dir} exists and is not a batch job's parts folder: remove it")
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(stamp, json.dumps(self.job, indent=1, sort_keys=True))
+        write_atomic(stamp, json.dumps(self.job, indent=1, sort_keys=True))
         return {json.loads(p.read_text(encoding="utf-8").partition("\n")[0])
                 for p in self.dir.glob("*.part")}
 
@@ -161,7 +170,7 @@ class Parts:
 
     def write(self, qid: str, lines: str) -> None:
         """The query's lines, behind a first line naming it (ids may hold any character)."""
-        _atomic_write(self.path(qid), json.dumps(qid) + "\n" + lines)
+        write_atomic(self.path(qid), json.dumps(qid) + "\n" + lines)
         self.mark(qid)
 
     def mark(self, qid: str) -> None:
@@ -175,15 +184,6 @@ class Parts:
         for p in self.dir.iterdir():
             p.unlink()
         self.dir.rmdir()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fingerprint(path: Path) -> str:
@@ -293,14 +293,33 @@ def _run_ray(todo: list[Query], parts: Parts, model: str | None, backend: str | 
 
 # --- the command -------------------------------------------------------------------------
 
+def _load_once(run: Path, queries: list[Query], model: str | None, backend: str | None,
+               options: dict[str, Any]) -> None:
+    """Load the model here first: a bad model or option, or a query the model cannot take
+    (too long to leave room for a document), fails before any worker starts, and a model
+    converted on first use is converted once, not by every worker at the same time."""
+    try:
+        reranker = Reranker(model=model, backend=backend, **options)
+    except EdgerankError:
+        raise
+    except (ValueError, TypeError) as e:  # an option's value the backend refuses (threads=0)
+        raise OptionError(f"--option: {e}") from None
+    with reranker:
+        for q in queries:
+            try:
+                reranker.check_query(q.text)
+            except ValueError as e:
+                raise DataError(f"{run}: query {q.qid}: {e}") from None
+
+
 def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, model: str | None = None,
               backend: str | None = None, depth: int | None = None, options: dict[str, Any] | None = None,
               workers: int = 1, threads: int | None = None, ray_address: str | None = None,
               progress: bool = False) -> dict[str, Any]:
     """Rerank ``run`` into ``out``; returns the job's report (``--report`` writes it)."""
     run, out = Path(run), Path(out)
-    refuse_output_over_inputs(out, run, data)
-    refuse_output_over_inputs(Parts.beside(out), run, data)
+    check_output(out, run, data, *input_paths(model))
+    refuse_output_over_inputs(Parts.beside(out), run, data, *input_paths(model))
     options = dict(options or {})
     if threads is not None:
         options["threads"] = threads
@@ -314,9 +333,7 @@ def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, 
     job = {"input": str(run.resolve()), "input_sha256": _fingerprint(run),
            "data": str(Path(data).resolve()) if data else None, "model": model, "backend": backend,
            "depth": depth, "options": {k: repr(v) for k, v in sorted(options.items()) if k != "threads"}}
-    # load once here first: a bad model or option fails before any worker starts, and a
-    # model converted on first use is converted once, not by every worker at the same time
-    Reranker(model=model, backend=backend, **options).close()
+    _load_once(run, queries, model, backend, options)
     parts = Parts(Parts.beside(out), job)
     done = parts.open() & {q.qid for q in queries}
     todo = [q for q in queries if q.qid not in done]
@@ -331,7 +348,7 @@ def run_batch(run: str | Path, out: str | Path, data: str | Path | None = None, 
     missing = [q.qid for q in queries if not parts.path(q.qid).is_file()]
     if missing:
         raise EdgerankError(f"{len(missing)} queries were not written (e.g. {missing[0]}); run again to resume")
-    _atomic_write(out, "".join(parts.read(q.qid) for q in queries))
+    write_atomic(out, "".join(parts.read(q.qid) for q in queries))
     parts.remove()
     pairs = sum(len(q.texts) for q in todo)
     # rerank_s: from the workers' start (model loads included) to the last query written;
@@ -371,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=None, metavar="JSON", help="also write the job's figures here")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
+    if args.report:  # before the job, not after it
+        check_output(args.report, args.run, args.data, *input_paths(args.model), flag="--report")
+        if Path(args.report).absolute() == Path(args.out).absolute():
+            raise OutputOverlapError(f"--report {args.report} is --out: the report would replace the reranked run")
     if args.ray is not None:
         from edgerank.runtime.extras import require
 
@@ -381,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['pairs']} pairs in {report['rerank_s']:.1f} s ({report['pairs_per_s']:.1f} pairs/s) "
           f"-> {args.out}", file=sys.stderr)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1))
+        write_atomic(args.report, json.dumps(report, indent=1))
     return 0
 
 

@@ -79,15 +79,19 @@ def test_labelling_a_malformed_groups_file_is_one_line(tmp_path, capsys, text, m
 
 @pytest.mark.core
 def test_data_commands_refuse_to_replace_an_existing_output(tmp_path, capsys):
-    """``--out`` naming an existing file (the input itself, say) is refused unless ``--force``."""
+    """``--out`` naming an existing file is refused unless ``--force``; naming the input, or
+    a file inside an input folder, is refused even with ``--force``."""
     from edgerank.data.__main__ import main
 
     groups = tmp_path / "groups.jsonl"
     groups.write_text('{"query": "q", "positive": "p", "negatives": ["n"]}\n')
     before = groups.read_text()
-    assert main(["label", str(groups), "--teacher", "minilm-l6", "--out", str(groups)]) == 2
-    assert "--force" in _one_error_line(capsys)
-    assert main(["build-train", "--source", "squad", str(tmp_path), "--out", str(groups)]) == 2
+    for force in ([], ["--force"]):
+        assert main(["label", str(groups), "--teacher", "minilm-l6", "--out", str(groups), *force]) == 2
+        assert "is the input" in _one_error_line(capsys)
+        assert main(["build-train", "--source", "squad", str(tmp_path), "--out", str(groups), *force]) == 2
+        assert "inside the input folder" in _one_error_line(capsys)
+    assert main(["build-train", "--source", "squad", str(tmp_path / "squad"), "--out", str(groups)]) == 2
     assert "--force" in _one_error_line(capsys)
     assert groups.read_text() == before
 

@@ -17,7 +17,7 @@ from edgerank.bench.runner import (
     run_bench,
     worker,
 )
-from edgerank.cli import exits_on, positive_int, positive_number
+from edgerank.cli import atomic_file, check_output, exits_on, positive_int, positive_number, write_atomic
 
 
 def _config_list(text: str) -> list[str]:
@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
     from edgerank.models.catalog import DEFAULT_MODEL
+    from edgerank.models.supply import input_paths
 
     model = args.model or DEFAULT_MODEL
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):  # before the benchmark, not after it
+        if out:
+            check_output(out, args.data, *input_paths(model), flag=flag)
     depth = args.depth or (100 if args.full else 30)
     n = args.queries or (None if args.full else 5)
     queries, source = load_queries(args.data, n, depth)
@@ -73,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     report["settings"]["command"] = "python -m edgerank.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_atomic(args.json, json.dumps(report, indent=1))
     if args.plot:
-        plot(report, args.plot)
+        with atomic_file(args.plot) as tmp:
+            plot(report, str(tmp))
     return 0
 
 

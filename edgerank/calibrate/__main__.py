@@ -43,7 +43,7 @@ from edgerank.calibrate.settings import (
     settings_file,
     write_setting,
 )
-from edgerank.cli import exits_on, fraction, positive_int, positive_ints
+from edgerank.cli import atomic_file, check_output, exits_on, fraction, positive_int, positive_ints, write_atomic
 from edgerank.data.judged import SHARED_DATA, check_run, load_beir, load_run
 from edgerank.runtime import layout
 from edgerank.runtime.pruning import DEFAULT_CLUSTERS, RULES
@@ -103,11 +103,22 @@ def _checked_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argpars
         p.error(f"--rules: expected some of {', '.join(RULES)}, got {given!r}")
     if args.fit_readouts and args.dry_run:
         p.error("--fit-readouts writes readouts into the artifact; --dry-run writes nothing")
-    if args.config is not None and not args.dry_run:
-        settings_file(args.config)
-    if args.save is not None and not args.save.parent.is_dir():
-        raise FileNotFoundError(f"--save: {args.save.parent} is not a folder")
+    _check_outputs(args)
     return args
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--save`` (and the recordings beside it) and ``--config``: never an input or a path
+    inside one (the model, the artifact, the cache, the data), in a folder that can take them."""
+    from edgerank.models.supply import input_paths
+
+    inputs = (*input_paths(args.model), args.data, args.fit_data if args.fit_readouts else None)
+    if args.save is not None:
+        check_output(args.save, *inputs, flag="--save")
+        check_output(args.save.with_suffix(".npz"), *inputs, flag="--save")
+    if args.config is not None and not args.dry_run:
+        check_output(args.config, *inputs, flag="--config")
+        settings_file(args.config)
 
 
 def _artifact(model: str, console) -> Path:
@@ -180,11 +191,12 @@ def _report(args: argparse.Namespace, recs: list[Recording], bests: dict, limit:
 
 def _save(path: Path, recs: list[Recording], report: dict) -> None:
     """The grids and choices as JSON, and the recordings beside them (.npz)."""
-    path.write_text(json.dumps(report, indent=1))
-    np.savez(path.with_suffix(".npz"), **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
-             **{f"head_{i}": r.head_scores for i, r in enumerate(recs) if r.head_scores is not None},
-             **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
-             prefix=np.array([r.prefix_len for r in recs]))
+    write_atomic(path, json.dumps(report, indent=1))
+    with atomic_file(path.with_suffix(".npz")) as tmp:
+        np.savez(tmp, **{f"scores_{i}": r.layer_scores for i, r in enumerate(recs)},
+                 **{f"head_{i}": r.head_scores for i, r in enumerate(recs) if r.head_scores is not None},
+                 **{f"lengths_{i}": r.lengths for i, r in enumerate(recs)},
+                 prefix=np.array([r.prefix_len for r in recs]))
 
 
 def _grid_table(args: argparse.Namespace, rows: list[dict], n_queries: int, cluster_best: dict | None,

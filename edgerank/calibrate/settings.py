@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from edgerank.cli import write_atomic
 from edgerank.errors import ConfigError
 from edgerank.runtime import layout
 from edgerank.runtime.pruning import DEFAULT_CLUSTERS
@@ -63,9 +63,7 @@ def write_setting(artifact: Path, setting: dict | None, meta: dict, config: Path
         doc["pruning"]["by_k"] = {str(k): {**_setting(row), "precision": row["precision"],
                                            "work_skipped": row["work_skipped"]} if row else {"off": True}
                                   for k, row in sorted(by_k.items())}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(doc, indent=1))
     return target
 
 

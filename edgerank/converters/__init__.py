@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from edgerank.cli import refuse_output_over_inputs
+from edgerank.cli import check_output, write_atomic
 from edgerank.converters.output import (
     OutputExistsError,
     atomic_path,
-    check_output_location,
+    claim,
     size_on_disk,
     written_by_edgerank,
 )
@@ -60,7 +59,7 @@ def check_request(src: str | Path, to: str, quant: str | None, out: str | Path, 
         raise ValueError("--instruction fills the rerank template of a GGUF; an ONNX artifact takes it at rank time")
     out = Path(out)
     report_path = _report_path(out)
-    refuse_output_over_inputs(out, src)
+    check_output(out, src, folder=True, parents=True)  # a file where a folder goes, or the reverse: below
     if not force and (out.exists() or report_path.exists()):
         raise OutputExistsError(f"{out if out.exists() else report_path} exists; pass --force to replace it")
     for path in (out, report_path):  # checked before any work; atomic_path checks again at the end
@@ -71,7 +70,6 @@ def check_request(src: str | Path, to: str, quant: str | None, out: str | Path, 
     if out.exists() and out.is_dir() != (to in FOLDERS):
         raise OutputExistsError(f"{out} is a {'folder' if out.is_dir() else 'file'}; a {to} conversion writes a "
                                 f"{'folder' if to in FOLDERS else 'file'}: choose another output")
-    check_output_location(out)
 
 
 def convert(src: str | Path | ModelSource, to: str, quant: str | None, out: str | Path, family: str | None = None,
@@ -100,6 +98,17 @@ def convert(src: str | Path | ModelSource, to: str, quant: str | None, out: str 
     if rank_readout is None:
         rank_readout = not (grid is not None and quant in FOUR_BIT)
     adapter_name = _adapter_name(source, to, quant, out)
+    with claim(out):  # held until the report is written too: a second conversion to ``out`` refuses
+        report = _write_claimed(source, to, quant, out, force, verify, progress, instruction, rank_readout,
+                                adapter_name)
+        report.update({"source_quant": grid, **({"warnings": warnings} if warnings else {})})
+        write_atomic(_report_path(out), json.dumps(report, indent=1))
+    return report
+
+
+def _write_claimed(source: ModelSource, to: str, quant: str, out: Path, force: bool, verify: bool, progress: bool,
+                   instruction: str | None, rank_readout: bool, adapter_name: str | None) -> dict:
+    """Write (and verify) the conversion into place; its report."""
     t0 = time.perf_counter()
     with atomic_path(out, force=force, is_dir=(to in FOLDERS), companions=(adapter_name,) if adapter_name else ()
                      ) as staging:
@@ -107,21 +116,15 @@ def convert(src: str | Path | ModelSource, to: str, quant: str | None, out: str 
             notes = _write(source, staging, to, quant, progress, instruction, rank_readout, adapter_name)
         report = {
             "source": str(source.path), "output": str(out), "format": to, "quant": quant,
-            "family": source.spec.family, "architecture": source.architecture, "source_quant": grid,
+            "family": source.spec.family, "architecture": source.architecture,
             "size_bytes": size_on_disk(staging) + (size_on_disk(staging.with_name(adapter_name)) if adapter_name else 0),
             "source_size_bytes": size_on_disk(source.path),
             "seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak_mb, **notes,
         }
-        if warnings:
-            report["warnings"] = warnings
         if verify and to != "onnx-graph":  # loads the full-precision source too: often longer than the conversion
             t1 = time.perf_counter()
             report.update(_verify(source, staging, to))
             report["verify_seconds"] = time.perf_counter() - t1
-    report_path = _report_path(out)
-    tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, report_path)
     return report
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgerank.cli import exits_on, format_table
+from edgerank.cli import check_output, exits_on, format_table
 from edgerank.converters import FORMATS, OutputExistsError, check_request, convert
-from edgerank.models.supply import resolve
+from edgerank.models.supply import input_paths, resolve
 
 # Below this Spearman (artifact against its source, on the verification pairs) the artifact
 # ranks unlike the model it came from. Sound 4-bit conversions measure 0.83-1.00 here; a
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip scoring 64 pairs against the full-precision source (Spearman, max |diff|)")
     args = p.parse_args(argv)
+    check_output(args.out, *input_paths(args.src, cache=False), folder=True, parents=True)  # a built-in's folders
     check_request(args.src, args.to, args.quant, args.out, args.force, args.instruction)  # before a pull
     report = convert(resolve(args.src, family=args.family), args.to, args.quant, args.out, force=args.force,
                      verify=args.verify, instruction=args.instruction, rank_readout=args.rank_readout)

@@ -7,7 +7,7 @@ import random
 import sys
 from pathlib import Path
 
-from edgerank.cli import exits_on, positive_int
+from edgerank.cli import check_output, exits_on, positive_int
 from edgerank.data import training
 from edgerank.data.training import (
     SOURCES,
@@ -18,6 +18,15 @@ from edgerank.data.training import (
     write_jsonl,
 )
 from edgerank.runtime.backends import BACKENDS
+
+
+def _inputs(args: argparse.Namespace) -> list[str | Path]:
+    """What the command reads: the sources, or the groups and each teacher's files."""
+    if args.command == "build-train":
+        return [path for _, path in args.source]
+    from edgerank.models.supply import input_paths
+
+    return [args.input, *(p for t in args.teacher for p in input_paths(t))]
 
 
 @exits_on(TrainingDataError, FileNotFoundError, FileExistsError)
@@ -42,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--backend", default="reference", choices=BACKENDS, help="the teacher's backend (default reference: full precision)")
     lab.add_argument("--max-length", type=positive_int, help="truncate pairs to this many tokens (default: the teacher's)")
     lab.add_argument("--out", required=True, help="labelled groups JSONL to write")
-    lab.add_argument("--force", action="store_true", help="replace an existing --out file (even the input)")
+    lab.add_argument("--force", action="store_true", help="replace an existing --out file (never the input)")
     args = parser.parse_args(argv)
+    check_output(args.out, *_inputs(args), parents=True)
     if Path(args.out).exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
     if args.command == "build-train":

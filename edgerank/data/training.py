@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgerank.cli import atomic_file
 from edgerank.data.judged import is_trec_dl, load_beir
 
 SOURCES = ("squad", "squad2", "wikiqa", "medquad", "scifact")
@@ -243,11 +244,9 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Write rows atomically (a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_groups(path: str | Path) -> list[dict]:

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from edgerank.cli import exits_on, option_pair, positive_int  # noqa: E402
+from edgerank.cli import check_output, exits_on, option_pair, positive_int, write_atomic  # noqa: E402
 from edgerank.eval import (
     report as evaluation,  # first: it names the extra when rich is missing
 )
-from edgerank.eval.report import check_json_output, run_eval
+from edgerank.eval.report import run_eval
+from edgerank.models.supply import input_paths
 from edgerank.runtime.backends import BACKENDS  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="OUT", help="also write the per-query figures and settings here")
     args = p.parse_args(argv)
     if args.json:  # checked before the evaluation, not after it
-        check_json_output(args.json, args.data, args.run, args.model)
+        check_output(args.json, args.data, args.run, *input_paths(args.model), flag="--json")
     report = run_eval(args.data, args.model, args.backend, args.depth, args.queries, args.run, dict(args.option))
     table = Table(title=f"{report['config']['model']} on {report['config']['backend']}, "
                         f"{Path(args.data).name}, depth {args.depth}, {report['stats']['queries']} queries")
@@ -51,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     table.caption = (f"{st['pairs']} pairs, {st['pairs_per_s']:.1f} pairs/s, "
                      f"median {st['latency_ms_median']:.0f} ms/query, peak RSS {st['peak_rss_mb']:.0f} MB")
     Console().print(table)
-    if args.json:  # beside it first, renamed into place: a failed write leaves no half file
-        out = Path(args.json)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=1))
     return 0
 
 

@@ -10,7 +10,6 @@ the depth keep their first-stage order after them.
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ from tqdm.auto import tqdm
 
 from edgerank import Reranker
 from edgerank.data.judged import bm25_run, check_run, find_run, load_beir, load_run
-from edgerank.cli import refuse_output_over_inputs
-from edgerank.errors import DataError, OutputLocationError
+from edgerank.errors import DataError
 from edgerank.runtime.memory import process_peak_mb
 from edgerank.metrics import evaluate, ndcg_at_k
 
@@ -92,22 +90,3 @@ def run_eval(data: str | Path, model: str | None = None, backend: str | None = N
         },
     }
 
-
-def check_json_output(out: str | Path, *inputs: str | Path | None) -> None:
-    """Refuse a ``--json`` path that is one of the inputs (or a file inside the data
-    folder's inputs), a folder, or in a folder that is missing or not writable."""
-    out = Path(out)
-    refuse_output_over_inputs(out, *inputs)
-    data = Path(inputs[0]) if inputs and inputs[0] else None
-    if data is not None and data.is_dir() and out.exists():
-        # the collection's own files (corpus, queries, qrels, shipped runs) are inputs too
-        if any(out.resolve() == f.resolve() for f in data.rglob("*") if f.is_file()):
-            raise OutputLocationError(f"--json {out} is a file of the collection {data}: writing there would "
-                                      "destroy it; choose another output")
-    if out.is_dir():
-        raise OutputLocationError(f"--json {out} is a folder; give a file name")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise OutputLocationError(f"--json {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise OutputLocationError(f"--json {out}: not writable")

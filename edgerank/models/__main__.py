@@ -23,6 +23,8 @@ def list_models() -> None:
 
 def show_cache(clean: bool) -> None:
     found = caching.entries()
+    if clean and any(e.removable for e in found):
+        caching.check_cleanable()  # before the listing: one error line, nothing removed
     print(f"conversion cache: {caching.cache_dir()}")
     rows = [[e.name, e.state, f"{e.size_bytes / 1e6:.1f} MB", e.source or "-"] for e in found]
     print(format_table(["entry", "state", "size", "source"], rows))

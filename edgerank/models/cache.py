@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerank.errors import UnsupportedModelError
+from edgerank.errors import OutputLocationError, UnsupportedModelError
 from edgerank.models import pull
 from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
@@ -97,13 +98,23 @@ def cached_graph(source: ModelSource, quant: str, progress: bool = True) -> Path
 def _cached(source: ModelSource, to: str, quant: str, progress: bool) -> Path:
     dest = cache_dir() / (f"{cache_name(source)}-{'graph_' if to == 'onnx-graph' else ''}{quant}"
                           + (".gguf" if to == "gguf" else ""))
-    # the converter renames its output into place last, so the file that marks it complete
-    if not (dest if to == "gguf" else dest / layout.MANIFEST).is_file() or to == "onnx" and _older_form(dest):
+    if _needs_conversion(dest, to):
         from edgerank.converters import convert
+        from edgerank.converters.output import claim
 
         ensure_dir(dest.parent)
-        convert(source, to, quant, dest, force=True, verify=False, progress=progress)
+        # processes that need one conversion at once: the first converts while the others
+        # wait on the lock beside the entry, then find it done and load the same files
+        with claim(dest, wait=True):
+            if _needs_conversion(dest, to):
+                convert(source, to, quant, dest, force=True, verify=False, progress=progress)
     return dest
+
+
+def _needs_conversion(dest: Path, to: str) -> bool:
+    """No complete conversion at ``dest`` (the converter renames its output into place last,
+    so the file that marks it complete), or an artifact of an older form."""
+    return not (dest if to == "gguf" else dest / layout.MANIFEST).is_file() or to == "onnx" and _older_form(dest)
 
 
 def _older_form(artifact: Path) -> bool:
@@ -220,12 +231,30 @@ def entries(root: Path | None = None) -> list[Entry]:
 
 def clean(root: Path | None = None) -> list[Entry]:
     """Remove the stale, orphaned and leftover entries; returns what was removed. Only
-    conversions the cache itself named, under the cache folder, are touched."""
+    conversions the cache itself named, under the cache folder, are touched. A cache this
+    process cannot write is an :class:`OutputLocationError` before anything is removed."""
+    root = Path(root) if root else cache_dir()
+    spare = [e for e in entries(root) if e.removable]
+    if spare:
+        check_cleanable(root)
     removed = []
-    for e in entries(root):
-        if not e.removable:
-            continue
-        for p in e.paths:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for e in spare:
+        try:
+            for p in e.paths:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError as err:  # a read-only file system, or a folder inside the entry
+            raise OutputLocationError(f"cannot remove {e.name} from {root} ({err.strerror or err}); "
+                                      f"{len(removed)} entries were removed before it") from err
         removed.append(e)
     return removed
+
+
+def check_cleanable(root: Path | None = None) -> None:
+    """Raise :class:`OutputLocationError` if entries cannot be removed from the cache folder:
+    one this process may not write, or on a read-only file system."""
+    root = Path(root) if root else cache_dir()
+    if not root.is_dir():
+        return
+    if not os.access(root, os.W_OK | os.X_OK):  # a read-only mount too (EROFS)
+        raise OutputLocationError(f"cannot clean {root}: this process may not write into it "
+                                  "(edgerank's cache, set by EDGERANK_HOME)")

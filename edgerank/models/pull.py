@@ -102,7 +102,6 @@ def pull(name: str, progress: bool = True) -> Path:
     ``models/adapters``, merged and checked by checksum; one without an adapter is made
     by its recipe."""
     m = get_builtin(name)
-    final = model_dir(name)
     if is_present(name):
         return entry_path(name)
     if _made_by_recipe(m):
@@ -110,6 +109,20 @@ def pull(name: str, progress: bool = True) -> Path:
             f"{name} is made by training, not downloaded: run `python -m edgerank.train --recipe "
             f"{m.recipe}` (its cost is in bench/RESULTS.md); it then resolves by name"
         )
+    from edgerank.converters.output import claim
+
+    ensure_dir(model_dir(name).parent)
+    # processes pulling one model at once: the first pulls while the others wait on the lock
+    # beside its folder, then find it present
+    with claim(model_dir(name), wait=True):
+        if not is_present(name):
+            _pull(m, progress)
+    return entry_path(name)
+
+
+def _pull(m: BuiltinModel, progress: bool) -> None:
+    """Download (or merge), verify and rename ``m`` into place; the caller holds its lock."""
+    name, final = m.name, model_dir(m.name)
     work = ensure_dir(final.parent) / f".partial-{name}"
     staging = work / "model"
     if staging.exists():
@@ -133,7 +146,6 @@ def pull(name: str, progress: bool = True) -> Path:
         shutil.rmtree(final)
     os.replace(staging, final)
     shutil.rmtree(work, ignore_errors=True)
-    return entry_path(name)
 
 
 def _merge_adapter(m: BuiltinModel, staging: Path) -> None:

@@ -37,6 +37,22 @@ def resolve(model: str | Path | None = None, family: str | None = None, pull: bo
     return source_at(name, family, name)
 
 
+def input_paths(model: str | Path | None, cache: bool = True) -> tuple[Path, ...]:
+    """Where ``model=``'s files are, or will be once pulled, read without pulling anything:
+    the path itself, or a built-in's folders; with ``cache``, the conversion cache too (the
+    runtime loads a model's artifact from there). A command's output must be none of these
+    and lie in none of them (``edgerank.cli.check_output``)."""
+    from edgerank.models.cache import cache_dir
+
+    name = str(DEFAULT_MODEL if model is None else model)
+    paths = [cache_dir()] if cache else []
+    if name in BUILTINS:
+        paths += [pulling.model_dir(name), pulling.trained_dir(name)]
+    elif not name.startswith("hf:"):
+        paths.append(Path(name).expanduser())
+    return tuple(paths)
+
+
 def default_backend(source: ModelSource) -> str:
     """The backend a model runs on when none is named: ``edgerank`` for built-in models,
     else the runtime's choice by format (``runtime.backends.default_backend``)."""

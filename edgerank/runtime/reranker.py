@@ -215,6 +215,16 @@ class Reranker:
         stats.explain_s = time.perf_counter() - t0
         return out
 
+    def check_query(self, query: str, instruction: str | None = None) -> None:
+        """Raise what :meth:`rank` would raise for ``query`` (blank, empty once tokenized, too
+        long to leave room for a document), having only tokenized it: a batch checks every
+        query before it scores any."""
+        check_call(query, [], None)
+        check_instruction(self.spec, instruction)
+        if self._backend is None:
+            raise RuntimeError("this Reranker is closed")
+        encode_pairs(self.spec, self._backend.tokenizer, query, [""], instruction or self.instruction, self.max_length)
+
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
         """Raw scores in input order (no sorting, no ``top_k``, so nothing is pruned)."""
         ranking = self.rank(query, documents)

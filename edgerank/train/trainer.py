@@ -44,7 +44,7 @@ from edgerank.converters.adapters import ADAPTER_DTYPES, ADAPTER_FILE
 from edgerank.converters.merge import export_merged, save_model
 from edgerank.models.supply import resolve
 from edgerank.data.training import candidates, labels, read_groups
-from edgerank.cli import refuse_output_over_inputs
+from edgerank.cli import check_output
 from edgerank.errors import is_int, is_number
 from edgerank.runtime.tokenization import encode_pairs
 
@@ -158,6 +158,13 @@ def _same_run(saved: dict, cfg: TrainConfig) -> bool:
     return run(saved) == run(dataclasses.asdict(cfg))
 
 
+def _base_paths(cfg: TrainConfig) -> tuple[Path, ...]:
+    """Where the base model's files are: its path, or a built-in's folders."""
+    from edgerank.models.supply import input_paths
+
+    return input_paths(cfg.base, cache=False)
+
+
 def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
@@ -167,8 +174,7 @@ def train(cfg: TrainConfig, force: bool = False, stop_after: int | None = None,
     """Run (or resume) ``cfg``; returns the output folder, or None when ``stop_after``
     ended the run early (its checkpoint is kept, and the same call continues it)."""
     cfg.validate()
-    out = Path(cfg.out)
-    refuse_output_over_inputs(out, cfg.data, cfg.base)
+    out = check_output(cfg.out, cfg.data, *_base_paths(cfg), folder=True, parents=True)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     groups = read_groups(cfg.data)
@@ -426,7 +432,7 @@ def export_checkpoint(cfg: TrainConfig, dest: str | Path, force: bool = False) -
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if not _same_run(state["config"], cfg):
         raise ValueError(f"{ckpt} is a run with another config than the one given")
-    refuse_output_over_inputs(dest, cfg.data, cfg.base, work)
+    check_output(dest, cfg.data, *_base_paths(cfg), work, flag="--export-checkpoint", folder=True, parents=True)
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists; pass force=True (--force) to replace it")
     backend, names, params = _trainable_model(cfg)

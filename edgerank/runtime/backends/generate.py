@@ -19,8 +19,8 @@ batch. Time grows with K and ``max_tokens``, not with the number of candidates; 
 holds the batch's own keys/values besides the prefix's. Artifacts converted before the
 layer graphs took ``past_mask`` decode one candidate at a time.
 
-The LM head is the artifact's memory-mapped table (the embedding for tied models,
-``lm_head.npy`` otherwise), multiplied block by block, so no fp32 copy of it is made.
+The LM head is the artifact's table, read block by block (the embedding for tied models,
+``lm_head.npy`` otherwise) and multiplied block by block, so no fp32 copy of it is made.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.budget import decode_rows
+from edgerank.runtime.embedding import TableFile
 from edgerank.errors import ModelFormatError
 
 LM_BLOCK_ROWS = 4096  # rows of the LM head dequantised at once (4096 x hidden fp32)
@@ -65,9 +66,10 @@ def lm_head_files(artifact: Artifact) -> tuple[Path, Path | None]:
     tied = artifact.dims.get("tied_embeddings")
     if tied is None:
         head = artifact.head()
-        table = np.load(path / layout.EMBED, mmap_mode="r")
+        table = TableFile(path / layout.EMBED)
         ids = head["label_ids"]
-        emb = np.asarray(table[ids], dtype=np.float32)
+        emb = np.asarray(table.rows(ids), dtype=np.float32)
+        table.close()
         if (path / layout.EMBED_SCALE).is_file():
             emb *= np.load(path / layout.EMBED_SCALE)[ids, None]
         rows = head["rows"]
@@ -87,7 +89,7 @@ class LMHead:
     memory-mapped int8 (with per-row scales) or fp32 table."""
 
     def __init__(self, table: Path, scales: Path | None, norm: np.ndarray, eps: float) -> None:
-        self.table = np.load(table, mmap_mode="r")
+        self.table = TableFile(table)  # read, not memory-mapped: a truncated file is an error, not SIGBUS
         self.scales = np.load(scales) if scales is not None else None
         self.norm = norm.astype(np.float32)
         self.eps = np.float32(eps)
@@ -104,7 +106,7 @@ class LMHead:
         best = np.full(len(x), -np.inf, dtype=np.float32)
         best_id = np.zeros(len(x), dtype=np.int64)
         for start in range(0, self.table.shape[0], LM_BLOCK_ROWS):
-            logits = np.asarray(self.table[start: start + LM_BLOCK_ROWS], dtype=np.float32) @ x.T  # [rows,B]
+            logits = np.asarray(self.table.block(start, start + LM_BLOCK_ROWS), dtype=np.float32) @ x.T  # [rows,B]
             if self.scales is not None:
                 logits *= self.scales[start: start + LM_BLOCK_ROWS, None]
             j = np.argmax(logits, axis=0)  # first maximum, as torch's argmax on CPU
