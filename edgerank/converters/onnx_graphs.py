@@ -101,20 +101,20 @@ class _Graph:
             if lora is not None:
                 low = self.op("MatMul", x, self.const(name + ".lora_A", lora[0].T.astype(np.float32)))
                 y = self.op("Add", y, self.op("MatMul", low, self.const(name + ".lora_B", lora[1].T.astype(np.float32))))
-        if bias is not None:
-            # Sum, not Add: ORT folds an Add of a constant after an integer matmul into the
-            # kernel's bias, which it then scales per row too (RESULTS §18.11)
-            y = self.op("Sum" if bits == INT8 else "Add", y, self.const(name + ".bias", bias.astype(np.float32)))
+        if bias is not None:  # after the int8 product's Reshape: ORT folds an Add of a constant that
+            # follows MatMulIntegerToFloat into the kernel's bias, then scales it per row too (§18.11)
+            y = self.op("Add", y, self.const(name + ".bias", bias.astype(np.float32)))
         return y
 
     def _int8_product(self, x: str, name: str, weight: np.ndarray) -> str:
         """``x @ weight.T`` in int8: ``x``'s per-token codes (shared by every projection of
-        ``x``) times 7-bit per-channel weight codes, rescaled per token and per channel."""
+        ``x``) times 7-bit per-channel weight codes, rescaled per token and per channel by
+        ``MatMulIntegerToFloat`` (one kernel: the int32 sums never reach memory)."""
         codes, scales = quantize_channels(weight)  # [in, out] int8, [out]
         q, row_scale, shape = self._token_codes(x, weight.shape[1])
-        acc = self.op("MatMulInteger", q, self.const(name + ".qweight", codes), self.const(name + ".azero", np.array(128, np.uint8)))
-        y = self.op("Mul", self.op("Mul", self.op("Cast", acc, to=TensorProto.FLOAT), row_scale),
-                    self.const(name + ".scales", scales.astype(np.float32)))
+        y = self.op("MatMulIntegerToFloat", q, self.const(name + ".qweight", codes), row_scale,
+                    self.const(name + ".scales", scales.astype(np.float32)),
+                    self.const(name + ".azero", np.array(128, np.uint8)), domain="com.microsoft")
         out_shape = self.op("Concat", shape, self.shape_const("n", [weight.shape[0]]), axis=0)
         return self.op("Reshape", y, out_shape)
 
@@ -124,7 +124,9 @@ class _Graph:
         [N, 1] and ``x``'s leading shape. Built once per input."""
         if x not in self._codes:
             flat = self.op("Reshape", x, self.shape_const("s", [-1, width]))
-            amax = self.op("ReduceMax", self.op("Abs", flat), axes=[1], keepdims=1)  # [N,1]
+            # |x|'s row maximum from the row's max and min: two reads, no |x| written out
+            amax = self.op("Max", self.op("ReduceMax", flat, axes=[1], keepdims=1),
+                           self.op("Neg", self.op("ReduceMin", flat, axes=[1], keepdims=1)))  # [N,1]
             scale = self.op("Max", self.op("Mul", amax, self.const(self._fresh("inv127"), np.array(1 / 127, np.float32))),
                             self.const(self._fresh("tiny"), np.array(1e-12, np.float32)))
             per_row = self.op("Reshape", scale, self.shape_const("s", [-1]))

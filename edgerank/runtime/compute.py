@@ -30,7 +30,7 @@ from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_availab
 
 BF16 = "bf16"  # the int4 layer files, run by OpenVINO with bf16 activations
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
-PROBE_RUNS = 3  # timed runs per form, after one warm-up; the median counts
+PROBE_RUNS = 9  # timed runs per form, interleaved across forms after one warm-up each; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
 # (tiny models, a noisy machine) keeps the stored format, so repeated loads agree
 MARGIN = 0.9
@@ -78,10 +78,22 @@ def usable(artifact: Artifact) -> list[str]:
             and (ops.get(f) or {}).get("op") != PER_CALL_INT8]
 
 
-def measure(artifact: Artifact, form: str, threads: int) -> float:
-    """Median ms of layer 0 in ``form`` on a synthetic chunk of PROBE_ROWS x PROBE_TOKENS."""
-    files, engine = runnable(artifact)[form]
-    return median_ms(load_layer(artifact.layer_path(0, files), engine, threads), probe_feeds(artifact), PROBE_RUNS)
+def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, float]:
+    """Median ms of layer 0 in each of ``forms`` on a synthetic chunk of PROBE_ROWS x
+    PROBE_TOKENS, the forms' runs interleaved so that a busy spell falls on all of them."""
+    feeds = probe_feeds(artifact)
+    layers = {}
+    for form in forms:
+        files, engine = runnable(artifact)[form]
+        layers[form] = load_layer(artifact.layer_path(0, files), engine, threads)
+        layers[form].run(None, feeds)
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(PROBE_RUNS):
+        for form, layer in layers.items():
+            t = time.perf_counter()
+            layer.run(None, feeds)
+            times[form].append(time.perf_counter() - t)
+    return {form: 1000 * float(np.median(ts)) for form, ts in times.items()}
 
 
 def median_ms(sess, feeds: dict[str, np.ndarray], runs: int) -> float:
@@ -116,7 +128,7 @@ def measure_forms(artifact: Artifact, threads: int) -> dict:
     if emulated():
         return {"cpu": cpu_id(), "threads": threads, "probe_tokens": 0, "ms": {},
                 "fastest": by_rule(usable(artifact)), "how": "rule"}
-    ms = {form: round(measure(artifact, form, threads), 3) for form in runnable(artifact)}
+    ms = {form: round(v, 3) for form, v in measure(artifact, list(runnable(artifact)), threads).items()}
     return {"cpu": cpu_id(), "threads": threads, "probe_tokens": PROBE_ROWS * PROBE_TOKENS, "ms": ms,
             "fastest": fastest(ms, artifact)}
 
