@@ -60,7 +60,7 @@ def test_an_int4_artifact_stores_an_int8_form_measured_at_conversion(model):
     forms = manifest["compute"]["forms"]
     assert list(forms) == ["int8"] and len(forms["int8"]) == len(manifest["layers"]) == 3
     ops = {n.op_type for n in onnx.load(int4 / forms["int8"][0]).graph.node}
-    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops
     assert "MatMulNBits" in {n.op_type for n in onnx.load(int4 / manifest["layers"][0]).graph.node}
     measured = manifest["compute"]["measured"]
     runs_here = set(runnable(Artifact.open(int4)))  # int4, int8, and bf16 where OpenVINO runs it

@@ -247,7 +247,7 @@ def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dic
 FORM_OPS = {
     "int4": {"op": "MatMulNBits", "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
              "scheme": "affine min-max per block, fp32 scale and zero point (Q4_1's grid)"},
-    "int8": {"op": "MatMulInteger", "block_size": None, "accuracy_level": None,
+    "int8": {"op": "MatMulIntegerToFloat", "block_size": None, "accuracy_level": None,
              "scheme": "symmetric absmax per output channel (7-bit codes); activations quantized to uint8 per token"},
     "fp32": {"op": "MatMul", "block_size": None, "accuracy_level": None, "scheme": "none"},
 }

@@ -24,7 +24,7 @@ Each weight projection has one of three forms (``bits(name)`` picks it):
   (``converters.quantize``): the least memory; ORT's kernels unpack the codes per block;
 - ``INT8`` (``"i8"``): per-channel int8 weights (7-bit codes) and activations quantized to
   uint8 **per token** (one scale per row: its absolute maximum / 127), multiplied by
-  ``MatMulInteger`` on int8 dot-product kernels (VNNI, AMX): the fastest form where compute
+  ``MatMulIntegerToFloat`` on int8 dot-product kernels (VNNI, AMX): the fastest form where compute
   binds (RESULTS §18). A token's codes depend on that token alone, so a candidate's score
   never moves with the other rows of its chunk (issue 45; one scale per call did, by up to
   0.036 on DL19). Projections that read one input (q/k/v; gate/up) share its codes;

@@ -1,5 +1,5 @@
 """Weight quantization into ONNX Runtime's layouts: block-wise affine codes for
-``MatMulNBits``, and per-channel symmetric int8 for the int8 form's ``MatMulInteger``.
+``MatMulNBits``, and per-channel symmetric int8 for the int8 form's ``MatMulIntegerToFloat``.
 
 Each block of ``block`` weights along the input dimension is stored as unsigned
 ``bits``-bit codes ``q`` with a float scale and a zero point (float for 4 bits; an
@@ -58,7 +58,7 @@ INT8_CODE_MAX = 63  # 7-bit codes: no u8 x s8 product pair can overflow 16 bits 
 
 def quantize_channels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w`` is an HF weight ``[N out, K in]``; returns int8 codes ``[K, N]`` (the layout
-    ``MatMulInteger`` multiplies) and one absmax scale per output channel ``[N]``:
+    ``MatMulIntegerToFloat`` multiplies) and one absmax scale per output channel ``[N]``:
     ``w[n, k] = codes[k, n] * scales[n]``, symmetric (zero point 0). Codes stay within
     ±INT8_CODE_MAX: on CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add products in
     pairs in 16 bits, which saturate with full 8-bit codes (ORT's ``reduce_range``); with

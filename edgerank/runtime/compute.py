@@ -1,7 +1,7 @@
 """Which form of the layers a model runs in on this CPU, and on which engine.
 
 An int4 artifact stores its layers twice (``Artifact.forms``): as int4 ``MatMulNBits`` codes
-(the least memory) and as int8 weights multiplied with per-token int8 activations (``MatMulInteger``:
+(the least memory) and as int8 weights multiplied with per-token int8 activations (``MatMulIntegerToFloat``:
 int8 dot-product kernels).
 Where the ``openvino`` extra is installed and the CPU multiplies bf16 in hardware (AVX512-BF16,
 AMX), the int4 files also run as a third form, ``bf16``: compiled by OpenVINO with bf16
