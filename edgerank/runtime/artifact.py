@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerank.runtime import layout
 from edgerank.errors import ModelFormatError, is_int, is_number
+from edgerank.runtime import layout
 from edgerank.runtime.layout import FORMAT, SUPPORTED_VERSIONS, sha256_file
-
 
 _DIMS = ("hidden", "ffn", "n_heads", "n_kv_heads", "head_dim")
 

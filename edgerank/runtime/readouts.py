@@ -27,9 +27,9 @@ import hashlib
 
 import numpy as np
 
+from edgerank.errors import ModelFormatError
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.errors import ModelFormatError
 
 FEATURES = ("state", "biencoder")
 LINKS = ("identity", "sigmoid")

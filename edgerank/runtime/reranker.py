@@ -15,13 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgerank.runtime.backends import Backend, default_backend, load_backend
 from edgerank.errors import OptionError, is_int
+from edgerank.runtime.backends import Backend, default_backend, load_backend
 from edgerank.runtime.explain import Explanation, extractive
 from edgerank.runtime.memory import PeakRSS
 from edgerank.runtime.sources import ModelSource, check_max_length
-from edgerank.runtime.tokenization import distinct, encode_pairs
 from edgerank.runtime.specs import SPECS
+from edgerank.runtime.tokenization import distinct, encode_pairs
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from edgerank.errors import ModelFormatError
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.engines import ORT, load_layer
-from edgerank.errors import ModelFormatError
 from edgerank.runtime.layout import sha256_file
 
 

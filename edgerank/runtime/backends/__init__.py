@@ -11,9 +11,9 @@ from __future__ import annotations
 import inspect
 
 from edgerank.errors import OptionError
+from edgerank.runtime.backends.contract import Backend
 from edgerank.runtime.extras import require
 from edgerank.runtime.sources import ModelSource
-from edgerank.runtime.backends.contract import Backend
 
 BACKENDS = ("edgerank", "reference", "llamacpp")
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerank.errors import ModelFormatError
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.budget import decode_rows
 from edgerank.runtime.embedding import TableFile
-from edgerank.errors import ModelFormatError
 
 LM_BLOCK_ROWS = 4096  # rows of the LM head dequantised at once (4096 x hidden fp32)
 DECODE_ROWS = 16  # candidates decoded together: their keys/values are held at once

@@ -27,24 +27,36 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 
+from edgerank.errors import ModelFormatError, is_int, is_number
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.backends.contract import Scores
 from edgerank.runtime.backends.heads import _BLAS, head_for
-from edgerank.runtime.budget import (INT8_CHUNK_TOKENS, MB, Call, Fit, MemoryBudgetError, Plan, Shape, first_fit,
-                                     needed_mb, plan_call, plan_load, tokenizer_mb)
+from edgerank.runtime.budget import (
+    INT8_CHUNK_TOKENS,
+    MB,
+    Call,
+    Fit,
+    MemoryBudgetError,
+    Plan,
+    Shape,
+    first_fit,
+    needed_mb,
+    plan_call,
+    plan_load,
+    tokenizer_mb,
+)
 from edgerank.runtime.chunking import length_chunks
 from edgerank.runtime.compute import Choice, choose
 from edgerank.runtime.cpu import default_threads
 from edgerank.runtime.embedding import EmbeddingRows
-from edgerank.errors import ModelFormatError, is_int, is_number
+from edgerank.runtime.engines import OPENVINO
 from edgerank.runtime.pruning import RULES, PruningPolicy, PruningRun
 from edgerank.runtime.readouts import Readouts
 from edgerank.runtime.rope import RopeTable
 from edgerank.runtime.sources import ModelSource
 from edgerank.runtime.streaming import LayerSessions
 from edgerank.runtime.tokenization import EncodedBatch, HFTokenizer
-
 
 
 @dataclass
@@ -282,13 +294,22 @@ class LayerwiseBackend:
             if self._prefix_kv is not None:
                 self._prefix_kv.append(past)
             count.work += prefix_len
-        for chunk in length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75):
+        for chunk in self._chunks(lengths, chunk_tokens, rows):
             w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
             count.work, count.pad = count.work + w, count.pad + p
         self.layers.done(layer)
         del sess
         count.layers_s += time.perf_counter() - tl
         return prefix_state
+
+    def _chunks(self, lengths: np.ndarray, chunk_tokens: int, rows: np.ndarray) -> list[np.ndarray]:
+        """The rows' chunks for one layer: length-sorted under the token budget, or, on
+        OpenVINO, one row each: its kernels block a product by its shape, and a bf16 result
+        that rounds one way in a chunk of one shape can round the other way in another
+        (SmolLM2 drifted 4e-3 between chunkings), so each row runs at a shape of its own."""
+        if self.compute.engine == OPENVINO:
+            return [np.array([i]) for i in rows[np.argsort(-lengths[rows], kind="stable")]]
+        return length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75)
 
     def plan_chunk(self, batch: EncodedBatch) -> int:
         """Tokens per chunk for ``batch`` under the budget. A call the current mode cannot
@@ -434,6 +455,7 @@ class LayerwiseBackend:
 
     def close(self) -> None:
         self.layers.close()
+        self.embed.close()  # the table's file handle, not left to the garbage collector
 
 
 # head.npz arrays each kind of model reads, and which axis is the hidden size

@@ -28,10 +28,14 @@ import ctypes
 import numpy as np
 import psutil
 
-from edgerank.runtime.backends.contract import Scores
 from edgerank.errors import BackendUnavailableError, ModelFormatError
+from edgerank.runtime.backends.contract import Scores
 from edgerank.runtime.sources import ModelSource
-from edgerank.runtime.tokenization import EncodedBatch, LlamaCppTokenizer, label_token_ids
+from edgerank.runtime.tokenization import (
+    EncodedBatch,
+    LlamaCppTokenizer,
+    label_token_ids,
+)
 
 _SILENT = None  # keeps the no-op log callback alive for the life of the process
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgerank.errors import ModelFormatError
 from edgerank.runtime.backends.contract import Scores
 from edgerank.runtime.chunking import length_chunks
-from edgerank.errors import ModelFormatError
 from edgerank.runtime.sources import ModelSource
 from edgerank.runtime.tokenization import EncodedBatch, HFTokenizer, label_token_ids
 
