@@ -57,8 +57,9 @@ PAGE_BYTES = mmap.PAGESIZE
 TOKENIZER_PER_FILE_BYTE = 22
 TOKENIZER_PER_TOKEN = 650
 # A call's own numpy and Python temporaries and the allocator's slack beyond the tensors
-# counted: a small random decoder ran 0.7 MB over a budget that counted everything else.
-CALL_SLACK_MB = 1.5
+# counted: a small random decoder ran 0.7 MB over a budget that counted everything else,
+# and from run to run its peak moves by a few tenths of a MB.
+CALL_SLACK_MB = 2.0
 
 
 def tokenizer_mb(file_bytes: int, vocab_size: int) -> float:
