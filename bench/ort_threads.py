@@ -22,6 +22,7 @@ from pathlib import Path
 
 import edgerank.runtime.engines as engines
 from edgerank import Reranker
+from edgerank.runtime.artifact import Artifact
 from edgerank.bench.runner import load_queries
 
 DEFAULT_VARIANTS = ["spin=session.intra_op.allow_spinning:1", "nospin=session.intra_op.allow_spinning:0"]
@@ -44,8 +45,9 @@ def load(artifact: str, entries: list[tuple[str, str]], threads: int | None) -> 
 
     engines.session_options = options
     try:
-        # the int4 form: ONNX Runtime sessions, whatever this CPU would choose
-        return Reranker(artifact, pruning=False, stream_weights=False, threads=threads, compute="int4")
+        # the artifact's stored form: ONNX Runtime sessions, whatever this CPU would choose
+        own = Artifact.open(artifact).weights
+        return Reranker(artifact, pruning=False, stream_weights=False, threads=threads, compute=own)
     finally:
         engines.session_options = base
 

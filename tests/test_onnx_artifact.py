@@ -122,7 +122,7 @@ def test_layer_sessions_use_the_thread_count_and_block_instead_of_spinning(decod
     import importlib.util
 
     _, art = decoder_artifact
-    with edgerank.Reranker(art, pruning=False, threads=2, compute="int4") as r:  # ONNX Runtime's sessions
+    with edgerank.Reranker(art, pruning=False, threads=2) as r:  # an fp32 artifact: ONNX Runtime's sessions
         opts = r._backend.layers.get(0).get_session_options()
         assert opts.intra_op_num_threads == 2
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

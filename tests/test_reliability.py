@@ -464,7 +464,7 @@ def test_a_moved_cache_keeps_its_builtin_conversions_current(tmp_path, monkeypat
     home = tmp_path / "old"
     model = home / "models" / "minilm-l6"
     model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     (model / pull.COMPLETE_MARKER).write_text("{}")
     monkeypatch.setenv("EDGERANK_HOME", str(home))
     name = cache.cache_name(resolve("minilm-l6"))

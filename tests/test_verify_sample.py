@@ -104,13 +104,10 @@ def test_smollm2_round_trips_rank_like_the_source_on_the_builtin_sample(smollm2_
 
 
 @pytest.mark.skipif(not DL19.is_dir(), reason="needs ../shared/data/trec-dl19 (the judged DL19 data)")
-def test_with_dl19_beside_the_checkout_the_cli_verifies_on_its_bm25_candidates(monkeypatch):
+def test_a_conversion_verifies_on_the_built_in_sample_whatever_lies_beside_the_checkout():
+    """The same 64 pairs on every machine: a conversion's verdict never depends on whether
+    ../shared/data sits beside the checkout (the CLI once read DL19's BM25 candidates there)."""
     import edgerank.converters.verify as verify
-    from edgerank.data.judged import load_beir, load_run
 
-    monkeypatch.setattr(verify, "DL19", DL19)
-    pairs = verify.sample_pairs(n_queries=2, per_query=5)
-    coll, run = load_beir(DL19), load_run(DL19 / "run.bm25.top100.trec")
-    first = sorted(run)[0]
-    assert len(pairs) == 2 and pairs[0][0] == coll.queries[first]
-    assert pairs[0][1] == [coll.corpus[d] for d, _ in run[first][:5]]
+    assert not hasattr(verify, "DL19") and not hasattr(verify, "sample_pairs")
+    assert "SAMPLE" in open(verify.__file__).read()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from edgerank.models.catalog import BuiltinModel, Wheel, get_builtin
+from edgerank.models.catalog import BUILTINS, BuiltinModel, Wheel, get_builtin
 from edgerank.errors import ModelFormatError, ModelNotFoundError, OfflineError, OutputLocationError
 from edgerank.runtime.layout import sha256_file
 
@@ -161,7 +161,8 @@ def _merge_adapter(m: BuiltinModel, staging: Path) -> None:
     from edgerank.runtime.sources import source_at
 
     staging.mkdir(parents=True)
-    digest = export_merged(source_at(pull(m.base), m.family, m.base), adapter, staging)
+    base = pull(m.base) if m.base in BUILTINS else Path(m.base)  # a built-in base is pulled first
+    digest = export_merged(source_at(base, m.family, m.base), adapter, staging)
     if digest != m.weights_sha256:
         raise ModelFormatError(
             f"{m.name}: merged weights digest {digest} != pinned {m.weights_sha256}; the base model "

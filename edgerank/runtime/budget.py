@@ -15,6 +15,7 @@ weights and then refused a call that streaming ran under a smaller one).
 
 from __future__ import annotations
 
+import functools
 import mmap
 from dataclasses import dataclass
 
@@ -60,6 +61,33 @@ TOKENIZER_PER_TOKEN = 650
 # counted: a small random decoder ran 0.7 MB over a budget that counted everything else,
 # and from run to run its peak moves by a few tenths of a MB.
 CALL_SLACK_MB = 2.0
+
+
+def return_freed_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``); True if any.
+
+    glibc keeps freed memory for reuse, and after a large block is freed it raises the size
+    above which blocks are mapped (and unmapped when freed): the memory of a dropped
+    streamed layer could stay in the process while the next one loads. Under a budget of
+    43 MB, minilm-l6 added 38 to 52 MB from run to run; trimmed after each streamed layer,
+    37 to 41 MB (8 runs each, bench/history/memory.md §14). Fixing glibc's thresholds
+    instead held it to 36 MB but made every call 2.6x slower (each numpy array mapped and
+    faulted in afresh). Other C libraries: no-op.
+    """
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def tokenizer_mb(file_bytes: int, vocab_size: int) -> float:

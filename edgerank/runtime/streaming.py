@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from edgerank.errors import ModelFormatError
 from edgerank.runtime.artifact import Artifact
+from edgerank.runtime.budget import return_freed_memory
 from edgerank.runtime.engines import ORT, load_layer
 from edgerank.runtime.layout import sha256_file
 
@@ -122,6 +123,8 @@ class LayerSessions:
                     fut.result()  # let a load in flight finish before dropping it
                 except Exception:  # noqa: BLE001 - a failed load of a layer no longer wanted
                     pass
+                del fut
+                return_freed_memory()  # the dropped layer's pages, before the next one loads
 
     def reset_counters(self) -> None:
         self.io_wait_s = self.load_s = 0.0
