@@ -97,3 +97,35 @@ def test_the_int8_graph_of_minilm_keeps_the_ranking(minilm_path, tmp_path):
     with edgerank.Reranker(minilm_path, backend="reference") as ref:
         for query, passages in SAMPLE:
             assert spearmanr(peer.score(query, passages), ref.score(query, passages)).statistic > 0.85, query
+
+
+def test_openvino_and_ctranslate2_score_as_transformers_does(model, tmp_path):
+    """The strongest CPU peers score the same graph and checkpoint: OpenVINO at fp32 exactly,
+    at its default precision (bf16 where the CPU has it) and NNCF int8 within rounding,
+    CTranslate2 int8 (encoders only) within rounding."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from edgerank.bench.peers import CTranslate2Peer, OpenVinoPeer
+
+    src, family = model
+    with edgerank.Reranker(src, backend="reference", family=family) as ref:
+        expected = ref.score(QUERY, DOCS)
+    convert(src, "onnx-graph", "fp32", tmp_path / "fp32", family=family, progress=False)
+    scale = max(np.abs(expected).max(), 0.1)  # cosines of random encoders sit near 0
+    fp32 = OpenVinoPeer(tmp_path / "fp32", threads=1, precision="fp32").score(QUERY, DOCS)
+    assert np.abs(fp32 - expected).max() < 1e-4 * scale
+    default = OpenVinoPeer(tmp_path / "fp32", threads=1).score(QUERY, DOCS)
+    assert np.abs(default - expected).max() < 2e-2 * scale  # bf16 keeps ~3 digits
+    int8 = OpenVinoPeer(tmp_path / "fp32", threads=1, precision="int8").score(QUERY, DOCS)
+    assert np.abs(int8 - expected).max() < 5e-2 * scale and not np.allclose(int8, fp32, atol=1e-7)
+    if family is not None:
+        with pytest.raises(ValueError, match="encoders"):
+            CTranslate2Peer(src, threads=1, family=family)
+        return
+    pytest.importorskip("ctranslate2")
+    ct2 = CTranslate2Peer(src, threads=1)
+    try:
+        got = ct2.score(QUERY, DOCS)
+        assert np.abs(got - expected).max() < 5e-2 * scale and not np.allclose(got, expected, atol=1e-7)
+    finally:
+        ct2.close()

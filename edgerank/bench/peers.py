@@ -98,7 +98,8 @@ class GraphPeer:
 
 class OpenVinoPeer(GraphPeer):
     """The exported fp32 graph on OpenVINO's CPU plugin. ``precision`` ``default``: OpenVINO's
-    own choice (bf16 where the CPU has bf16 hardware, else fp32); ``int8``: NNCF-compressed,
+    own choice (bf16 where the CPU has bf16 hardware, else fp32); ``fp32``: fp32 on every CPU;
+    ``int8``: NNCF-compressed,
     weights and activations for encoders (quantized on the built-in sample's pairs), weights
     only for decoders (their activations stay at the default precision)."""
 
@@ -114,6 +115,8 @@ class OpenVinoPeer(GraphPeer):
         if self.precision == "int8":
             model = self._int8(model)
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if self.precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         self._compiled = core.compile_model(model, "CPU", config)
         return self._compiled.create_infer_request()
 
@@ -157,11 +160,27 @@ class CTranslate2Peer:
         self.spec = self.source.spec
         self.tokenizer = HFTokenizer.from_file(self.source.path / "tokenizer.json")
         self._tmp = tempfile.TemporaryDirectory(prefix="edgerank-ct2-")
-        ctranslate2.converters.TransformersConverter(str(self.source.path)).convert(
-            self._tmp.name, quantization="int8", force=True)
-        self.encoder = ctranslate2.Encoder(self._tmp.name, device="cpu", compute_type="int8",
+        out = Path(self._tmp.name) / "ct2"
+        ctranslate2.converters.TransformersConverter(str(self._checkpoint())).convert(
+            str(out), quantization="int8", force=True)
+        self.encoder = ctranslate2.Encoder(str(out), device="cpu", compute_type="int8",
                                            intra_threads=int(threads or default_threads()))
         self.classifier = self._classifier() if self.spec.kind == "cross-encoder" else None
+
+    def _checkpoint(self) -> Path:
+        """The HF folder as CTranslate2's converter reads it. It asks BERT configs for
+        ``position_embedding_type``, which transformers 5 no longer defaults: a config without
+        it is read through a linked copy that names the only kind edgerank runs (absolute)."""
+        config = json.loads((self.source.path / "config.json").read_text())
+        if "position_embedding_type" in config:
+            return self.source.path
+        linked = Path(self._tmp.name) / "hf"
+        linked.mkdir()
+        for f in self.source.path.iterdir():
+            if f.name != "config.json":
+                (linked / f.name).symlink_to(f.resolve())
+        (linked / "config.json").write_text(json.dumps({**config, "position_embedding_type": "absolute"}))
+        return linked
 
     def _classifier(self) -> tuple[np.ndarray, np.ndarray]:
         from edgerank.converters.tensors import TensorReader
