@@ -126,6 +126,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """An ``argparse`` type: a TCP port, 1 to 65535 (checked before any model loads)."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """An ``argparse`` type: a comma-separated list of positive integers (``1,5``)."""
     return [positive_int(t.strip()) for t in text.split(",") if t.strip()]

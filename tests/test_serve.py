@@ -520,6 +520,7 @@ def _up(url: str) -> bool:
     (["--max-queue", "-1"], "expected an integer >= 0"),
     (["--timeout", "0"], "expected a positive number"),
     (["--model", "/nonexistent/model.gguf"], "error:"),
+    (["--port", "70000"], "expected a port from 1 to 65535"),  # issue 42.9: an OverflowError after the load
 ])
 def test_command_line_refusals(argv, message):
     env = {k: v for k, v in os.environ.items() if k != "EDGERANK_API_KEY"}

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from edgerank.cli import exits_on, option_pair, positive_int, positive_number
+from edgerank.cli import exits_on, option_pair, port, positive_int, positive_number
 
 
 def non_negative_int(text: str) -> int:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", type=option_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="another Reranker option, e.g. pruning=false or threshold=0.1; repeatable")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=positive_int, default=8080)
+    p.add_argument("--port", type=port, default=8080)
     p.add_argument("--api-key", default=os.environ.get("EDGERANK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $EDGERANK_API_KEY); needed off loopback")
     p.add_argument("--max-queue", type=non_negative_int, default=16,
