@@ -67,12 +67,13 @@ def return_freed_memory() -> bool:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``); True if any.
 
     glibc keeps freed memory for reuse, and after a large block is freed it raises the size
-    above which blocks are mapped (and unmapped when freed): the memory of a dropped
-    streamed layer could stay in the process while the next one loads. Under a budget of
-    43 MB, minilm-l6 added 38 to 52 MB from run to run; trimmed after each streamed layer,
-    37 to 41 MB (8 runs each, bench/history/memory.md §14). Fixing glibc's thresholds
-    instead held it to 36 MB but made every call 2.6x slower (each numpy array mapped and
-    faulted in afresh). Other C libraries: no-op.
+    above which blocks are mapped (and unmapped when freed): the replaced hidden states of
+    each chunk, and a dropped streamed layer, stayed in the process while the next ones were
+    allocated. Under a budget of 43 MB, minilm-l6 added 38 to 52 MB from run to run; trimmed
+    after each chunk and each dropped layer when streaming, 35 to 37 MB, for ~1.3x the
+    streamed call's time (8 runs each, bench/history/memory.md §14). Fixing glibc's
+    thresholds instead made every call, streamed or not, 2.6x slower. Other C libraries:
+    no-op.
     """
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -44,6 +44,7 @@ from edgerank.runtime.budget import (
     needed_mb,
     plan_call,
     plan_load,
+    return_freed_memory,
     tokenizer_mb,
 )
 from edgerank.runtime.chunking import length_chunks
@@ -297,8 +298,10 @@ class LayerwiseBackend:
         for chunk in self._chunks(lengths, chunk_tokens, rows):
             w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
             count.work, count.pad = count.work + w, count.pad + p
+            if self.plan.stream:  # the chunk's replaced states: their pages back before the next chunk's
+                return_freed_memory()
+        del sess  # the window's reference is the last: done() frees the layer and returns its pages
         self.layers.done(layer)
-        del sess
         count.layers_s += time.perf_counter() - tl
         return prefix_state
 
