@@ -227,15 +227,26 @@ def _encoder_head(reader: TensorReader, prefix: str, spec: ModelSpec) -> dict:
     return head
 
 
+# Projections the int4 form stores at 8 bits: a BERT-style encoder's FFN up-projection. On
+# minilm-l6 it cost the int4 form most of its distance from fp32 (DL19, 43 queries, depth 100:
+# nDCG@10 0.6348 all 4-bit, 0.6404 with it at 8 bits, against fp32's 0.6424), for 18% more
+# layer bytes; the FFN's down-projection gave 0.6385, attention's output 0.6382, Q/K/V 0.6392
+# (bench/history/quality.md §22).
+INT4_KEPT_AT_8 = ("intermediate.dense",)
+
+
 def _bits_picker(reader: TensorReader, quant: str, layer_prefix: str, notes: dict):
-    """Storage of each projection: the artifact's quant, except that a 4-bit GGUF source's
-    tensors kept at 6 bits or more (Q4_K_M keeps some at Q6_K or Q8_0) stay at int8, as a
-    reported fallback. 5-bit tensors (Q5_0, Q5_K: llama.cpp's fallback when a row does not
-    fit a K-quant super-block) become int4 like the rest."""
+    """Storage of each projection: the artifact's quant, except that the int4 form keeps
+    :data:`INT4_KEPT_AT_8` at 8 bits, and a 4-bit GGUF source's tensors kept at 6 bits or
+    more (Q4_K_M keeps some at Q6_K or Q8_0) stay at int8, as a reported fallback. 5-bit
+    tensors (Q5_0, Q5_K: llama.cpp's fallback when a row does not fit a K-quant
+    super-block) become int4 like the rest."""
     base = {"int4": 4, "int8": INT8, "fp32": None}[quant]
     mixed = base == 4 and reader.has_4bit
 
     def pick(proj: str) -> int | None:
+        if base == 4 and proj in INT4_KEPT_AT_8:
+            return 8
         t = reader.source_type(layer_prefix + proj + ".weight") if mixed else None
         if t is not None and not t.startswith(("Q4", "IQ4", "Q5", "Q2", "Q3", "IQ2", "IQ3")):
             notes["fallbacks"][layer_prefix + proj] = f"kept at int8: the source stores it as {t}"
