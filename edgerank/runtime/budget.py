@@ -20,6 +20,8 @@ import mmap
 from dataclasses import dataclass
 
 from edgerank.errors import EdgerankError
+from edgerank.runtime.chunking import padded_width
+from edgerank.runtime.engines import OPENVINO, OPENVINO_WIDTH_STEP
 
 MB = 2**20
 
@@ -188,6 +190,8 @@ def plan_call(shape: Shape, plan: Plan, max_memory_mb: float | None, tokens: int
     The embedding cache is counted at its capacity (``plan.cache_rows``), not at what it
     holds now: an empty cache fills during the call (9859d57 counted it empty, and a first
     call overran its budget by the cache)."""
+    if shape.engine == OPENVINO:  # its rows run padded to a width step (chunking.width_chunks)
+        longest = padded_width(longest, OPENVINO_WIDTH_STEP)
     per_token = shape.activation_bytes_per_token(prefix + longest)
     if max_memory_mb is None:
         return max(plan.chunk_tokens, longest)

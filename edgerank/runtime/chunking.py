@@ -25,3 +25,24 @@ def length_chunks(lengths, budget: int, rows=None, min_fill: float = 0.0) -> lis
     if cur:
         chunks.append(np.array(cur))
     return chunks
+
+
+def padded_width(length: int, step: int) -> int:
+    """``length`` rounded up to a multiple of ``step``."""
+    return -(-int(length) // step) * step
+
+
+def width_chunks(lengths, budget: int, step: int, rows=None) -> list[np.ndarray]:
+    """Indices (``rows``, default all) grouped by the width each runs at, its length
+    rounded up to ``step`` (:func:`padded_width`), widest first, each group cut into chunks
+    of at most ``budget`` padded tokens (one row at least). A row's width then depends on
+    its own length alone, never on its chunk-mates'."""
+    lengths = np.asarray(lengths)
+    rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    chunks: list[np.ndarray] = []
+    for width in sorted({padded_width(lengths[i], step) for i in order.tolist()}, reverse=True):
+        group = [i for i in order.tolist() if padded_width(lengths[i], step) == width]
+        per = max(1, budget // width)
+        chunks += [np.array(group[j:j + per]) for j in range(0, len(group), per)]
+    return chunks

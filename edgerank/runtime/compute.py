@@ -80,16 +80,14 @@ def usable(artifact: Artifact) -> list[str]:
 
 def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, float]:
     """Median ms of layer 0 in each of ``forms`` on a synthetic chunk of PROBE_ROWS x
-    PROBE_TOKENS, run as the runtime runs it (OpenVINO one row at a time), the forms' runs
-    interleaved so that a busy spell falls on all of them."""
+    PROBE_TOKENS (a width OpenVINO's rows run at too: ``engines.OPENVINO_WIDTH_STEP``), the
+    forms' runs interleaved so that a busy spell falls on all of them."""
     feeds = probe_feeds(artifact)
-    rows = [{k: v[i:i + 1] if v.shape[0] == PROBE_ROWS else v for k, v in feeds.items()} for i in range(PROBE_ROWS)]
     runs = {}
     for form in forms:
         files, engine = runnable(artifact)[form]
         layer = load_layer(artifact.layer_path(0, files), engine, threads)
-        batches = rows if engine == OPENVINO else [feeds]
-        runs[form] = lambda layer=layer, batches=batches: [layer.run(None, b) for b in batches]
+        runs[form] = lambda layer=layer: layer.run(None, feeds)
         runs[form]()
     times: dict[str, list[float]] = {form: [] for form in forms}
     for _ in range(PROBE_RUNS):

@@ -19,6 +19,10 @@ import onnxruntime as ort
 from edgerank.runtime.extras import missing
 
 ORT, OPENVINO = "onnxruntime", "openvino"
+# OpenVINO's bf16 results depend on the padded width a row runs at (its attention blocks the
+# keys by it), never on how many rows run beside it: the runtime pads each row to its own
+# length rounded up to this step and batches rows of one width (``chunking.width_chunks``)
+OPENVINO_WIDTH_STEP = 16
 
 
 def session_options(threads: int) -> ort.SessionOptions:

@@ -47,11 +47,11 @@ from edgerank.runtime.budget import (
     return_freed_memory,
     tokenizer_mb,
 )
-from edgerank.runtime.chunking import length_chunks
+from edgerank.runtime.chunking import length_chunks, padded_width, width_chunks
 from edgerank.runtime.compute import Choice, choose
 from edgerank.runtime.cpu import default_threads
 from edgerank.runtime.embedding import EmbeddingRows
-from edgerank.runtime.engines import OPENVINO
+from edgerank.runtime.engines import OPENVINO, OPENVINO_WIDTH_STEP
 from edgerank.runtime.pruning import RULES, PruningPolicy, PruningRun
 from edgerank.runtime.readouts import Readouts
 from edgerank.runtime.rope import RopeTable
@@ -307,11 +307,12 @@ class LayerwiseBackend:
 
     def _chunks(self, lengths: np.ndarray, chunk_tokens: int, rows: np.ndarray) -> list[np.ndarray]:
         """The rows' chunks for one layer: length-sorted under the token budget, or, on
-        OpenVINO, one row each: its kernels block a product by its shape, and a bf16 result
-        that rounds one way in a chunk of one shape can round the other way in another
-        (SmolLM2 drifted 4e-3 between chunkings), so each row runs at a shape of its own."""
+        OpenVINO, grouped by the width each row runs at (:data:`OPENVINO_WIDTH_STEP`):
+        OpenVINO's attention blocks its work by the padded width, and a bf16 result that
+        rounds one way at one width can round the other way at another (SmolLM2 drifted
+        7e-3 between chunkings), so a row always runs at a width of its own length's."""
         if self.compute.engine == OPENVINO:
-            return [np.array([i]) for i in rows[np.argsort(-lengths[rows], kind="stable")]]
+            return width_chunks(lengths, chunk_tokens, OPENVINO_WIDTH_STEP, rows=rows)
         return length_chunks(lengths, chunk_tokens, rows=rows, min_fill=0.75)
 
     def plan_chunk(self, batch: EncodedBatch) -> int:
@@ -408,6 +409,8 @@ class LayerwiseBackend:
     def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len, count: CallCounters) -> tuple[int, int]:
         """Run one chunk of rows through a layer, in place; returns (real, padded) tokens."""
         width = int(lengths[chunk].max())
+        if self.compute.engine == OPENVINO:  # the width of its rows' own lengths (:meth:`_chunks`)
+            width = padded_width(width, OPENVINO_WIDTH_STEP)
         B, H = len(chunk), self.shape.hidden
         x = np.zeros((B, width, H), np.float32)
         for r, i in enumerate(chunk):
