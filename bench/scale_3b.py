@@ -3,13 +3,14 @@
     python bench/scale_3b.py make   --out /tmp/l3b --tokenizer-from ARTIFACT_OR_HF_FOLDER
     python -m edgerank.converters /tmp/l3b --to onnx --quant int4 --out /tmp/l3b-int4 --model-spec zeroshot-chatml --no-verify
     python -m edgerank.converters /tmp/l3b --to gguf --quant q4_k_m --out /tmp/l3b.gguf --model-spec zeroshot-chatml --no-verify
-    python bench/scale_3b.py run    --artifact /tmp/l3b-int4 --gguf /tmp/l3b.gguf --json scale.json
+    python bench/scale_3b.py run    --artifact /tmp/l3b-int4 [--gguf /tmp/l3b.gguf] --json scale.json
 
 ``make`` writes one safetensors shard per layer (never the whole model in memory).
-``run`` ranks one query with 20 candidates of about 200 tokens each, in separate processes
-(peak RSS from the kernel's ru_maxrss): edgerank with streamed weights under a memory
-budget, edgerank with every layer resident, and llama.cpp on the Q4_K_M GGUF. The
-weights are random, so only latency and memory mean anything.
+``run`` ranks one query with 20 candidates of about 200 tokens each, each configuration in
+its own process (peak RSS from the kernel's ru_maxrss): edgerank's int4 and bf16 forms
+under ``--budget-mb`` (1,500 by default: both stream their layers), and with
+``--configs``, every int4 layer resident, and llama.cpp on the Q4_K_M GGUF. The weights
+are random, so only latency and memory mean anything.
 """
 
 from __future__ import annotations
@@ -59,30 +60,35 @@ def make(out: Path, tokenizer_from: Path) -> None:
     (out / "edgerank.json").write_text(json.dumps({"family": "zeroshot-chatml"}))
 
 
-def run(artifact: Path, gguf: Path, budget_mb: float, out: Path | None, only: list[str] | None = None) -> dict:
+def run(artifact: Path, gguf: Path | None, budget_mb: float, out: Path | None, only: list[str] | None = None) -> dict:
     from edgerank.bench.runner import Worker, machine
 
     words = ("the immune system responds to a vaccine by training memory cells that remember the "
              "antigen so a later infection is cleared faster ").split()
     docs = [" ".join(words[(i + j) % len(words)] for j in range(150)) for i in range(20)]  # ~200 tokens each
     query = "how do vaccines train the immune system"
+    edgerank = {"model": str(artifact), "backend": "edgerank"}
     configs = {
-        "edgerank-streamed": {"model": str(artifact), "backend": "edgerank", "stream_weights": True,
-                              "max_memory_mb": budget_mb},
-        "edgerank-resident": {"model": str(artifact), "backend": "edgerank", "stream_weights": False},
+        "edgerank-int4": {**edgerank, "compute": "int4", "max_memory_mb": budget_mb},
+        "edgerank-bf16": {**edgerank, "compute": "bf16", "max_memory_mb": budget_mb},
+        "edgerank-resident": {**edgerank, "compute": "int4", "stream_weights": False},
         "llamacpp-q4_k_m": {"model": str(gguf), "backend": "llamacpp", "family": "zeroshot-chatml"},
     }
+    only = only or ["edgerank-int4", "edgerank-bf16"] + (["llamacpp-q4_k_m"] if gguf else [])
     report = {"machine": machine(), "candidates": len(docs), "budget_mb": budget_mb, "configs": {}}
     for name, spec in configs.items():
-        if only and name not in only:
+        if name not in only:
             continue
         w = Worker(name, spec)
-        r = w.rank(query, docs)
+        r = w.rank(query, docs, top_k=10)
         bye = w.stop()
+        extra = r.get("extra") or {}
         report["configs"][name] = {
-            "latency_s": r["latency_s"], "peak_rss_mb": bye["max_rss_mb"], "baseline_rss_mb": w.hello["baseline_rss_mb"],
-            "load_s": w.hello["load_s"], "tokens": (r.get("extra") or {}).get("candidate_tokens"),
-            "io_wait_s": (r.get("extra") or {}).get("io_wait_s"), "layer_load_s": (r.get("extra") or {}).get("layer_load_s"),
+            "latency_s": r["latency_s"], "latency_per_candidate_s": r["latency_s"] / len(docs),
+            "peak_rss_mb": bye["max_rss_mb"], "baseline_rss_mb": w.hello["baseline_rss_mb"],
+            "load_s": w.hello["load_s"], "tokens": extra.get("candidate_tokens"),
+            "compute": (extra.get("compute") or {}).get("form"), "stream_weights": extra.get("stream_weights"),
+            "io_wait_s": extra.get("io_wait_s"), "layer_load_s": extra.get("layer_load_s"),
         }
         print(name, json.dumps(report["configs"][name]), flush=True)
     if out:
@@ -98,8 +104,8 @@ def main() -> int:
     m.add_argument("--tokenizer-from", type=Path, required=True, help="a folder holding a tokenizer.json")
     r = sub.add_parser("run")
     r.add_argument("--artifact", type=Path, required=True)
-    r.add_argument("--gguf", type=Path, required=True)
-    r.add_argument("--budget-mb", type=float, default=1000.0)
+    r.add_argument("--gguf", type=Path, default=None, help="the Q4_K_M GGUF, for the llama.cpp row")
+    r.add_argument("--budget-mb", type=float, default=1500.0)
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--configs", default=None, help="comma-separated subset")
     args = p.parse_args()

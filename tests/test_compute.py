@@ -118,6 +118,35 @@ def test_on_a_cpu_no_measurement_was_taken_on_a_fixed_rule_decides_the_same_in_e
     assert first == second
 
 
+def test_streaming_keeps_the_bf16_form_which_reads_the_int4_files(model, tmp_path, monkeypatch):
+    """The bf16 form runs the int4 layer files, so a streamed window reads the same bytes
+    as the int4 form's: where bf16 was measured fastest it stays when weights stream (a
+    3B-shaped model under 1,500 MB: 0.53x the int4 form's time), and the budget's last
+    resort is still the int4 form streamed."""
+    import edgerank.runtime.compute as compute
+    from edgerank.runtime.cpu import default_threads
+
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(compute, "has_bf16", lambda: True)
+    _, int4, _, family = model
+    fast = tmp_path / "fastbf16"
+    shutil.copytree(int4, fast)
+    manifest = json.loads((fast / "manifest.json").read_text())
+    manifest["compute"]["measured"] = {"cpu": cpu_id(), "threads": default_threads(), "probe_tokens": 1024,
+                                       "ms": {"int4": 2.0, "int8": 1.8, "bf16": 1.0}, "fastest": "bf16"}
+    manifest["compute"]["fit"]["bf16"] = {"fit": True}
+    (fast / "manifest.json").write_text(json.dumps(manifest))
+    with edgerank.Reranker(fast, family=family, stream_weights=True) as r:
+        r.score(QUERY, DOCS[:2])
+        assert r.last_stats.extra["compute"]["form"] == "bf16" and r.last_stats.extra["stream_weights"]
+    with edgerank.Reranker(fast, family=family, stream_weights=False) as r:
+        modes = [(c.form, s) for c, s in r._backend._modes]
+        assert modes == [("bf16", False), ("int4", False)]
+    with edgerank.Reranker(fast, family=family) as r:
+        modes = [(c.form, s) for c, s in r._backend._modes]
+        assert modes == [("bf16", False), ("int4", False), ("bf16", True), ("int4", True)]
+
+
 def test_memory_before_speed_streaming_runs_the_int4_form(model, tmp_path):
     """The int8 form holds about twice the int4 layers' bytes: where memory binds (weights
     streamed, by the budget or by the caller), the int4 form runs even where int8 is

@@ -100,6 +100,9 @@ DEFAULT_CHUNK_TOKENS = 1024  # activations ~0.25 MB/token for a 0.5B model; larg
 # The int8 form's chunks: 27 MB less peak RSS on minilm-l6 than 1,024 tokens, for ~6% more
 # latency (RESULTS §18.2); the int8 weights hold more memory, the chunks give it back
 INT8_CHUNK_TOKENS = 512
+# OpenVINO's chunks: each compiled layer keeps scratch sized by the largest chunk it ran
+# (~13 MB a SmolLM2 layer at 1,024 tokens); at 512 a DL19 run peaked at 782 MB, not 958
+OPENVINO_CHUNK_TOKENS = 512
 MIN_CACHE_ROWS = 1024
 DEFAULT_CACHE_ROWS = 16384
 LEAST_TOKENS = 128  # a budget must fit at least one sequence this long

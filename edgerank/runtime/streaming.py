@@ -115,8 +115,11 @@ class LayerSessions:
         return sess
 
     def done(self, i: int) -> None:
-        """Layer ``i`` has no more work in this call: drop it when streaming."""
-        if self.stream:
+        """Layer ``i`` has no more work in this call: drop it when streaming, else free what
+        its engine keeps between runs (OpenVINO's intermediate buffers)."""
+        if not self.stream:
+            getattr(self._resident[i], "release_memory", lambda: None)()
+        else:
             fut = self._pending.pop(i, None)
             if fut is not None:
                 try:

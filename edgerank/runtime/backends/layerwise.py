@@ -35,6 +35,7 @@ from edgerank.runtime.backends.heads import _BLAS, head_for
 from edgerank.runtime.budget import (
     INT8_CHUNK_TOKENS,
     MB,
+    OPENVINO_CHUNK_TOKENS,
     Call,
     Fit,
     MemoryBudgetError,
@@ -191,21 +192,26 @@ class LayerwiseBackend:
         return self._modes[fit.mode][0], budget_modes[fit.mode][0], self._finish(fit.plan, self._modes[fit.mode][0])
 
     def _candidate_modes(self, choice: Choice, asked: str | None, stream_weights: bool | None) -> list:
-        """(form, streamed) from the most memory to the least: the chosen form resident, then
-        the artifact's smallest form resident and streamed; a form asked for stays, and
+        """(form, streamed), preferred first: the chosen form resident, the artifact's smallest
+        form resident, then streamed: the chosen form where it reads the smallest form's
+        files (bf16: a 3B-shaped model under 1,500 MB took 0.53x int4's time, speed.md §22;
+        int8's files are twice the bytes), then the smallest. A form asked for stays, and
         ``stream_weights`` True or False keeps only the modes it allows."""
         streams = [False, True] if stream_weights is None else [bool(stream_weights)]
         smallest = self.artifact.weights
         if asked is not None or choice.form == smallest:
             return [(choice, s) for s in streams]
         small = Choice(smallest, "memory budget", choice.ms, choice.cpu, smallest)
-        return ([(choice, False)] if False in streams else []) + [(small, s) for s in streams]
+        modes = [(choice, False), (small, False)] + ([(choice, True)] if choice.files == smallest else [])
+        return [(c, s) for c, s in modes + [(small, True)] if s in streams]
 
     def _finish(self, plan: Plan, choice: Choice) -> Plan:
         if self._chunk_tokens is not None:
             plan.chunk_tokens = int(self._chunk_tokens)
         elif choice.form == "int8":
             plan.chunk_tokens = min(plan.chunk_tokens, INT8_CHUNK_TOKENS)
+        elif choice.engine == OPENVINO:
+            plan.chunk_tokens = min(plan.chunk_tokens, OPENVINO_CHUNK_TOKENS)
         return plan
 
     def _shape(self, choice: Choice) -> Shape:
