@@ -80,22 +80,28 @@ def usable(artifact: Artifact) -> list[str]:
 
 def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, float]:
     """Median ms of layer 0 in each of ``forms`` on a synthetic chunk of PROBE_ROWS x
-    PROBE_TOKENS (a width OpenVINO's rows run at too: ``engines.OPENVINO_WIDTH_STEP``), the
-    forms' runs interleaved so that a busy spell falls on all of them."""
+    PROBE_TOKENS (a width OpenVINO's rows run at too: ``engines.OPENVINO_WIDTH_STEP``), each
+    engine's forms interleaved so that a busy spell falls on all of them. ONNX Runtime's
+    forms run before any OpenVINO layer is loaded: once one has run, its worker threads
+    slowed ONNX Runtime's runs beside them (minilm-l6's int8 layer 15.4 -> 29 ms, speed.md §22)."""
     feeds = probe_feeds(artifact)
-    runs = {}
-    for form in forms:
-        files, engine = runnable(artifact)[form]
-        layer = load_layer(artifact.layer_path(0, files), engine, threads)
-        runs[form] = lambda layer=layer: layer.run(None, feeds)
-        runs[form]()
-    times: dict[str, list[float]] = {form: [] for form in forms}
-    for _ in range(PROBE_RUNS):
-        for form, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[form].append(time.perf_counter() - t)
-    return {form: 1000 * float(np.median(ts)) for form, ts in times.items()}
+    times: dict[str, float] = {}
+    for engine in (ORT, OPENVINO):
+        runs = {}
+        for form in forms:
+            files, form_engine = runnable(artifact)[form]
+            if form_engine == engine:
+                layer = load_layer(artifact.layer_path(0, files), engine, threads)
+                runs[form] = lambda layer=layer: layer.run(None, feeds)
+                runs[form]()
+        samples: dict[str, list[float]] = {form: [] for form in runs}
+        for _ in range(PROBE_RUNS):
+            for form, run in runs.items():
+                t = time.perf_counter()
+                run()
+                samples[form].append(time.perf_counter() - t)
+        times.update({form: 1000 * float(np.median(ts)) for form, ts in samples.items()})
+    return {form: times[form] for form in forms}
 
 
 def median_ms(sess, feeds: dict[str, np.ndarray], runs: int) -> float:
@@ -137,9 +143,16 @@ def measure_forms(artifact: Artifact, threads: int) -> dict:
 
 def fastest(ms: dict[str, float], artifact: Artifact) -> str:
     """The form to run given each form's time: the quickest usable one (it ranks like the
-    own form), if it beats the artifact's own format by the margin, else the own format."""
+    own form), if it beats the artifact's own format by the margin, else the own format.
+    The bf16 form must also beat the quickest ONNX Runtime form by the margin: it holds
+    ~3x the memory, and on minilm-l6 a probe that favoured it by 2% ran real calls 1.23x
+    slower than the int8 form (speed.md §22)."""
     own = artifact.weights
-    best = min((f for f in usable(artifact) if f in ms), key=ms.get, default=own)
+    ok = [f for f in usable(artifact) if f in ms]
+    best = min(ok, key=ms.get, default=own)
+    if best == BF16:
+        on_ort = min((f for f in ok if f != BF16), key=ms.get, default=own)
+        best = BF16 if ms[BF16] < MARGIN * ms[on_ort] else on_ort
     return best if ms[best] < MARGIN * ms[own] else own
 
 
