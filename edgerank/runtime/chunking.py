@@ -40,9 +40,9 @@ def width_chunks(lengths, budget: int, step: int, rows=None) -> list[np.ndarray]
     lengths = np.asarray(lengths)
     rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
     order = rows[np.argsort(-lengths[rows], kind="stable")]
+    widths = -(-lengths[order] // step) * step  # padded_width of each, widest first
     chunks: list[np.ndarray] = []
-    for width in sorted({padded_width(lengths[i], step) for i in order.tolist()}, reverse=True):
-        group = [i for i in order.tolist() if padded_width(lengths[i], step) == width]
-        per = max(1, budget // width)
-        chunks += [np.array(group[j:j + per]) for j in range(0, len(group), per)]
+    for width in np.unique(widths)[::-1]:
+        group, per = order[widths == width], max(1, budget // int(width))
+        chunks += [group[j:j + per] for j in range(0, len(group), per)]
     return chunks
