@@ -19,6 +19,8 @@ Configurations (``--configs`` picks a subset):
 - ``edgerank``: the product, with pruning, shared prefix, chunking at their defaults;
 - ``edgerank-int4``: the same on the int4 form (what ran before the int8-compute form; what
   a tight memory budget runs);
+- ``edgerank-int8``: the same on the int8 form (per-token activation scales on ONNX Runtime:
+  what an encoder runs on a VNNI CPU without the ``openvino`` extra);
 - ``edgerank-lowmem``: the same with streamed weights under ``--lowmem-mb``.
 
 The first eight are the peers, what a user would run instead; every row is set against the
@@ -53,7 +55,7 @@ from edgerank.data.judged import SHARED_DATA
 PEERS = ("fp32-reference", "llamacpp-q4", "ort-fp32-graph", "ort-int8-graph", "sentence-transformers",
          "openvino", "openvino-int8", "ctranslate2-int8")
 FAITHFUL = 0.8  # P@K against fp32 a peer needs to count as the fastest peer
-CONFIGS = PEERS + ("onnx-int4-full", "edgerank", "edgerank-int4", "edgerank-lowmem")
+CONFIGS = PEERS + ("onnx-int4-full", "edgerank", "edgerank-int4", "edgerank-int8", "edgerank-lowmem")
 DL19 = SHARED_DATA / "trec-dl19"
 MARK = "@@bench "  # worker replies are the stdout lines with this prefix
 CONSISTENCY_QUERIES = 5  # queries whose candidates are also ranked in random subsets (score_drift)
@@ -102,8 +104,8 @@ def prepare(model: str, configs: list[str], progress: bool = True, gguf_quant: s
             out[c] = {"model": str(artifact), "backend": "edgerank", "pruning": False}
         elif c == "edgerank":
             out[c] = {"model": str(artifact), "backend": "edgerank"}
-        elif c == "edgerank-int4":
-            out[c] = {"model": str(artifact), "backend": "edgerank", "compute": "int4"}
+        elif c in ("edgerank-int4", "edgerank-int8"):
+            out[c] = {"model": str(artifact), "backend": "edgerank", "compute": c.split("-")[1]}
         elif c == "edgerank-lowmem":
             out[c] = {"model": str(artifact), "backend": "edgerank", "stream_weights": True}
         else:

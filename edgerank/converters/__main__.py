@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"max_abs_diff {f['max_abs_diff']:.4f}"])
     if "compute" in report:
         c = report["compute"]
+        if c.get("fit"):  # each other form against the own one on the sample (runtime.compute.usable)
+            rows.append(["forms' fit", ", ".join(f"{form} {f['spearman']:.4f}{'' if f['fit'] else ' (unfit)'}"
+                                                 for form, f in c["fit"].items()) + " (Spearman against own form)"])
         if c.get("how"):  # chosen by rule, nothing timed (an emulated CPU: edgerank.runtime.compute.by_rule)
             rows.append(["compute form", f"runs {c['fastest']} on this CPU ({c['how']}, not timed)"])
         else:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
 from edgerank.converters.smoothing import ALPHA, Calibration, calibration_tokens, smooth
+from edgerank.converters.static_int8 import STATIC_FORM, EncoderCalibration, calibration_sequences, can_write
 from edgerank.converters.tensors import ArchConfig, TensorReader
 from edgerank.runtime import layout
 from edgerank.runtime.layout import FORMAT, FORMAT_VERSION, sha256_file
@@ -38,7 +39,8 @@ from edgerank.runtime.specs import ModelSpec
 
 QUANTS = ("int4", "int8", "fp32")
 # forms stored beside the artifact's own, for the runtime to choose from (``edgerank.runtime.compute``):
-# an int4 artifact carries int8-compute layers too (the faster form where memory allows)
+# an int4 artifact carries int8-compute layers too (the faster form where memory allows), and
+# an int4 encoder its int8-static layers where NNCF is installed (converters/static_int8.py)
 INT8_FORM = "int8"
 EXTRA_FORMS = {"int4": (INT8_FORM,), "int8": (), "fp32": ()}
 BLOCK_SIZE = 32
@@ -64,23 +66,31 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
     table = reader.get(embed_name)
     _write_embedding(table, dest, quant)
-    extra = EXTRA_FORMS[quant]
-    # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration pairs
-    smoothed = INT8_FORM in (quant, *extra) and not encoder
-    calibration = _calibration(cfg, spec, tokenizer, table) if smoothed else None
+    extra = EXTRA_FORMS[quant] + ((STATIC_FORM,) if encoder and quant == "int4" and can_write() else ())
+    head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
+    np.savez(dest / layout.HEAD, **head)
+    # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration
+    # pairs; an encoder's int8-static form is quantized on them (converters/static_int8.py)
+    calibration = None
+    if INT8_FORM in (quant, *extra) and not encoder:
+        calibration = _calibration(cfg, spec, tokenizer, table)
+    elif STATIC_FORM in extra:
+        from edgerank.converters.sample import SAMPLE
+
+        offset = cfg.pad_token_id + 1 if cfg.arch == "xlm-roberta" else 0
+        calibration = EncoderCalibration(calibration_sequences(tokenizer, spec, SAMPLE), table, head, offset,
+                                         cfg.norm_eps)
     del table
     if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
         _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
-    head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
-    np.savez(dest / layout.HEAD, **head)
     layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
     lora = _adapter_tensors(src) if quant != "fp32" else {}
     if lora:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
-    if calibration is not None:
+    if isinstance(calibration, Calibration):
         notes["smoothing"] = f"int8 form smoothed (alpha {ALPHA}) on {len(calibration.valid)} calibration pairs"
     _write_layers(reader, cfg, dest, quant, extra, layer_prefix, lora, calibration, notes, progress)
-    manifest = _manifest(cfg, spec, quant, src, dest)
+    manifest = _manifest(cfg, spec, quant, extra, src, dest)
     (dest / layout.MANIFEST).write_text(json.dumps(manifest, indent=1))
     notes["compute"] = _check_forms(dest, manifest, spec, quant)
     notes["format_version"] = FORMAT_VERSION
@@ -88,7 +98,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
 
 
 def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str, extra: tuple, layer_prefix: str,
-                  lora: dict, calibration: Calibration | None, notes: dict, progress: bool) -> None:
+                  lora: dict, calibration: Calibration | EncoderCalibration | None, notes: dict,
+                  progress: bool) -> None:
     """Each layer's graph in the artifact's own format and in each ``extra`` form, one layer's
     weights in memory at a time."""
     encoder = cfg.arch in ("bert", "xlm-roberta")
@@ -99,16 +110,18 @@ def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str,
         dec = dict(hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                    eps=cfg.norm_eps, qk_norm="self_attn.q_norm.weight" in w, name=f"layer_{i}", block=BLOCK_SIZE)
         maxima = None
-        if calibration is not None:
+        if isinstance(calibration, Calibration):
             maxima = calibration.run(decoder_layer(w, taps=True, **dec), cfg.n_kv_heads, cfg.head_dim)
         for form in (None, *extra):
-            bits = _bits_picker(reader, form or quant, p, notes)
-            if encoder:
-                model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
-                                      name=f"layer_{i}", bits=bits, block=BLOCK_SIZE)
+            if form == STATIC_FORM:  # the fp32 graph, quantized by NNCF on this layer's inputs
+                model = calibration.quantize(encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads,
+                                                           eps=cfg.norm_eps, name=f"layer_{i}"))
+            elif encoder:
+                model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}",
+                                      bits=_bits_picker(reader, form or quant, p, notes), block=BLOCK_SIZE)
             else:
                 lw = smooth(w, maxima, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) if (form or quant) == INT8_FORM else w
-                model = decoder_layer(lw, bits=bits, **dec)
+                model = decoder_layer(lw, bits=_bits_picker(reader, form or quant, p, notes), **dec)
             onnx.save_model(model, dest / layout.layer_file(i, form))
             del model
         del w
@@ -261,10 +274,14 @@ FORM_OPS = {
     "int8": {"op": "MatMulIntegerToFloat", "block_size": None, "accuracy_level": None,
              "scheme": "symmetric absmax per output channel (7-bit codes); activations quantized to uint8 per token"},
     "fp32": {"op": "MatMul", "block_size": None, "accuracy_level": None, "scheme": "none"},
+    STATIC_FORM: {"op": "QuantizeLinear/DequantizeLinear", "block_size": None, "accuracy_level": None,
+                  "scheme": "NNCF post-training quantization (transformer preset): int8 weights per output channel, "
+                            "int8 activations with scales calibrated on the built-in sample",
+                  "engine": "openvino"},
 }
 
 
-def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Path) -> dict:
+def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, extra: tuple, src: Path, dest: Path) -> dict:
     files = sorted(p for p in dest.rglob("*") if p.is_file())
     dims = {k: getattr(cfg, k) for k in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim",
                                          "vocab_size", "context_length", "rope_theta", "norm_eps")}
@@ -287,8 +304,8 @@ def _manifest(cfg: ArchConfig, spec: ModelSpec, quant: str, src: Path, dest: Pat
         "layers": [layout.layer_file(i) for i in range(cfg.n_layers)],
         "layer_inputs": list(layout.ENCODER_INPUTS if cfg.arch in ("bert", "xlm-roberta") else layout.DECODER_INPUTS),
         "compute": {"forms": {form: [layout.layer_file(i, form) for i in range(cfg.n_layers)]
-                              for form in EXTRA_FORMS[quant]},
-                    "ops": {form: FORM_OPS[form] for form in (quant, *EXTRA_FORMS[quant])}},
+                              for form in extra},
+                    "ops": {form: FORM_OPS[form] for form in (quant, *extra)}},
         "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
         "source": str(src),
         "pruning": {"threshold": None, "calibrated": False},

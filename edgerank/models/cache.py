@@ -27,7 +27,7 @@ from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.compute import BF16, PER_CALL_INT8, runnable
+from edgerank.runtime.compute import BF16, PER_CALL_INT8, STATIC, runnable
 from edgerank.runtime.sources import ModelSource, source_at
 
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
@@ -121,8 +121,9 @@ def _older_form(artifact: Path) -> bool:
     """A cached artifact written before artifacts carried an int8 form checked for fit
     (``compute.fit``, beside the int4 layers; edgerank.runtime.compute), one whose forms were
     checked where the bf16 form could not run and that runs here now (OpenVINO installed since,
-    or another CPU), or a decoder's written before its layer graphs took ``past_mask``
-    (batched explanations): converted again."""
+    or another CPU), a decoder's written before its layer graphs took ``past_mask`` (batched
+    explanations), or an int4 encoder's without the int8-static form where it can be written
+    now (OpenVINO and NNCF installed since): converted again."""
     try:
         manifest = json.loads((artifact / layout.MANIFEST).read_text())
         compute = manifest.get("compute")
@@ -132,7 +133,12 @@ def _older_form(artifact: Path) -> bool:
             return True
         if ((compute.get("ops") or {}).get("int8") or {}).get("op") == PER_CALL_INT8:  # scores moved with batch-mates
             return True
-        return manifest.get("kind") == "decoder" and layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
+        if manifest.get("kind") == "decoder":
+            return layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
+        from edgerank.converters.static_int8 import can_write
+
+        return (manifest.get("quant") or {}).get("weights") == "int4" and STATIC not in (compute.get("forms") or {}) \
+            and can_write()
     except (OSError, ValueError, AttributeError, KeyError):
         return True
 

@@ -2,10 +2,11 @@
 
 An int4 artifact stores its layers twice (``Artifact.forms``): as int4 ``MatMulNBits`` codes
 (the least memory) and as int8 weights multiplied with per-token int8 activations (``MatMulIntegerToFloat``:
-int8 dot-product kernels).
-Where the ``openvino`` extra is installed and the CPU multiplies bf16 in hardware (AVX512-BF16,
-AMX), the int4 files also run as a third form, ``bf16``: compiled by OpenVINO with bf16
-activations (``runtime.engines``). A form other than the artifact's own runs unasked only
+int8 dot-product kernels). An int4 encoder converted where the ``openvino`` extra is installed
+stores a third form, ``int8-static`` (activation scales fixed at conversion by NNCF:
+converters/static_int8.py), which OpenVINO runs. Where that extra is installed and the CPU
+multiplies bf16 in hardware (AVX512-BF16, AMX), the int4 files also run as ``bf16``: compiled
+by OpenVINO with bf16 activations (``runtime.engines``). A form other than the artifact's own runs unasked only
 where the converter found it ranks like the own one (``compute.fit``).
 
 Which usable form runs is decided once per artifact and CPU, the same in every process: the
@@ -29,6 +30,16 @@ from edgerank.runtime.cpu import cpu_id, emulated, features, has_bf16, is_arm
 from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_available
 
 BF16 = "bf16"  # the int4 layer files, run by OpenVINO with bf16 activations
+STATIC = "int8-static"  # stored layers with fixed activation scales, run by OpenVINO
+# OpenVINO executors each layer keeps for the input shapes it ran last (a row runs at a width
+# of its own length's, so shapes recur from call to call). The int8-static form builds its int8
+# kernels per shape: kept, minilm-l6 ran DL19 calls ~0.85x the time for ~60 MB (speed.md §23).
+# The bf16 form keeps none: on SmolLM2 they cost 310 MB for no measurable speed.
+SHAPES_KEPT = {STATIC: 256}
+# forms whose memory the budget does not model: the int8-static form's OpenVINO executors and
+# their scratch took 366 MB beyond the interpreter on minilm-l6 (the int8 form 109 MB), and a
+# run under max_memory_mb=250 took 681 (speed.md §23); under a budget the next form runs
+UNBUDGETED = (STATIC,)
 PROBE_ROWS, PROBE_TOKENS = 8, 128  # the measured chunk: 1,024 tokens, the size of a default chunk
 PROBE_RUNS = 9  # timed runs per form, interleaved across forms after one warm-up each; the median counts
 # another form replaces the artifact's own only when it is this much faster: a toss-up
@@ -37,6 +48,7 @@ MARGIN = 0.9
 PER_CALL_INT8 = "DynamicQuantizeMatMul"  # the int8 form's op before per-token scales (issue 45)
 # int8 dot products in hardware: x86 AVX2 (vpmaddubsw) and on, ARM dotprod
 INT8_DOT = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86's one-instruction int8 dot products
 
 
 @dataclass
@@ -52,14 +64,21 @@ class Choice:
     cpu: str = ""
     files: str = ""  # the stored form whose layer files run
     engine: str = ORT
+    shapes_kept: int = 0  # OpenVINO executors kept per layer (SHAPES_KEPT)
 
     def as_dict(self) -> dict:
         return {"form": self.form, "how": self.how, "probe_ms": self.ms, "cpu": self.cpu, "engine": self.engine}
 
 
 def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
-    """Every form the artifact can run in here: form -> (stored layer files, engine)."""
-    out = {form: (form, ORT) for form in artifact.forms}
+    """Every form the artifact can run in here: form -> (stored layer files, engine). A stored
+    form names its engine in the manifest (``compute.ops``; ONNX Runtime when it does not)."""
+    ops = (artifact.manifest.get("compute") or {}).get("ops") or {}
+    out = {}
+    for form in artifact.forms:
+        engine = (ops.get(form) or {}).get("engine", ORT)
+        if engine == ORT or engine == OPENVINO and openvino_available():
+            out[form] = (form, engine)
     # an fp32 artifact is asked for as full precision (the converter's reference, say): it stays fp32
     # OpenVINO's CPU plugin computes bf16 on x86 only (AVX512-BF16, AMX)
     if artifact.weights == "int4" and not is_arm() and openvino_available() and has_bf16():
@@ -67,15 +86,16 @@ def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
     return out
 
 
-def usable(artifact: Artifact) -> list[str]:
+def usable(artifact: Artifact, budgeted: bool = False) -> list[str]:
     """The forms that may run unasked: the own one, and each other runnable form the
     converter found to rank like it (``compute.fit``, converters/verify.py), except an int8
     form of one activation scale per call (artifacts from before per-token scales), whose
-    scores move with their batch-mates."""
+    scores move with their batch-mates; and under a memory budget (``budgeted``), a form whose
+    memory the budget does not model (:data:`UNBUDGETED`)."""
     compute = artifact.manifest.get("compute") or {}
     fit, ops = compute.get("fit") or {}, compute.get("ops") or {}
     return [f for f in runnable(artifact) if f == artifact.weights or (fit.get(f) or {}).get("fit") is True
-            and (ops.get(f) or {}).get("op") != PER_CALL_INT8]
+            and (ops.get(f) or {}).get("op") != PER_CALL_INT8 and not (budgeted and f in UNBUDGETED)]
 
 
 def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, float]:
@@ -91,7 +111,7 @@ def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, flo
         for form in forms:
             files, form_engine = runnable(artifact)[form]
             if form_engine == engine:
-                layer = load_layer(artifact.layer_path(0, files), engine, threads)
+                layer = load_layer(artifact.layer_path(0, files), engine, threads, SHAPES_KEPT.get(form, 0))
                 runs[form] = lambda layer=layer: layer.run(None, feeds)
                 runs[form]()
         samples: dict[str, list[float]] = {form: [] for form in runs}
@@ -141,29 +161,33 @@ def measure_forms(artifact: Artifact, threads: int) -> dict:
             "fastest": fastest(ms, artifact)}
 
 
-def fastest(ms: dict[str, float], artifact: Artifact) -> str:
+def fastest(ms: dict[str, float], artifact: Artifact, budgeted: bool = False) -> str:
     """The form to run given each form's time: the quickest usable one (it ranks like the
     own form), if it beats the artifact's own format by the margin, else the own format.
-    The bf16 form must also beat the quickest ONNX Runtime form by the margin: it holds
-    ~3x the memory, and on minilm-l6 a probe that favoured it by 2% ran real calls 1.23x
-    slower than the int8 form (speed.md §22)."""
+    A form on OpenVINO must also beat the quickest ONNX Runtime form by the margin: the bf16
+    form holds ~3x the memory, and on minilm-l6 a probe that favoured it by 2% ran real calls
+    1.23x slower than the int8 form (speed.md §22)."""
     own = artifact.weights
-    ok = [f for f in usable(artifact) if f in ms]
+    forms = runnable(artifact)
+    ok = [f for f in usable(artifact, budgeted) if f in ms]
     best = min(ok, key=ms.get, default=own)
-    if best == BF16:
-        on_ort = min((f for f in ok if f != BF16), key=ms.get, default=own)
-        best = BF16 if ms[BF16] < MARGIN * ms[on_ort] else on_ort
+    if forms.get(best, ("", ORT))[1] != ORT:
+        on_ort = min((f for f in ok if forms[f][1] == ORT), key=ms.get, default=own)
+        best = best if ms[best] < MARGIN * ms[on_ort] else on_ort
     return best if ms[best] < MARGIN * ms[own] else own
 
 
 def by_rule(forms: list[str]) -> str:
     """The form a CPU that no measurement was recorded on runs (or an emulated one, which is
-    never timed), from ``forms`` (the usable ones), as measured (bench/history/speed.md §19):
-    bf16 on AMX's matrix tiles; else int8 where the CPU has int8 dot products (x86 AVX2 on;
-    ARM DotProd or I8MM, on which ONNX Runtime's int8 GEMM is built; on Zen 4's AVX512-BF16
-    the int8 form beat bf16 on minilm-l6); else bf16 (it beat int4 on every CPU with bf16);
-    else the artifact's own."""
+    never timed), from ``forms`` (the usable ones), as measured (bench/history/speed.md §19, §23):
+    int8-static where the CPU has VNNI's int8 dot products (an encoder's only; on Zen 4 it
+    beat every other form on minilm-l6); bf16 on AMX's matrix tiles; else int8 where the CPU
+    has int8 dot products (x86 AVX2 on; ARM DotProd or I8MM, on which ONNX Runtime's int8
+    GEMM is built; on Zen 4's AVX512-BF16 the int8 form beat bf16 on minilm-l6); else bf16
+    (it beat int4 on every CPU with bf16); else the artifact's own."""
     has = features()
+    if STATIC in forms and any(f in has for f in VNNI):
+        return STATIC
     if BF16 in forms and "amx_bf16" in has:
         return BF16
     if "int8" in forms and any(f in has for f in INT8_DOT):
@@ -173,26 +197,31 @@ def by_rule(forms: list[str]) -> str:
     return forms[0]
 
 
-def choose(artifact: Artifact, threads: int, asked: str | None = None) -> Choice:
+def choose(artifact: Artifact, threads: int, asked: str | None = None, budgeted: bool = False) -> Choice:
     """The form to run: the caller's (``asked``), the only usable one, the manifest's
-    measurement when it was taken on this CPU with these threads, else :func:`by_rule`."""
+    measurement when it was taken on this CPU with these threads, else :func:`by_rule`;
+    ``budgeted``: under a memory budget, which some forms may not run under (:data:`UNBUDGETED`)."""
     forms, cpu = runnable(artifact), cpu_id()
 
     def choice(form: str, how: str, ms: dict | None = None) -> Choice:
-        return Choice(form, how, dict(ms or {}), cpu, *forms[form])
+        return Choice(form, how, dict(ms or {}), cpu, *forms[form], SHAPES_KEPT.get(form, 0))
 
     if asked is not None:
         if asked not in forms:
-            why = (" (bf16 runs on OpenVINO where the CPU has bf16 hardware: pip install 'edgerank[openvino]')"
-                   if asked == BF16 else "")
+            why = {BF16: " (bf16 runs on OpenVINO where the CPU has bf16 hardware: pip install 'edgerank[openvino]')",
+                   STATIC: " (int8-static is stored by an int4 encoder's conversion where the openvino extra is "
+                           "installed, and runs on OpenVINO: pip install 'edgerank[openvino]')"}.get(asked, "")
             raise ValueError(f"compute={asked!r}: this artifact runs here as {', '.join(sorted(forms))}{why}; "
                              "choose one of them, or None to let edgerank choose")
+        if budgeted and asked in UNBUDGETED:
+            raise ValueError(f"compute={asked!r} runs without max_memory_mb: the budget does not model its "
+                             "OpenVINO executors' memory; leave out one of the two")
         return choice(asked, "asked")
-    ok = usable(artifact)
+    ok = usable(artifact, budgeted)
     if len(ok) == 1:  # one stored form (any other unchecked), or the others rank unlike it (compute.fit)
         return choice(artifact.weights, "only form" if len(artifact.forms) == 1 else "the other forms rank unlike it")
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
     if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ok) <= set(ms):
-        return choice(fastest(ms, artifact), "manifest", ms)
+        return choice(fastest(ms, artifact, budgeted), "manifest", ms)
     return choice(by_rule(ok), "rule", ms if measured.get("cpu") == cpu else None)

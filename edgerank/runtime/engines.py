@@ -1,6 +1,6 @@
-"""The engines that run one layer graph: ONNX Runtime (every stored form) and OpenVINO (the
-``bf16`` form: the int4 layer files, compiled with bf16 activations where the CPU multiplies
-bf16 in hardware, AVX512-BF16 or AMX).
+"""The engines that run one layer graph: ONNX Runtime (the stored int4 and int8 forms) and
+OpenVINO (the ``bf16`` form: the int4 layer files, compiled with bf16 activations where the
+CPU multiplies bf16 in hardware, AVX512-BF16 or AMX; and the stored ``int8-static`` form).
 
 Both give the runtime one interface, ONNX Runtime's: ``run(None, feeds)`` returns the graph's
 outputs as fresh numpy arrays, ``get_inputs()`` names its inputs and their shapes.
@@ -74,7 +74,7 @@ class OpenVinoLayer:
     products (and most other ops) on bf16 activations with fp32 accumulation; int4 weights
     stay compressed in memory and are decompressed inside the matmul kernels."""
 
-    def __init__(self, path: Path, threads: int, precision: str = "bf16") -> None:
+    def __init__(self, path: Path, threads: int, precision: str = "bf16", shapes_kept: int = 0) -> None:
         core = _core()
         model = core.read_model(str(path))
         self._compiled = core.compile_model(model, "CPU", {
@@ -82,9 +82,8 @@ class OpenVinoLayer:
             "INFERENCE_NUM_THREADS": int(threads),
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            # no cache of executors per input shape: every call brings new shapes, and the
-            # cache grew a process by ~20 MB a query (SmolLM2), for no measurable speed
-            "CPU_RUNTIME_CACHE_CAPACITY": 0,
+            # executors kept per input shape (``shapes_kept``; compute.SHAPES_KEPT)
+            "CPU_RUNTIME_CACHE_CAPACITY": int(shapes_kept),
         })
         self._request = self._compiled.create_infer_request()
         self._inputs = [InputInfo(p.any_name, [d.get_length() if d.is_static else "?" for d in p.get_partial_shape()])
@@ -112,8 +111,9 @@ class OpenVinoLayer:
         return [result[by_name[n]] for n in output_names]
 
 
-def load_layer(path: Path, engine: str, threads: int):
-    """Layer graph ``path`` ready to run on ``engine`` (:data:`ORT` or :data:`OPENVINO`)."""
+def load_layer(path: Path, engine: str, threads: int, shapes_kept: int = 0):
+    """Layer graph ``path`` ready to run on ``engine`` (:data:`ORT` or :data:`OPENVINO`, which
+    keeps its executors for the last ``shapes_kept`` input shapes)."""
     if engine == OPENVINO:
-        return OpenVinoLayer(path, threads)
+        return OpenVinoLayer(path, threads, shapes_kept=shapes_kept)
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])

@@ -26,10 +26,11 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 
 def missing(extra: str) -> list[str]:
     """The import names of ``extra`` that are not installed."""
-    return [m for m in EXTRAS[extra] if not _found(m)]
+    return [m for m in EXTRAS[extra] if not installed(m)]
 
 
-def _found(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether the module ``module`` (dotted names too) can be imported."""
     # find_spec imports a dotted name's parent, and raises rather than answering None
     # when that parent (``llama_index`` of ``llama_index.core``) is itself absent
     try:

@@ -24,11 +24,11 @@ class LayerSessions:
     """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
 
     def __init__(self, artifact: Artifact, stream: bool, threads: int, files: str | None = None,
-                 engine: str = ORT) -> None:
+                 engine: str = ORT, shapes_kept: int = 0) -> None:
         self.artifact = artifact
         self.stream = stream
         self.files = artifact.layer_files(files)  # the stored form's layer files (edgerank.runtime.compute)
-        self.engine, self.threads = engine, threads
+        self.engine, self.threads, self.shapes_kept = engine, threads, shapes_kept
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
@@ -62,7 +62,7 @@ class LayerSessions:
             raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
                                    "the file was modified after the artifact was loaded")
         try:
-            sess = load_layer(path, self.engine, self.threads)
+            sess = load_layer(path, self.engine, self.threads, self.shapes_kept)
         except Exception as e:  # onnxruntime raises InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, ...
             raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer for {self.engine} "
                                    f"({type(e).__name__}: {str(e).strip()[:200]})") from e

@@ -58,13 +58,19 @@ class _EncoderHead(DecoderHead):
         self.position_offset = int(artifact.dims.get("position_offset", 0))
 
     def embed(self, rows: np.ndarray, type_ids: list[int] | None) -> np.ndarray:
-        h, off = self.weights, self.position_offset
-        x = rows + h["position"][off: off + len(rows)]
-        if "token_type" in h:
-            x = x + h["token_type"][np.asarray(type_ids if type_ids is not None else [0] * len(rows))]
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return ((x - mu) / np.sqrt(var + self.eps) * h["ln_weight"] + h["ln_bias"]).astype(np.float32)
+        return bert_embeddings(rows, type_ids, self.weights, self.position_offset, self.eps)
+
+
+def bert_embeddings(rows: np.ndarray, type_ids: list[int] | None, head: dict[str, np.ndarray],
+                    position_offset: int, eps: float) -> np.ndarray:
+    """A BERT-style encoder's first hidden states of one sequence: its token-embedding
+    ``rows`` + positions (+ token types), then the embedding LayerNorm (weights in ``head``)."""
+    x = rows + head["position"][position_offset: position_offset + len(rows)]
+    if "token_type" in head:
+        x = x + head["token_type"][np.asarray(type_ids if type_ids is not None else [0] * len(rows))]
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return ((x - mu) / np.sqrt(var + eps) * head["ln_weight"] + head["ln_bias"]).astype(np.float32)
 
 
 class CrossEncoderHead(_EncoderHead):

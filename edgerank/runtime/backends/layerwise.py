@@ -167,14 +167,14 @@ class LayerwiseBackend:
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
-                                    self.compute.engine)
+                                    self.compute.engine, self.compute.shapes_kept)
         self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
 
     def _form_and_plan(self, asked: str | None, stream_weights: bool | None,
                        chunk_tokens: int | None) -> tuple[Choice, Shape, Plan]:
         """The form the layers run in (``runtime.compute``: chosen, or the caller's) and the
         memory plan: the first of the modes (``runtime.budget``) the budget holds the model in."""
-        choice = choose(self.artifact, self.threads, asked)
+        choice = choose(self.artifact, self.threads, asked, budgeted=self.max_memory_mb is not None)
         self._tok_mb = tokenizer_mb((self.artifact.path / layout.TOKENIZER).stat().st_size, self.tokenizer.vocab_size)
         self._chunk_tokens = chunk_tokens
         self._modes = self._candidate_modes(choice, asked, stream_weights)
@@ -352,7 +352,7 @@ class LayerwiseBackend:
         self.shape, self.plan = self._shape(self.compute), self._finish(fit.plan, self.compute)
         self.embed.max_rows = self.plan.cache_rows
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
-                                    self.compute.engine)
+                                    self.compute.engine, self.compute.shapes_kept)
 
     def explain(self, batch: EncodedBatch, rows: list[int], max_tokens: int):
         """Greedy rationales of candidates ``rows`` of the batch just scored (the top K),
