@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
 from edgerank.converters.smoothing import ALPHA, Calibration, calibration_tokens, smooth
-from edgerank.converters.static_int8 import STATIC_FORM, EncoderCalibration, calibration_sequences, can_write
+from edgerank.converters.static_int8 import STATIC_FORM, StaticForm, calibration_sequences, can_write
 from edgerank.converters.tensors import ArchConfig, TensorReader
 from edgerank.runtime import layout
 from edgerank.runtime.layout import FORMAT, FORMAT_VERSION, sha256_file
@@ -78,8 +78,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
         from edgerank.converters.sample import SAMPLE
 
         offset = cfg.pad_token_id + 1 if cfg.arch == "xlm-roberta" else 0
-        calibration = EncoderCalibration(calibration_sequences(tokenizer, spec, SAMPLE), table, head, offset,
-                                         cfg.norm_eps)
+        calibration = StaticForm(dest, calibration_sequences(tokenizer, spec, SAMPLE), table, head, offset,
+                                 cfg.norm_eps)
     del table
     if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
         _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
@@ -98,7 +98,7 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
 
 
 def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str, extra: tuple, layer_prefix: str,
-                  lora: dict, calibration: Calibration | EncoderCalibration | None, notes: dict,
+                  lora: dict, calibration: Calibration | StaticForm | None, notes: dict,
                   progress: bool) -> None:
     """Each layer's graph in the artifact's own format and in each ``extra`` form, one layer's
     weights in memory at a time."""
@@ -113,10 +113,11 @@ def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str,
         if isinstance(calibration, Calibration):
             maxima = calibration.run(decoder_layer(w, taps=True, **dec), cfg.n_kv_heads, cfg.head_dim)
         for form in (None, *extra):
-            if form == STATIC_FORM:  # the fp32 graph, quantized by NNCF on this layer's inputs
-                model = calibration.quantize(encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads,
-                                                           eps=cfg.norm_eps, name=f"layer_{i}"))
-            elif encoder:
+            if form == STATIC_FORM:  # the fp32 graph, quantized by NNCF on this layer's inputs (below)
+                calibration.add(encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps,
+                                              name=f"layer_{i}"), layout.layer_file(i, form))
+                continue
+            if encoder:
                 model = encoder_layer(w, hidden=cfg.hidden, n_heads=cfg.n_heads, eps=cfg.norm_eps, name=f"layer_{i}",
                                       bits=_bits_picker(reader, form or quant, p, notes), block=BLOCK_SIZE)
             else:
@@ -125,6 +126,8 @@ def _write_layers(reader: TensorReader, cfg: ArchConfig, dest: Path, quant: str,
             onnx.save_model(model, dest / layout.layer_file(i, form))
             del model
         del w
+    if isinstance(calibration, StaticForm):
+        calibration.write()
 
 
 def _check_forms(dest: Path, manifest: dict, spec: ModelSpec, quant: str) -> dict:

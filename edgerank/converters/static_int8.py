@@ -12,10 +12,13 @@ A scale fixed at conversion depends on no other candidate, so a pair's score sta
 whatever runs beside it (OpenVINO's rows are batched by width: ``runtime.engines``).
 
 Each layer is quantized from its fp32 graph on that layer's own inputs: the calibration
-pairs (:func:`calibration_sequences`: each sample query with another query's passages, so
-the pairs the fit check scores are not the ones calibrated on) carried from layer to layer
-through the fp32 graphs. Decoders get no such form: int8 activations, even per token and
-smoothed, ranked SmolLM2 unlike its own form (Spearman 0.877; speed.md §18.4-18.8).
+sequences (:func:`calibration_sequences`: each sample query with another query's passages,
+so the pairs the fit check scores are not the ones calibrated on) carried from layer to
+layer through the fp32 graphs. NNCF runs in a child process (``python -m
+edgerank.converters.static_int8 WORK``): importing it adds ~240 MB and 2 s to a process,
+which a first ranking that converts would otherwise keep. Decoders get no such form: int8
+activations, even per token and smoothed, ranked SmolLM2 unlike its own form (Spearman
+0.877; speed.md §18.4-18.8).
 
 Needs the ``openvino`` extra (OpenVINO and NNCF); without it the artifact has no such form.
 """
@@ -25,19 +28,21 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edgerank.runtime import layout
 from edgerank.runtime.backends.heads import bert_embeddings
-from edgerank.runtime.cpu import default_threads
-from edgerank.runtime.engines import session_options
 from edgerank.runtime.extras import installed, missing
 
 STATIC_FORM = "int8-static"
 CALIBRATION_ROWS = 8  # sequences per calibration batch (one NNCF sample each)
+BATCHES = "batches.npz"  # in the work folder: the calibration batches' layer-0 inputs
 
 
 def can_write() -> bool:
@@ -61,33 +66,65 @@ def calibration_sequences(tokenizer, spec, sample) -> list[tuple[list[int], list
     return sorted(seqs, key=lambda s: len(s[0]))
 
 
-class EncoderCalibration:
-    """The calibration sequences' hidden states in batches of :data:`CALIBRATION_ROWS`,
-    carried from layer to layer through the fp32 layer graphs."""
+class StaticForm:
+    """The form being written: each layer's fp32 graph collected in a work folder
+    (:meth:`add`), then quantized by NNCF in a child process (:meth:`write`)."""
 
-    def __init__(self, sequences: list[tuple[list[int], list[int] | None]], table: np.ndarray, head: dict,
-                 position_offset: int, eps: float) -> None:
-        self.batches: list[dict[str, np.ndarray]] = []
-        for a in range(0, len(sequences), CALIBRATION_ROWS):
+    def __init__(self, dest: Path, sequences: list[tuple[list[int], list[int] | None]], table: np.ndarray,
+                 head: dict, position_offset: int, eps: float) -> None:
+        self.dest = dest
+        self.work = dest / ".int8-static-work"
+        self.work.mkdir()
+        self.outputs: list[str] = []
+        batches = {}
+        for b, a in enumerate(range(0, len(sequences), CALIBRATION_ROWS)):
             rows = sequences[a: a + CALIBRATION_ROWS]
             lengths = np.array([len(ids) for ids, _ in rows])
             hidden = np.zeros((len(rows), int(lengths.max()), table.shape[1]), np.float32)
             for r, (ids, types) in enumerate(rows):
                 hidden[r, : len(ids)] = bert_embeddings(np.asarray(table[np.asarray(ids)], np.float32), types, head,
                                                         position_offset, eps)
-            self.batches.append(layout.encoder_inputs(hidden, lengths))
+            batches[f"hidden_{b}"], batches[f"lengths_{b}"] = hidden, lengths
+        np.savez(self.work / BATCHES, **batches)
 
-    def quantize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """``model`` (one fp32 encoder layer) quantized by NNCF on this layer's inputs, as a
-        QDQ ONNX graph; then the batches move on through the fp32 layer."""
-        import nncf
+    def add(self, fp32_layer: onnx.ModelProto, output: str) -> None:
+        """Layer ``len(outputs)``'s fp32 graph, to be written quantized to ``output`` (relative to dest)."""
+        onnx.save_model(fp32_layer, self.work / f"{len(self.outputs):04d}.onnx")
+        self.outputs.append(output)
 
-        nncf.set_log_level(logging.ERROR)
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars, six a layer, inside the converter's
-            quantized = nncf.quantize(model, nncf.Dataset(self.batches), model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(self.batches))
+    def write(self) -> None:
+        """Quantize every layer added, in a child process; the work folder goes either way."""
+        try:
+            (self.work / "outputs.txt").write_text("\n".join(str(self.dest / o) for o in self.outputs))
+            done = subprocess.run([sys.executable, "-m", __name__, str(self.work)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"NNCF could not quantize the int8-static form: {done.stderr.strip()[-2000:]}")
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _quantize_all(work: Path) -> None:
+    """The child's job: each layer quantized on its inputs, which then move on through its fp32 graph."""
+    import nncf
+    import onnxruntime as ort
+
+    from edgerank.runtime.cpu import default_threads
+    from edgerank.runtime.engines import session_options
+
+    nncf.set_log_level(logging.ERROR)
+    with np.load(work / BATCHES) as z:
+        batches = [layout.encoder_inputs(z[f"hidden_{b}"], z[f"lengths_{b}"]) for b in range(len(z.files) // 2)]
+    for i, out in enumerate((work / "outputs.txt").read_text().splitlines()):
+        model = onnx.load(work / f"{i:04d}.onnx")
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars, six a layer
+            quantized = nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(batches))
+        onnx.save_model(quantized, out)
         sess = ort.InferenceSession(model.SerializeToString(), session_options(default_threads()),
                                     providers=["CPUExecutionProvider"])
-        for feeds in self.batches:
+        for feeds in batches:
             feeds[layout.HIDDEN] = sess.run([layout.HIDDEN_OUT], feeds)[0]
-        return quantized
+
+
+if __name__ == "__main__":
+    _quantize_all(Path(sys.argv[1]))
