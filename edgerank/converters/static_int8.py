@@ -37,7 +37,6 @@ import numpy as np
 import onnx
 
 from edgerank.runtime import layout
-from edgerank.runtime.backends.heads import bert_embeddings
 from edgerank.runtime.extras import installed, missing
 
 STATIC_FORM = "int8-static"
@@ -72,6 +71,9 @@ class StaticForm:
 
     def __init__(self, dest: Path, sequences: list[tuple[list[int], list[int] | None]], table: np.ndarray,
                  head: dict, position_offset: int, eps: float) -> None:
+        # imported here: the head's BLAS limits know the BLAS libraries loaded when it is first imported
+        from edgerank.runtime.backends.heads import bert_embeddings
+
         self.dest = dest
         self.work = dest / ".int8-static-work"
         self.work.mkdir()

@@ -52,6 +52,9 @@ ENGINE_MEMORY = {
 # Rows of the memory-mapped embedding table read between two releases of its pages
 # (edgerank.runtime.embedding): the table's pages held at once are bounded by this.
 EMBED_READ_ROWS = 256
+# A call's sequences have their table rows looked up in groups of at most this many bytes of
+# fp32 rows (LayerwiseBackend._embed): the group's rows live beside the states being built
+EMBED_GROUP_BYTES = 4 << 20
 # The kernel's page: 4 KiB on x86 and most ARM Linux, 16 KiB on Apple Silicon (Asahi), 64 KiB
 # on some ARM server kernels; the table's pages held scale with it
 PAGE_BYTES = mmap.PAGESIZE

@@ -104,7 +104,10 @@ class OpenVinoLayer:
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs for ``feeds`` (inputs the graph does not take are ignored), as copies."""
-        result = self._request.infer({k: v for k, v in feeds.items() if k in self._names}, share_outputs=False)
+        # the feeds are read in place, not copied into OpenVINO's tensors first (~0.1 ms an input,
+        # 36 ms of a minilm-l6 DL19 call); the outputs are copied out, as the next run reuses them
+        result = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self._names},
+                                     share_inputs=True, share_outputs=False)
         if output_names is None:
             return [result[o] for o in self._outputs]
         by_name = {o.any_name: o for o in self._outputs}
