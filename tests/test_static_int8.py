@@ -136,3 +136,27 @@ def test_minilm_l6s_int8_static_form_ranks_like_fp32_and_scores_a_pair_as_alone(
             assert np.abs(got - alone).max() <= 1e-6, query
             assert np.abs(got - ref).max() <= 0.05 * (ref.max() - ref.min()), query
             assert spearmanr(got, ref).statistic > 0.9, query
+
+
+def test_layers_between_checks_run_as_one_model_and_score_as_one_by_one(bert, monkeypatch):
+    """The form's layers between two pruning checks run stacked into one OpenVINO model; in
+    fp32 that equals running them one by one, and the spans follow the call's checks."""
+    import edgerank.runtime.backends.layerwise as layerwise
+
+    int4, _ = bert
+
+    def ranked(r) -> list[tuple[int, float]]:
+        return [(x.index, x.score) for x in r.rank(QUERY, DOCS, top_k=2)]
+
+    with edgerank.Reranker(int4, compute=STATIC, pruning=False) as whole, \
+            edgerank.Reranker(int4, compute=STATIC, threshold=0.0, min_depth=0.6) as checked:
+        assert list(whole._backend.layers._resident) == [(0, 3)]
+        got, pruned = whole.score(QUERY, DOCS), ranked(checked)
+        check = checked.last_stats.extra["first_check_layer"]
+        assert check == 2 and list(checked._backend.layers._resident) == [(0, 2), (2, 3)]
+    monkeypatch.setattr(layerwise, "STACKED", ())
+    with edgerank.Reranker(int4, compute=STATIC, pruning=False) as layers, \
+            edgerank.Reranker(int4, compute=STATIC, threshold=0.0, min_depth=0.6) as checked:
+        assert list(layers._backend.layers._resident) == [0, 1, 2]
+        assert np.array_equal(layers.score(QUERY, DOCS), got)
+        assert ranked(checked) == pruned

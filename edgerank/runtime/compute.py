@@ -31,11 +31,16 @@ from edgerank.runtime.engines import OPENVINO, ORT, load_layer, openvino_availab
 
 BF16 = "bf16"  # the int4 layer files, run by OpenVINO with bf16 activations
 STATIC = "int8-static"  # stored layers with fixed activation scales, run by OpenVINO
-# OpenVINO executors each layer keeps for the input shapes it ran last (a row runs at a width
-# of its own length's, so shapes recur from call to call). The int8-static form builds its int8
-# kernels per shape: kept, minilm-l6 ran DL19 calls ~0.85x the time for ~60 MB (speed.md §23).
-# The bf16 form keeps none: on SmolLM2 they cost 310 MB for no measurable speed.
-SHAPES_KEPT = {STATIC: 256}
+# How OpenVINO runs each of its forms (engines.OpenVinoLayer): the precision of what is not
+# int8, and the executors each layer keeps for the input shapes it ran last (a row runs at a
+# width of its own length's, so shapes recur from call to call). The int8-static form builds
+# its int8 kernels per shape: kept, minilm-l6 ran DL19 calls ~0.85x the time for ~60 MB; and
+# in fp32 its layers stacked into one model equal them run one by one (speed.md §23). The
+# bf16 form keeps none: on SmolLM2 they cost 310 MB for no measurable speed.
+ENGINE_OPTIONS = {BF16: {"precision": "bf16"}, STATIC: {"precision": "f32", "shapes_kept": 256}}
+# forms whose layers between two pruning checks run as one model, resident (streaming.LayerSessions):
+# minilm-l6's five layers before its check took 0.91x the time of five calls (speed.md §23)
+STACKED = (STATIC,)
 # forms whose memory the budget does not model: the int8-static form's OpenVINO executors and
 # their scratch took 366 MB beyond the interpreter on minilm-l6 (the int8 form 109 MB), and a
 # run under max_memory_mb=250 took 681 (speed.md §23); under a budget the next form runs
@@ -64,7 +69,7 @@ class Choice:
     cpu: str = ""
     files: str = ""  # the stored form whose layer files run
     engine: str = ORT
-    shapes_kept: int = 0  # OpenVINO executors kept per layer (SHAPES_KEPT)
+    options: dict = field(default_factory=dict)  # how the engine runs it (ENGINE_OPTIONS)
 
     def as_dict(self) -> dict:
         return {"form": self.form, "how": self.how, "probe_ms": self.ms, "cpu": self.cpu, "engine": self.engine}
@@ -111,7 +116,7 @@ def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, flo
         for form in forms:
             files, form_engine = runnable(artifact)[form]
             if form_engine == engine:
-                layer = load_layer(artifact.layer_path(0, files), engine, threads, SHAPES_KEPT.get(form, 0))
+                layer = load_layer(artifact.layer_path(0, files), engine, threads, **ENGINE_OPTIONS.get(form, {}))
                 runs[form] = lambda layer=layer: layer.run(None, feeds)
                 runs[form]()
         samples: dict[str, list[float]] = {form: [] for form in runs}
@@ -204,7 +209,7 @@ def choose(artifact: Artifact, threads: int, asked: str | None = None, budgeted:
     forms, cpu = runnable(artifact), cpu_id()
 
     def choice(form: str, how: str, ms: dict | None = None) -> Choice:
-        return Choice(form, how, dict(ms or {}), cpu, *forms[form], SHAPES_KEPT.get(form, 0))
+        return Choice(form, how, dict(ms or {}), cpu, *forms[form], ENGINE_OPTIONS.get(form, {}))
 
     if asked is not None:
         if asked not in forms:

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgerank.runtime.extras import missing
+from edgerank.runtime.layout import HIDDEN, HIDDEN_OUT
 
 ORT, OPENVINO = "onnxruntime", "openvino"
 # OpenVINO's bf16 results depend on the padded width a row runs at (its attention blocks the
@@ -74,9 +75,9 @@ class OpenVinoLayer:
     products (and most other ops) on bf16 activations with fp32 accumulation; int4 weights
     stay compressed in memory and are decompressed inside the matmul kernels."""
 
-    def __init__(self, path: Path, threads: int, precision: str = "bf16", shapes_kept: int = 0) -> None:
+    def __init__(self, path: Path | list[Path], threads: int, precision: str = "bf16", shapes_kept: int = 0) -> None:
         core = _core()
-        model = core.read_model(str(path))
+        model = core.read_model(str(path)) if isinstance(path, Path) else stacked(path)
         self._compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": int(threads),
@@ -114,9 +115,32 @@ class OpenVinoLayer:
         return [result[by_name[n]] for n in output_names]
 
 
-def load_layer(path: Path, engine: str, threads: int, shapes_kept: int = 0):
-    """Layer graph ``path`` ready to run on ``engine`` (:data:`ORT` or :data:`OPENVINO`, which
-    keeps its executors for the last ``shapes_kept`` input shapes)."""
+def stacked(paths: list[Path]):
+    """Consecutive encoder layer graphs as one OpenVINO model: each layer's hidden states
+    feed the next, every layer reads the first one's mask. Run as one, the layers skip a
+    call, a copy out and back in, and OpenVINO's layout changes between them; in fp32 its
+    results equal the layers run one by one, bit for bit (bench/history/speed.md §23)."""
+    from openvino import Model
+    from openvino import opset13 as ops
+
+    models = [_core().read_model(str(p)) for p in paths]
+    params = {p.get_friendly_name(): p for p in models[0].get_parameters()}
+    out = models[0].get_results()[0].input_value(0)
+    for model in models[1:]:
+        for p in model.get_parameters():
+            source = out if p.get_friendly_name() == HIDDEN else params[p.get_friendly_name()].output(0)
+            for target in list(p.output(0).get_target_inputs()):
+                target.replace_source_output(source)
+        out = model.get_results()[0].input_value(0)
+    result = ops.result(out)
+    result.output(0).get_tensor().set_names({HIDDEN_OUT})
+    return Model([result], list(params.values()), "layers")
+
+
+def load_layer(path: Path | list[Path], engine: str, threads: int, **options):
+    """Layer graph ``path`` ready to run on ``engine`` (:data:`ORT` or :data:`OPENVINO`, with
+    :class:`OpenVinoLayer`'s ``options``; on OpenVINO a list of encoder layers runs as one:
+    :func:`stacked`)."""
     if engine == OPENVINO:
-        return OpenVinoLayer(path, threads, shapes_kept=shapes_kept)
+        return OpenVinoLayer(path, threads, **options)
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])

@@ -4,6 +4,10 @@ Streaming (``stream=True``): while layer i computes, a background thread reads l
 i+1's file and builds its ONNX Runtime session; layer i is released as soon as its work is
 done. At most two layers' weights are resident. The time the compute thread spends
 waiting for a layer that is not ready yet is the I/O wait (``io_wait_s``).
+
+Stacked (``spans`` given: resident OpenVINO encoder layers, the int8-static form): the
+layers between two pruning checks run as one model (``engines.stacked``), loaded for the
+spans a call asks for (:meth:`LayerSessions.use_spans`); ``get(i, stop)`` is the span.
 """
 
 from __future__ import annotations
@@ -24,19 +28,24 @@ class LayerSessions:
     """``get(i)`` returns layer i's session; ``done(i)`` tells the window it may drop it."""
 
     def __init__(self, artifact: Artifact, stream: bool, threads: int, files: str | None = None,
-                 engine: str = ORT, shapes_kept: int = 0) -> None:
+                 engine: str = ORT, options: dict | None = None,
+                 spans: list[tuple[int, int]] | None = None) -> None:
         self.artifact = artifact
         self.stream = stream
         self.files = artifact.layer_files(files)  # the stored form's layer files (edgerank.runtime.compute)
-        self.engine, self.threads, self.shapes_kept = engine, threads, shapes_kept
+        self.engine, self.threads, self.options = engine, threads, dict(options or {})
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerank-prefetch") if stream else None
         self.io_wait_s = 0.0
         self.load_s = 0.0
         self.peak_resident = 0  # most layers held at once (streaming)
-        self._resident: dict[int, object] = {}  # layer -> session (ORT) or compiled layer (OpenVINO)
-        if not stream:
+        self.stack = spans is not None and not stream
+        # layer -> session (ORT) or compiled layer (OpenVINO); stacked: (first, stop) -> compiled span
+        self._resident: dict = {}
+        if self.stack:
+            self.use_spans(spans)  # the spans a call is expected to run: every file checked now
+        elif not stream:
             for i in range(artifact.n_layers):
                 self._resident[i] = self._load(i)
 
@@ -50,28 +59,45 @@ class LayerSessions:
         replaced between the check and the load is caught by its identity (inode, size,
         mtime) before and after. The session is built from the path, not from the hashed
         bytes: from bytes ONNX Runtime kept 2.2x the file resident instead of 1.2x."""
+        return self._load_span(i, i + 1, stacked=False)
+
+    def _load_span(self, first: int, stop: int, stacked: bool = True):
+        """Layers ``first`` to ``stop - 1`` as one session (:func:`engines.stacked`), or layer
+        ``first``'s own (``stacked=False``), each file checked as :meth:`_load` says."""
         t0 = time.perf_counter()
-        rel = self.files[i]
-        path = self.artifact.path / rel
-        info = self.artifact.manifest["files"][rel]
-        before = self._identity(path, rel)
-        if before[1] != info["size"]:
-            raise ModelFormatError(f"{self.artifact.path}: {rel} is {before[1]} bytes, the manifest says "
-                                   f"{info['size']}: the artifact changed after it was loaded")
-        if self.stream and self.artifact.verified and sha256_file(path) != info["sha256"]:
-            raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
-                                   "the file was modified after the artifact was loaded")
+        rels = self.files[first:stop]
+        paths = [self.artifact.path / rel for rel in rels]
+        before = []
+        for rel, path in zip(rels, paths):
+            info = self.artifact.manifest["files"][rel]
+            before.append(self._identity(path, rel))
+            if before[-1][1] != info["size"]:
+                raise ModelFormatError(f"{self.artifact.path}: {rel} is {before[-1][1]} bytes, the manifest says "
+                                       f"{info['size']}: the artifact changed after it was loaded")
+            if self.stream and self.artifact.verified and sha256_file(path) != info["sha256"]:
+                raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
+                                       "the file was modified after the artifact was loaded")
         try:
-            sess = load_layer(path, self.engine, self.threads, self.shapes_kept)
+            sess = load_layer(paths if stacked else paths[0], self.engine, self.threads, **self.options)
         except Exception as e:  # onnxruntime raises InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, ...
-            raise ModelFormatError(f"{self.artifact.path}: {rel} is not a readable ONNX layer for {self.engine} "
-                                   f"({type(e).__name__}: {str(e).strip()[:200]})") from e
-        self._check_inputs(sess, rel)
-        if self._identity(path, rel) != before:
-            raise ModelFormatError(f"{self.artifact.path}: {rel} changed while it was being loaded")
+            raise ModelFormatError(f"{self.artifact.path}: {', '.join(rels)} is not a readable ONNX layer for "
+                                   f"{self.engine} ({type(e).__name__}: {str(e).strip()[:200]})") from e
+        self._check_inputs(sess, rels[0])
+        for rel, path, was in zip(rels, paths, before):
+            if self._identity(path, rel) != was:
+                raise ModelFormatError(f"{self.artifact.path}: {rel} changed while it was being loaded")
         with self._lock:
             self.load_s += time.perf_counter() - t0
         return sess
+
+    def use_spans(self, spans: list[tuple[int, int]]) -> None:
+        """Stacked: hold the spans ``spans`` (first layer, stop) and no others (a span no
+        longer asked for would hold its weights twice over)."""
+        for key in [k for k in self._resident if k not in spans]:
+            del self._resident[key]
+        for key in spans:
+            if key not in self._resident:
+                self._resident[key] = self._load_span(*key)
 
     def _check_inputs(self, sess, rel: str) -> None:
         """The layer graph's fixed sizes must be the manifest's: a mismatch would fail deep in
@@ -101,7 +127,10 @@ class LayerSessions:
             self._pending[i] = self._pool.submit(self._load, i)
             self.peak_resident = max(self.peak_resident, len(self._pending))
 
-    def get(self, i: int):
+    def get(self, i: int, stop: int | None = None):
+        """Layer ``i``'s session; stacked, the span from ``i`` to ``stop`` (default ``i + 1``)."""
+        if self.stack:
+            return self._resident[(i, stop or i + 1)]
         if not self.stream:
             return self._resident[i]
         self.prefetch(i)
@@ -114,11 +143,11 @@ class LayerSessions:
         self.io_wait_s += time.perf_counter() - t0
         return sess
 
-    def done(self, i: int) -> None:
-        """Layer ``i`` has no more work in this call: drop it when streaming, else free what
-        its engine keeps between runs (OpenVINO's intermediate buffers)."""
+    def done(self, i: int, stop: int | None = None) -> None:
+        """Layer ``i`` (stacked: the span to ``stop``) has no more work in this call: drop it
+        when streaming, else free what its engine keeps between runs (OpenVINO's buffers)."""
         if not self.stream:
-            getattr(self._resident[i], "release_memory", lambda: None)()
+            getattr(self._resident[(i, stop or i + 1) if self.stack else i], "release_memory", lambda: None)()
         else:
             fut = self._pending.pop(i, None)
             if fut is not None:

@@ -50,7 +50,7 @@ from edgerank.runtime.budget import (
     tokenizer_mb,
 )
 from edgerank.runtime.chunking import length_chunks, padded_width, width_chunks
-from edgerank.runtime.compute import Choice, choose
+from edgerank.runtime.compute import STACKED, Choice, choose
 from edgerank.runtime.cpu import default_threads
 from edgerank.runtime.embedding import EmbeddingRows
 from edgerank.runtime.engines import OPENVINO, OPENVINO_WIDTH_STEP
@@ -168,7 +168,7 @@ class LayerwiseBackend:
         if not self.encoder:
             self.rope = RopeTable(dims["head_dim"], dims["rope_theta"], dims.get("rope_scaling"))
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
-                                    self.compute.engine, self.compute.shapes_kept)
+                                    self.compute.engine, self.compute.options, self._stacked_spans())
         self._prefix_kv: list | None = None  # the last call's prefix keys/values, when asked to keep them
 
     def _form_and_plan(self, asked: str | None, stream_weights: bool | None,
@@ -260,7 +260,10 @@ class LayerwiseBackend:
         computing = np.arange(n)  # candidates that run through the next layer
         self.layers.prefetch(0)
         try:
-            for layer in range(L):
+            spans = self._spans(run, recorder is not None, self.layers.stack)
+            if self.layers.stack:
+                self.layers.use_spans(spans)
+            for layer, stop in spans:
                 if recorder is not None:
                     recorder.before_layer(layer, self, states, np.arange(n) + q)
                 if run.wants_check(layer):
@@ -268,8 +271,9 @@ class LayerwiseBackend:
                     if run.done:
                         break
                 rows = np.concatenate([np.arange(q), computing + q])
-                prefix_state = self._run_layer(layer, states, prefix_state, rows, lengths, chunk_tokens, count)
-                count.layers_done[computing] += 1
+                prefix_state = self._run_layer(layer, stop, states, prefix_state, rows, lengths, chunk_tokens,
+                                               count)
+                count.layers_done[computing] += stop - layer
         finally:  # a failed call (a layer file changed, say) must not keep streamed layers
             self.layers.release()
 
@@ -283,13 +287,31 @@ class LayerwiseBackend:
         stats["wall_s"] = time.perf_counter() - t_start
         return Scores(scores, tier, provisional, stats)
 
-    def _run_layer(self, layer: int, states: list, prefix_state: np.ndarray | None, rows: np.ndarray,
+    def _spans(self, run: PruningRun, every_layer: bool, stacked: bool) -> list[tuple[int, int]]:
+        """The call's layers as (first, stop) spans that run as one: one layer each, except on
+        a ``stacked`` form (``compute.STACKED``), whose layers run as one from one pruning
+        check to the next (the checks the call would make now: a check once off stays off)."""
+        L = self.artifact.n_layers
+        if not stacked:
+            return [(i, i + 1) for i in range(L)]
+        cuts = [0] + [i for i in range(1, L) if every_layer or run.wants_check(i)] + [L]
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def _stacked_spans(self) -> list[tuple[int, int]] | None:
+        """For a stacked form held resident, the spans of a call at the artifact's main pruning
+        setting (loaded with the model; a call at another setting loads its own); else None."""
+        if self.compute.form not in STACKED or not self.encoder or self.plan.stream:
+            return None
+        return self._spans(PruningRun(self.policy, 2, 1, self.artifact.n_layers), False, True)
+
+    def _run_layer(self, layer: int, stop: int, states: list, prefix_state: np.ndarray | None, rows: np.ndarray,
                    lengths: np.ndarray, chunk_tokens: int, count: CallCounters) -> np.ndarray | None:
-        """Run ``rows`` through ``layer``, in place: a decoder's shared prefix first (its
-        keys and values feed every row), then the rows in length-sorted chunks; returns the
-        prefix's new hidden state."""
+        """Run ``rows`` through layers ``layer`` to ``stop - 1`` (one, unless stacked), in
+        place: a decoder's shared prefix first (its keys and values feed every row), then the
+        rows in length-sorted chunks; returns the prefix's new hidden state."""
         tl = time.perf_counter()
-        sess = self.layers.get(layer)
+        span = stop - layer
+        sess = self.layers.get(layer, stop)
         self.layers.prefetch(layer + 1)
         past, prefix_len = (None if self.encoder else self._no_past), 0
         if prefix_state is not None:
@@ -302,12 +324,12 @@ class LayerwiseBackend:
                 self._prefix_kv.append(past)
             count.work += prefix_len
         for chunk in self._chunks(lengths, chunk_tokens, rows):
-            w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count)
-            count.work, count.pad = count.work + w, count.pad + p
+            w, p = self._run_chunk(sess, states, chunk, lengths, past, prefix_len, count, span)
+            count.work, count.pad = count.work + span * w, count.pad + span * p
             if self.plan.stream:  # the chunk's replaced states: their pages back before the next chunk's
                 return_freed_memory()
         del sess  # the window's reference is the last: done() frees the layer and returns its pages
-        self.layers.done(layer)
+        self.layers.done(layer, stop)
         count.layers_s += time.perf_counter() - tl
         return prefix_state
 
@@ -373,7 +395,7 @@ class LayerwiseBackend:
         self.shape, self.plan = self._shape(self.compute), self._finish(fit.plan, self.compute)
         self.embed.max_rows = self.plan.cache_rows
         self.layers = LayerSessions(self.artifact, self.plan.stream, self.threads, self.compute.files,
-                                    self.compute.engine, self.compute.shapes_kept)
+                                    self.compute.engine, self.compute.options, self._stacked_spans())
 
     def explain(self, batch: EncodedBatch, rows: list[int], max_tokens: int):
         """Greedy rationales of candidates ``rows`` of the batch just scored (the top K),
@@ -433,8 +455,10 @@ class LayerwiseBackend:
         proj = s.hidden * (2 * q + 2 * kv) + (2 if self.encoder else 3) * s.hidden * s.ffn
         return 2.0 * rows * width * proj + 4.0 * rows * width * (width + past) * q
 
-    def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len, count: CallCounters) -> tuple[int, int]:
-        """Run one chunk of rows through a layer, in place; returns (real, padded) tokens."""
+    def _run_chunk(self, sess, states, chunk, lengths, past, prefix_len, count: CallCounters,
+                   span: int = 1) -> tuple[int, int]:
+        """Run one chunk of rows through a layer (``span`` stacked layers), in place; returns
+        (real, padded) tokens."""
         width = int(lengths[chunk].max())
         if self.compute.engine == OPENVINO:  # the width of its rows' own lengths (:meth:`_chunks`)
             width = padded_width(width, OPENVINO_WIDTH_STEP)
@@ -451,7 +475,7 @@ class LayerwiseBackend:
         tr = time.perf_counter()
         out = sess.run(None, feeds)[0]
         count.run_s += time.perf_counter() - tr
-        count.flop += self._flop(B, width, past[0].shape[3] if past is not None else 0)
+        count.flop += span * self._flop(B, width, past[0].shape[3] if past is not None else 0)
         for r, i in enumerate(chunk):
             states[i] = out[r, : lengths[i]]
         real = int(lengths[chunk].sum())
