@@ -83,7 +83,8 @@ def test_the_bench_sets_every_row_against_the_fastest_peer(tmp_path, monkeypatch
         rows["edgerank"]["latency_ms_median"] / rows[fastest]["latency_ms_median"])
     peaks = report["machine"]["gemm_gflops"]
     assert {"fp32", "int8"} <= set(peaks) <= {"fp32", "int8", "bf16"} and all(v > 0 for v in peaks.values())
-    assert rows["edgerank"]["layer_gflops"] > 0 and rows["edgerank"]["compute"] in ("int4", "int8", "bf16")
+    assert rows["edgerank"]["layer_gflops"] > 0 and rows["edgerank"]["compute"] in ("int4", "int8", "bf16",
+                                                                                   "int8-static")
     assert rows["ort-fp32-graph"]["precision_at_k_vs_fp32"] == 1.0  # the same model, the same order
 
 

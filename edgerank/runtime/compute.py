@@ -36,8 +36,11 @@ STATIC = "int8-static"  # stored layers with fixed activation scales, run by Ope
 # width of its own length's, so shapes recur from call to call). The int8-static form builds
 # its int8 kernels per shape: kept, minilm-l6 ran DL19 calls ~0.85x the time for ~60 MB; and
 # in fp32 its layers stacked into one model equal them run one by one (speed.md §23). The
-# bf16 form keeps none: on SmolLM2 they cost 310 MB for no measurable speed.
-ENGINE_OPTIONS = {BF16: {"precision": "bf16"}, STATIC: {"precision": "f32", "shapes_kept": 256}}
+# bf16 form keeps none: on SmolLM2 they cost 310 MB for no measurable speed. The int8-static
+# form's layers read their feeds in place (the request then holds the last ones: a form never
+# run under a budget can).
+ENGINE_OPTIONS = {BF16: {"precision": "bf16"},
+                  STATIC: {"precision": "f32", "shapes_kept": 256, "share_inputs": True}}  # never under a budget
 # forms whose layers between two pruning checks run as one model, resident (streaming.LayerSessions):
 # minilm-l6's five layers before its check took 0.91x the time of five calls (speed.md §23)
 STACKED = (STATIC,)
