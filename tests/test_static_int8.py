@@ -105,7 +105,7 @@ def test_the_rule_takes_it_on_cpus_with_vnni(monkeypatch):
 
 
 def test_the_cache_converts_an_encoder_again_once_the_form_can_be_written(bert, tmp_path, monkeypatch):
-    from edgerank.converters import static_int8
+    import edgerank.models.cache as cache
     from edgerank.models.cache import _older_form
 
     int4, _ = bert
@@ -115,8 +115,21 @@ def test_the_cache_converts_an_encoder_again_once_the_form_can_be_written(bert, 
     del manifest["compute"]["forms"][STATIC]
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert not _older_form(int4) and _older_form(old)
-    monkeypatch.setattr(static_int8, "can_write", lambda: False)  # OpenVINO or NNCF not installed
+    monkeypatch.setattr(cache, "can_quantize_static", lambda: False)  # OpenVINO or NNCF not installed
     assert not _older_form(old)
+
+
+def test_calls_with_and_without_checks_run_the_spans_loaded_with_the_model(bert):
+    """A call that checks nowhere (no ``top_k``, or one document) runs the spans held for the
+    main pruning setting: nothing is compiled again between such calls."""
+    int4, _ = bert
+    with edgerank.Reranker(int4, compute=STATIC, threshold=0.0, min_depth=0.6) as r:
+        held = list(r._backend.layers._resident)
+        assert held == [(0, 2), (2, 3)]
+        for call in (lambda: r.score(QUERY, DOCS), lambda: r.rank(QUERY, DOCS, top_k=2),
+                     lambda: r.score(QUERY, DOCS[:1]), lambda: r.rank(QUERY, DOCS, top_k=2)):
+            call()
+            assert list(r._backend.layers._resident) == held and r.last_stats.extra["layer_load_s"] == 0
 
 
 def test_minilm_l6s_int8_static_form_ranks_like_fp32_and_scores_a_pair_as_alone(minilm_path):

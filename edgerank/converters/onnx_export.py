@@ -66,9 +66,10 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     embed_name = prefix + ("embeddings.word_embeddings.weight" if encoder else "embed_tokens.weight")
     table = reader.get(embed_name)
     _write_embedding(table, dest, quant)
-    extra = EXTRA_FORMS[quant] + ((STATIC_FORM,) if encoder and quant == "int4" and can_write() else ())
-    head = _encoder_head(reader, prefix, spec) if encoder else _decoder_head(reader, cfg, spec, tokenizer)
-    np.savez(dest / layout.HEAD, **head)
+    lora = _adapter_tensors(src) if quant != "fp32" else {}
+    # an unmerged LoRA update stays fp32 in the other forms; NNCF would round it into int8 weights
+    extra = EXTRA_FORMS[quant] + ((STATIC_FORM,) if encoder and quant == "int4" and not lora and can_write() else ())
+    head = _encoder_head(reader, prefix, spec) if encoder else None  # a decoder's after the table goes
     # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration
     # pairs; an encoder's int8-static form is quantized on them (converters/static_int8.py)
     calibration = None
@@ -83,8 +84,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     del table
     if not encoder and "lm_head.weight" in reader:  # untied: generation needs the whole LM head
         _write_embedding(reader.get("lm_head.weight"), dest, quant, layout.LM_HEAD, layout.LM_HEAD_SCALE)
+    np.savez(dest / layout.HEAD, **(head if encoder else _decoder_head(reader, cfg, spec, tokenizer)))
     layer_prefix = prefix + ("encoder.layer." if encoder else "layers.")
-    lora = _adapter_tensors(src) if quant != "fp32" else {}
     if lora:
         notes["lora"] = f"{len(lora) // 2} projections keep their LoRA update unmerged, in fp32"
     if isinstance(calibration, Calibration):

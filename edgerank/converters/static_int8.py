@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from edgerank.runtime import layout
-from edgerank.runtime.extras import installed, missing
+from edgerank.runtime.extras import can_quantize_static
 
 STATIC_FORM = "int8-static"
 CALIBRATION_ROWS = 8  # sequences per calibration batch (one NNCF sample each)
@@ -46,7 +46,7 @@ BATCHES = "batches.npz"  # in the work folder: the calibration batches' layer-0 
 
 def can_write() -> bool:
     """Whether this Python can write the form: NNCF and OpenVINO installed (the ``openvino`` extra)."""
-    return not missing("openvino") and installed("nncf")
+    return can_quantize_static()
 
 
 def calibration_sequences(tokenizer, spec, sample) -> list[tuple[list[int], list[int] | None]]:

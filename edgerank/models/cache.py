@@ -28,6 +28,7 @@ from edgerank.models.pull import edgerank_home, ensure_dir
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
 from edgerank.runtime.compute import BF16, PER_CALL_INT8, STATIC, runnable
+from edgerank.runtime.extras import can_quantize_static
 from edgerank.runtime.sources import ModelSource, source_at
 
 _NAME = re.compile(r"-(?P<digest>[0-9a-f]{10})-(?P<quant>[a-z0-9_]+)$")
@@ -135,10 +136,8 @@ def _older_form(artifact: Path) -> bool:
             return True
         if manifest.get("kind") == "decoder":
             return layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
-        from edgerank.converters.static_int8 import can_write
-
         return (manifest.get("quant") or {}).get("weights") == "int4" and STATIC not in (compute.get("forms") or {}) \
-            and can_write()
+            and can_quantize_static()
     except (OSError, ValueError, AttributeError, KeyError):
         return True
 

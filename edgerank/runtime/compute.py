@@ -226,8 +226,10 @@ def choose(artifact: Artifact, threads: int, asked: str | None = None, budgeted:
                              "OpenVINO executors' memory; leave out one of the two")
         return choice(asked, "asked")
     ok = usable(artifact, budgeted)
-    if len(ok) == 1:  # one stored form (any other unchecked), or the others rank unlike it (compute.fit)
-        return choice(artifact.weights, "only form" if len(artifact.forms) == 1 else "the other forms rank unlike it")
+    if len(ok) == 1:  # one stored form (any other unchecked), the others rank unlike it (compute.fit), or the budget
+        why = ("only form" if len(artifact.forms) == 1 else "memory budget" if len(usable(artifact)) > 1
+               else "the other forms rank unlike it")
+        return choice(artifact.weights, why)
     measured = (artifact.manifest.get("compute") or {}).get("measured") or {}
     ms = measured.get("ms") or {}
     if measured.get("cpu") == cpu and measured.get("threads") == threads and set(ok) <= set(ms):

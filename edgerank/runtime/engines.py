@@ -69,7 +69,8 @@ class InputInfo:
 
 
 class OpenVinoLayer:
-    """One layer graph compiled by OpenVINO's CPU plugin, behind ONNX Runtime's interface.
+    """One layer graph (or consecutive encoder layers: :func:`stacked`) compiled by OpenVINO's
+    CPU plugin, behind ONNX Runtime's interface.
 
     ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``bf16`` runs the matrix
     products (and most other ops) on bf16 activations with fp32 accumulation; int4 weights
@@ -84,7 +85,7 @@ class OpenVinoLayer:
             "INFERENCE_NUM_THREADS": int(threads),
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            # executors kept per input shape (``shapes_kept``; compute.SHAPES_KEPT)
+            # executors kept per input shape (``shapes_kept``; compute.ENGINE_OPTIONS)
             "CPU_RUNTIME_CACHE_CAPACITY": int(shapes_kept),
         })
         self._request = self._compiled.create_infer_request()

@@ -39,6 +39,13 @@ def installed(module: str) -> bool:
         return False
 
 
+def can_quantize_static() -> bool:
+    """Whether NNCF and OpenVINO are installed (the ``openvino`` extra): what writes an
+    encoder's int8-static form (converters/static_int8.py). A plain check: the cache asks it
+    on every load, without importing the converters."""
+    return not missing("openvino") and installed("nncf")
+
+
 def require(extra: str, what: str) -> None:
     """Raise :class:`MissingExtraError` naming ``pip install 'edgerank[extra]'`` when a
     package of ``extra`` is not installed; ``what`` says what needed it."""

@@ -74,7 +74,7 @@ class LayerSessions:
             if before[-1][1] != info["size"]:
                 raise ModelFormatError(f"{self.artifact.path}: {rel} is {before[-1][1]} bytes, the manifest says "
                                        f"{info['size']}: the artifact changed after it was loaded")
-            if self.stream and self.artifact.verified and sha256_file(path) != info["sha256"]:
+            if (self.stream or self.stack) and self.artifact.verified and sha256_file(path) != info["sha256"]:
                 raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
                                        "the file was modified after the artifact was loaded")
         try:
@@ -89,6 +89,16 @@ class LayerSessions:
         with self._lock:
             self.load_s += time.perf_counter() - t0
         return sess
+
+    def covering(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Stacked: the spans to run a call that needs ``spans``: the held ones where they cut
+        the layers at least where ``spans`` do (a finer split runs the same), else ``spans``,
+        loaded (:meth:`use_spans`)."""
+        held = sorted(self._resident)
+        if {first for first, _ in spans} <= {first for first, _ in held}:
+            return held
+        self.use_spans(spans)
+        return spans
 
     def use_spans(self, spans: list[tuple[int, int]]) -> None:
         """Stacked: hold the spans ``spans`` (first layer, stop) and no others (a span no

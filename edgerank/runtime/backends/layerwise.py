@@ -262,7 +262,7 @@ class LayerwiseBackend:
         try:
             spans = self._spans(run, recorder is not None, self.layers.stack)
             if self.layers.stack:
-                self.layers.use_spans(spans)
+                spans = self.layers.covering(spans)
             for layer, stop in spans:
                 if recorder is not None:
                     recorder.before_layer(layer, self, states, np.arange(n) + q)
@@ -299,7 +299,8 @@ class LayerwiseBackend:
 
     def _stacked_spans(self) -> list[tuple[int, int]] | None:
         """For a stacked form held resident, the spans of a call at the artifact's main pruning
-        setting (loaded with the model; a call at another setting loads its own); else None."""
+        setting, loaded with the model (a call with no checks runs them too; one that checks
+        where they do not cut loads its own in their place); else None."""
         if self.compute.form not in STACKED or not self.encoder or self.plan.stream:
             return None
         return self._spans(PruningRun(self.policy, 2, 1, self.artifact.n_layers), False, True)
