@@ -27,9 +27,9 @@ def length_chunks(lengths, budget: int, rows=None, min_fill: float = 0.0) -> lis
     return chunks
 
 
-def padded_width(length: int, step: int) -> int:
-    """``length`` rounded up to a multiple of ``step``."""
-    return -(-int(length) // step) * step
+def padded_width(length, step: int):
+    """``length`` (an int, or an array of them) rounded up to a multiple of ``step``."""
+    return -(-length // step) * step
 
 
 def width_chunks(lengths, budget: int, step: int, rows=None) -> list[np.ndarray]:
@@ -40,7 +40,7 @@ def width_chunks(lengths, budget: int, step: int, rows=None) -> list[np.ndarray]
     lengths = np.asarray(lengths)
     rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
     order = rows[np.argsort(-lengths[rows], kind="stable")]
-    widths = -(-lengths[order] // step) * step  # padded_width of each, widest first
+    widths = padded_width(lengths[order], step)  # widest first
     chunks: list[np.ndarray] = []
     for width in np.unique(widths)[::-1]:
         group, per = order[widths == width], max(1, budget // int(width))

@@ -43,8 +43,10 @@ class LayerSessions:
         self.stack = spans is not None and not stream
         # layer -> session (ORT) or compiled layer (OpenVINO); stacked: (first, stop) -> compiled span
         self._resident: dict = {}
+        self._hash_spans = False  # the artifact's open hashed the files; a span loaded later hashes its own
         if self.stack:
             self.use_spans(spans)  # the spans a call is expected to run: every file checked now
+            self._hash_spans = True
         elif not stream:
             for i in range(artifact.n_layers):
                 self._resident[i] = self._load(i)
@@ -74,7 +76,7 @@ class LayerSessions:
             if before[-1][1] != info["size"]:
                 raise ModelFormatError(f"{self.artifact.path}: {rel} is {before[-1][1]} bytes, the manifest says "
                                        f"{info['size']}: the artifact changed after it was loaded")
-            if (self.stream or self.stack) and self.artifact.verified and sha256_file(path) != info["sha256"]:
+            if (self.stream or self._hash_spans) and self.artifact.verified and sha256_file(path) != info["sha256"]:
                 raise ModelFormatError(f"{self.artifact.path}: {rel} does not match its sha256 in manifest.json: "
                                        "the file was modified after the artifact was loaded")
         try:
