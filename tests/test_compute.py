@@ -16,10 +16,10 @@ import edgerank
 from edgerank.models.supply import resolve
 from edgerank.runtime.budget import MemoryBudgetError
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.compute import by_rule, runnable, usable
+from edgerank.runtime.compute import by_rule, runnable, static_runs_here, usable
 from edgerank.runtime.cpu import cpu_id
+from edgerank.runtime.extras import can_quantize_static
 from edgerank.converters import convert
-from edgerank.converters.static_int8 import can_write as can_write_static
 from edgerank.converters.sample import SAMPLE
 from edgerank.converters.quantize import quantize_channels
 from edgerank.errors import ModelFormatError
@@ -59,7 +59,8 @@ def test_an_int4_artifact_stores_an_int8_form_measured_at_conversion(model):
     _, int4, _, _ = model
     manifest = json.loads((int4 / "manifest.json").read_text())
     forms = manifest["compute"]["forms"]
-    static = ["int8-static"] if manifest["kind"] != "decoder" and can_write_static() else []  # tests/test_static_int8.py
+    writes_static = can_quantize_static() and static_runs_here()  # tests/test_static_int8.py
+    static = ["int8-static"] if manifest["kind"] != "decoder" and writes_static else []
     assert list(forms) == ["int8", *static] and len(forms["int8"]) == len(manifest["layers"]) == 3
     ops = {n.op_type for n in onnx.load(int4 / forms["int8"][0]).graph.node}
     assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops

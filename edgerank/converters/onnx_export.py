@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from edgerank.converters.onnx_graphs import ACCURACY_LEVEL, INT8, decoder_layer, encoder_layer
 from edgerank.converters.smoothing import ALPHA, Calibration, calibration_tokens, smooth
-from edgerank.converters.static_int8 import STATIC_FORM, StaticForm, calibration_sequences, can_write
+from edgerank.converters.static_int8 import STATIC_FORM, StaticForm, calibration_sequences
 from edgerank.converters.tensors import ArchConfig, TensorReader
 from edgerank.runtime import layout
+from edgerank.runtime.compute import static_runs_here
+from edgerank.runtime.extras import can_quantize_static
 from edgerank.runtime.layout import FORMAT, FORMAT_VERSION, sha256_file
 from edgerank.errors import ModelFormatError, UnsupportedModelError
 from edgerank.runtime.specs import ModelSpec
@@ -68,7 +70,8 @@ def write_artifact(src: Path, dest: Path, quant: str, spec: ModelSpec, progress:
     _write_embedding(table, dest, quant)
     lora = _adapter_tensors(src) if quant != "fp32" else {}
     # an unmerged LoRA update stays fp32 in the other forms; NNCF would round it into int8 weights
-    extra = EXTRA_FORMS[quant] + ((STATIC_FORM,) if encoder and quant == "int4" and not lora and can_write() else ())
+    static = encoder and quant == "int4" and not lora and can_quantize_static() and static_runs_here()
+    extra = EXTRA_FORMS[quant] + ((STATIC_FORM,) if static else ())
     head = _encoder_head(reader, prefix, spec) if encoder else None  # a decoder's after the table goes
     # a decoder's int8 form is smoothed (converters/smoothing.py), from activations of calibration
     # pairs; an encoder's int8-static form is quantized on them (converters/static_int8.py)

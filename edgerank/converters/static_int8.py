@@ -20,7 +20,8 @@ which a first ranking that converts would otherwise keep. Decoders get no such f
 activations, even per token and smoothed, ranked SmolLM2 unlike its own form (Spearman
 0.877; speed.md §18.4-18.8).
 
-Needs the ``openvino`` extra (OpenVINO and NNCF); without it the artifact has no such form.
+Needs the ``openvino`` extra (OpenVINO and NNCF) and a CPU the form runs on
+(``runtime.compute.STATIC_CPUS``); elsewhere the artifact has no such form.
 """
 
 from __future__ import annotations
@@ -37,16 +38,10 @@ import numpy as np
 import onnx
 
 from edgerank.runtime import layout
-from edgerank.runtime.extras import can_quantize_static
 
 STATIC_FORM = "int8-static"
 CALIBRATION_ROWS = 8  # sequences per calibration batch (one NNCF sample each)
 BATCHES = "batches.npz"  # in the work folder: the calibration batches' layer-0 inputs
-
-
-def can_write() -> bool:
-    """Whether this Python can write the form: NNCF and OpenVINO installed (the ``openvino`` extra)."""
-    return can_quantize_static()
 
 
 def calibration_sequences(tokenizer, spec, sample) -> list[tuple[list[int], list[int] | None]]:

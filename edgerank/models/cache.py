@@ -27,7 +27,7 @@ from edgerank.models.catalog import BUILTINS
 from edgerank.models.pull import edgerank_home, ensure_dir
 from edgerank.runtime import layout
 from edgerank.runtime.artifact import Artifact
-from edgerank.runtime.compute import BF16, PER_CALL_INT8, STATIC, runnable
+from edgerank.runtime.compute import BF16, PER_CALL_INT8, STATIC, runnable, static_runs_here
 from edgerank.runtime.extras import can_quantize_static
 from edgerank.runtime.sources import ModelSource, source_at
 
@@ -137,7 +137,7 @@ def _older_form(artifact: Path) -> bool:
         if manifest.get("kind") == "decoder":
             return layout.PAST_MASK not in (manifest.get("layer_inputs") or ())
         return (manifest.get("quant") or {}).get("weights") == "int4" and STATIC not in (compute.get("forms") or {}) \
-            and can_quantize_static()
+            and can_quantize_static() and static_runs_here()
     except (OSError, ValueError, AttributeError, KeyError):
         return True
 

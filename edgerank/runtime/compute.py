@@ -56,7 +56,11 @@ MARGIN = 0.9
 PER_CALL_INT8 = "DynamicQuantizeMatMul"  # the int8 form's op before per-token scales (issue 45)
 # int8 dot products in hardware: x86 AVX2 (vpmaddubsw) and on, ARM dotprod
 INT8_DOT = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86's one-instruction int8 dot products
+# CPUs the int8-static form runs on: those whose OpenVINO int8 kernels compute its scores
+# exactly. Without AVX512-VNNI or AMX, u8 x s8 pair sums saturate at 16 bits (the int8 form's
+# 7-bit codes avoid it): with oneDNN capped at AVX2, AVX2-VNNI or AVX-512 without VNNI, the
+# sample's scores moved by up to 0.038 and drifted from fp32 2.9x as far (speed.md §23.5)
+STATIC_CPUS = ("avx512_vnni", "amx_int8")
 
 
 @dataclass
@@ -85,13 +89,18 @@ def runnable(artifact: Artifact) -> dict[str, tuple[str, str]]:
     out = {}
     for form in artifact.forms:
         engine = (ops.get(form) or {}).get("engine", ORT)
-        if engine == ORT or engine == OPENVINO and openvino_available():
+        if engine == ORT or engine == OPENVINO and openvino_available() and (form != STATIC or static_runs_here()):
             out[form] = (form, engine)
     # an fp32 artifact is asked for as full precision (the converter's reference, say): it stays fp32
     # OpenVINO's CPU plugin computes bf16 on x86 only (AVX512-BF16, AMX)
     if artifact.weights == "int4" and not is_arm() and openvino_available() and has_bf16():
         out[BF16] = (artifact.weights, OPENVINO)
     return out
+
+
+def static_runs_here() -> bool:
+    """Whether the int8-static form runs on this machine: OpenVINO installed, a CPU of :data:`STATIC_CPUS`."""
+    return openvino_available() and any(f in features() for f in STATIC_CPUS)
 
 
 def usable(artifact: Artifact, budgeted: bool = False) -> list[str]:
@@ -113,11 +122,12 @@ def measure(artifact: Artifact, forms: list[str], threads: int) -> dict[str, flo
     forms run before any OpenVINO layer is loaded: once one has run, its worker threads
     slowed ONNX Runtime's runs beside them (minilm-l6's int8 layer 15.4 -> 29 ms, speed.md §22)."""
     feeds = probe_feeds(artifact)
+    here = runnable(artifact)
     times: dict[str, float] = {}
     for engine in (ORT, OPENVINO):
         runs = {}
         for form in forms:
-            files, form_engine = runnable(artifact)[form]
+            files, form_engine = here[form]
             if form_engine == engine:
                 layer = load_layer(artifact.layer_path(0, files), engine, threads, **ENGINE_OPTIONS.get(form, {}))
                 runs[form] = lambda layer=layer: layer.run(None, feeds)
@@ -188,13 +198,13 @@ def fastest(ms: dict[str, float], artifact: Artifact, budgeted: bool = False) ->
 def by_rule(forms: list[str]) -> str:
     """The form a CPU that no measurement was recorded on runs (or an emulated one, which is
     never timed), from ``forms`` (the usable ones), as measured (bench/history/speed.md §19, §23):
-    int8-static where the CPU has VNNI's int8 dot products (an encoder's only; on Zen 4 it
-    beat every other form on minilm-l6); bf16 on AMX's matrix tiles; else int8 where the CPU
+    int8-static where it runs (an encoder's only, on :data:`STATIC_CPUS`; on Zen 4 it beat
+    every other form on minilm-l6); bf16 on AMX's matrix tiles; else int8 where the CPU
     has int8 dot products (x86 AVX2 on; ARM DotProd or I8MM, on which ONNX Runtime's int8
     GEMM is built; on Zen 4's AVX512-BF16 the int8 form beat bf16 on minilm-l6); else bf16
     (it beat int4 on every CPU with bf16); else the artifact's own."""
     has = features()
-    if STATIC in forms and any(f in has for f in VNNI):
+    if STATIC in forms:
         return STATIC
     if BF16 in forms and "amx_bf16" in has:
         return BF16

@@ -41,8 +41,9 @@ def installed(module: str) -> bool:
 
 def can_quantize_static() -> bool:
     """Whether NNCF and OpenVINO are installed (the ``openvino`` extra): what writes an
-    encoder's int8-static form (converters/static_int8.py). A plain check: the cache asks it
-    on every load, without importing the converters."""
+    encoder's int8-static form (converters/static_int8.py, where the form runs:
+    ``compute.static_runs_here``). A plain check: the cache asks it on every load, without
+    importing the converters."""
     return not missing("openvino") and installed("nncf")
 
 
